@@ -1,0 +1,76 @@
+"""Reading the user's text inputs: prompt files and query files."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import IclcaError
+
+
+@dataclass(frozen=True)
+class Query:
+    input: str
+    target: str | None = None
+
+
+def read_text(path: str | Path, what: str) -> str:
+    """A UTF-8 text file's contents, or an IclcaError that says what is wrong with it."""
+    p = Path(path)
+    if not p.exists():
+        raise IclcaError(f"{what} file not found: {p}", f"check the path; the {what} is a UTF-8 text file")
+    if p.is_dir():
+        raise IclcaError(f"{what} path is a folder, not a file: {p}", f"pass the {what} text file itself")
+    try:
+        data = p.read_bytes()
+    except OSError as e:
+        raise IclcaError(f"cannot read {what} file {p}: {e.strerror}", "check the file's permissions") from e
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise IclcaError(
+            f"{what} file {p} is not UTF-8 (byte {e.start})", "re-save it as UTF-8, e.g. iconv -t UTF-8"
+        ) from e
+
+
+def read_prompt(path: str | Path) -> str:
+    text = read_text(path, "prompt")
+    if not text.strip():
+        raise IclcaError(f"prompt file {path} is empty", "write the demonstrations (in-context examples) into it")
+    return text
+
+
+def read_queries(path: str | Path) -> list[Query]:
+    """`.jsonl` lines {"input": ..., "target": ...} (target optional), or any other file: one query per line."""
+    text = read_text(path, "queries")
+    queries = []
+    if str(path).endswith(".jsonl"):
+        for n, line in enumerate(text.splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise IclcaError(f"{path} line {n} is not valid JSON: {e.msg}", 'each line is {"input": "...", "target": "..."}') from e
+            if not isinstance(obj, dict) or not isinstance(obj.get("input"), str):
+                raise IclcaError(f'{path} line {n} has no string "input"', 'each line is {"input": "...", "target": "..."}')
+            target = obj.get("target")
+            if target is not None and not isinstance(target, str):
+                raise IclcaError(f'{path} line {n}: "target" must be a string', "quote the target, e.g. \" 3\"")
+            queries.append(Query(obj["input"], target))
+    else:
+        queries = [Query(line) for line in text.splitlines() if line.strip()]
+    if not queries:
+        raise IclcaError(f"queries file {path} holds no query", 'write one query per line, or {"input": ...} lines in .jsonl')
+    return queries
+
+
+def encode_prompt(tokenizer, text: str) -> list[int]:
+    """Prompt ids: the tokenizer's special tokens (a BOS, if it adds one) then the text."""
+    return tokenizer(text).input_ids
+
+
+def encode_continuation(tokenizer, text: str) -> list[int]:
+    """Ids of text that follows other text (queries after the prompt, targets after queries)."""
+    return tokenizer(text, add_special_tokens=False).input_ids

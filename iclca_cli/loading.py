@@ -1,0 +1,72 @@
+"""Finding and loading a model: a built-in demo name, a local folder, or a Hugging Face hub id."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import torch
+
+from .errors import IclcaError
+from .patch import DTYPES
+
+BUILTIN_DIR = Path(__file__).parent / "builtin"
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")  # "gpt2", "org/name"
+
+
+def builtin_models() -> list[str]:
+    return sorted(p.name for p in BUILTIN_DIR.iterdir() if (p / "config.json").is_file()) if BUILTIN_DIR.is_dir() else []
+
+
+def resolve_model(spec: str) -> str:
+    """The folder (or hub id) that `spec` names; an IclcaError when a local folder is not a checkpoint."""
+    if spec in builtin_models():
+        return str(BUILTIN_DIR / spec)
+    p = Path(spec)
+    if not p.exists() and _HUB_ID.match(spec):
+        return spec  # a hub id such as "gpt2" or "org/name": loaded by transformers (needs the network once)
+    if not p.is_dir():
+        raise IclcaError(
+            f"model folder not found: {spec}",
+            f"pass a checkpoint folder, a hub id, or a built-in model ({', '.join(builtin_models())})",
+        )
+    if not (p / "config.json").is_file():
+        raise IclcaError(f"model folder {spec} has no config.json", "pass a Hugging Face checkpoint folder (save_pretrained)")
+    if not any((p / f).is_file() for f in ("model.safetensors", "model.safetensors.index.json")):
+        pickled = any((p / f).is_file() for f in ("pytorch_model.bin", "pytorch_model.bin.index.json"))
+        raise IclcaError(
+            f"model folder {spec} has {'only pickled .bin weights' if pickled else 'no model.safetensors'}",
+            "iclca loads weights from safetensors only; re-save the model with save_pretrained(safe_serialization=True)",
+        )
+    return str(p)
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    if name not in DTYPES:
+        raise IclcaError(f"unsupported dtype {name!r}", f"use one of {', '.join(DTYPES)}")
+    return DTYPES[name]
+
+
+def torch_device(name: str) -> torch.device:
+    if name == "cuda" and not torch.cuda.is_available():
+        raise IclcaError("--device cuda asked for, but no CUDA device is available", "use --device cpu")
+    if name not in ("cpu", "cuda"):
+        raise IclcaError(f"unsupported device {name!r}", "use --device cpu or --device cuda")
+    return torch.device(name)
+
+
+def load_model(spec: str, dtype: str = "float32", device: str = "cpu"):
+    """(model in eval mode, tokenizer) for a model spec; never runs code from the checkpoint."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = resolve_model(spec)
+    dt, dev = torch_dtype(dtype), torch_device(device)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dt, use_safetensors=True, trust_remote_code=False)
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
+    except (OSError, ValueError, KeyError) as e:
+        raise IclcaError(
+            f"cannot load model {spec!r}: {str(e).splitlines()[0][:200]}",
+            f"pass a local checkpoint folder or a built-in model ({', '.join(builtin_models())}); hub ids need the network",
+        ) from e
+    return model.to(dev).eval(), tokenizer

@@ -1,0 +1,168 @@
+"""The patch file: one .safetensors of per-module tensors plus string metadata (DESIGN.md, "Patch file")."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from . import __version__
+from .errors import IclcaError
+
+FORMAT_VERSION = "1"
+METHODS = ("exact",)
+DTYPES = {"float32": torch.float32, "float64": torch.float64}
+# Tensor names end in one of these; the part before is the module path the tensor belongs to.
+TENSOR_NAMES = {"exact": ("memory_kv", "memory_k")}
+_REQUIRED = (
+    "format", "iclca.format_version", "iclca.method", "iclca.model_type", "iclca.base_fingerprint",
+    "iclca.prompt_sha256", "iclca.prompt_tokens", "iclca.position_offset", "iclca.dtype", "iclca.version",
+)
+
+
+@dataclass
+class Patch:
+    """What a prompt became: tensors named `<module path>.<name>` and where the query starts."""
+
+    tensors: dict[str, torch.Tensor]
+    method: str
+    model_type: str
+    base_fingerprint: str
+    prompt_sha256: str
+    prompt_tokens: int  # tokens folded in, stacked prompts included
+    position_offset: int  # position of the query's first token
+    extra: dict[str, str] = field(default_factory=dict)  # more provenance, stored as iclca.<key>
+
+    @property
+    def dtype(self) -> str:
+        return str(next(iter(self.tensors.values())).dtype).removeprefix("torch.")
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.tensors.values())
+
+    def metadata(self) -> dict[str, str]:
+        meta = {
+            "format": "pt",
+            "iclca.format_version": FORMAT_VERSION,
+            "iclca.method": self.method,
+            "iclca.model_type": self.model_type,
+            "iclca.base_fingerprint": self.base_fingerprint,
+            "iclca.prompt_sha256": self.prompt_sha256,
+            "iclca.prompt_tokens": str(self.prompt_tokens),
+            "iclca.position_offset": str(self.position_offset),
+            "iclca.dtype": self.dtype,
+            "iclca.version": __version__,
+        }
+        meta.update({f"iclca.{k}": v for k, v in sorted(self.extra.items())})
+        return meta
+
+
+def save_patch(patch: Patch, path: str | Path) -> int:
+    """Write the patch atomically (temporary file beside it, then rename); returns its size in bytes."""
+    path = Path(path)
+    if not path.parent.is_dir():
+        raise IclcaError(f"output folder does not exist: {path.parent}", "create it first, or choose another --out")
+    tensors = {name: t.detach().cpu().contiguous() for name, t in sorted(patch.tensors.items())}
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        save_file(tensors, tmp, metadata=patch.metadata())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path.stat().st_size
+
+
+def load_patch(path: str | Path) -> Patch:
+    """Read and validate a patch file; every problem becomes an IclcaError naming it."""
+    path = Path(path)
+    if not path.is_file():
+        raise IclcaError(f"patch file not found: {path}", "make one with `iclca convert PROMPT --model M --out PATCH`")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            tensors = {name: f.get_tensor(name) for name in f.keys()}
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        raise IclcaError(
+            f"{path} is not a readable safetensors patch ({str(e).splitlines()[0][:120]})",
+            "the file may be truncated or of another kind; convert the prompt again",
+        ) from e
+    missing = [k for k in _REQUIRED if k not in meta]
+    if missing:
+        raise IclcaError(f"{path} lacks patch metadata {', '.join(missing)}", "only files written by `iclca convert` are patches")
+    if meta["iclca.format_version"] != FORMAT_VERSION:
+        raise IclcaError(
+            f"{path} has patch format {meta['iclca.format_version']!r}; this iclca reads {FORMAT_VERSION!r}",
+            "convert the prompt again with this version of iclca",
+        )
+    method = meta["iclca.method"]
+    if method not in METHODS:
+        raise IclcaError(f"{path} uses unknown method {method!r}", f"this iclca knows {', '.join(METHODS)}")
+    try:
+        prompt_tokens, offset = int(meta["iclca.prompt_tokens"]), int(meta["iclca.position_offset"])
+    except ValueError as e:
+        raise IclcaError(f"{path} has non-integer token counts in its metadata", "convert the prompt again") from e
+    suffixes = TENSOR_NAMES[method]
+    if not tensors or any(name.rsplit(".", 1)[-1] not in suffixes for name in tensors):
+        raise IclcaError(f"{path} holds tensors that a {method!r} patch does not have", "convert the prompt again")
+    if any(t.dtype not in DTYPES.values() for t in tensors.values()):
+        raise IclcaError(f"{path} holds tensors of an unsupported dtype", f"patches are {' or '.join(DTYPES)}")
+    known = {k.removeprefix("iclca.") for k in _REQUIRED} | {"format"}
+    extra = {k.removeprefix("iclca."): v for k, v in meta.items() if k.startswith("iclca.") and k.removeprefix("iclca.") not in known}
+    return Patch(
+        tensors=tensors,
+        method=method,
+        model_type=meta["iclca.model_type"],
+        base_fingerprint=meta["iclca.base_fingerprint"],
+        prompt_sha256=meta["iclca.prompt_sha256"],
+        prompt_tokens=prompt_tokens,
+        position_offset=offset,
+        extra=extra,
+    )
+
+
+def check_patch_fits(patch: Patch, model: torch.nn.Module, fingerprint: str, patch_name: str = "patch") -> None:
+    """Refuse a patch made for another model, model type, or with tensors that do not fit the model."""
+    if patch.model_type != model.config.model_type:
+        raise IclcaError(
+            f"{patch_name} is for a {patch.model_type!r} model, this model is {model.config.model_type!r}",
+            "use the model the patch was converted with",
+        )
+    if patch.base_fingerprint != fingerprint:
+        raise IclcaError(
+            f"{patch_name} was made for model {patch.base_fingerprint[:12]}, this model is {fingerprint[:12]}",
+            "use the same --model as `iclca convert` did (`iclca inspect PATCH` shows its fingerprint)",
+        )
+    for name, t in patch.tensors.items():
+        try:
+            target = model.get_buffer(name)
+        except AttributeError as e:
+            raise IclcaError(f"{patch_name} tensor {name} has no place in this model", "convert the prompt again") from e
+        if tuple(t.shape) != tuple(target.shape):
+            raise IclcaError(
+                f"{patch_name} tensor {name} has shape {tuple(t.shape)}, the model expects {tuple(target.shape)}",
+                "convert the prompt again for this model",
+            )
+    max_pos = getattr(model.config, "max_position_embeddings", None)
+    if getattr(model.config, "position_embedding_type", "learned") == "learned" and max_pos is not None:
+        if patch.position_offset >= max_pos:
+            raise IclcaError(
+                f"{patch_name} needs position offset {patch.position_offset} but the model has {max_pos} positions",
+                "use a shorter prompt",
+            )
+
+
+@torch.no_grad()
+def apply_patch(model: torch.nn.Module, patch: Patch) -> None:
+    """Make the patch part of the model: its memories become the buffers, its offset the model's."""
+    for name, t in patch.tensors.items():
+        buf = model.get_buffer(name)
+        buf.copy_(t.to(device=buf.device, dtype=buf.dtype))
+    model.config.position_offset = patch.position_offset
