@@ -70,3 +70,15 @@ def cli():
         return runner.invoke(app, [str(a) for a in args])
 
     return run
+
+
+def save_checkpoint(model, folder: Path) -> Path:
+    """Save a test model as a checkpoint folder with a small word tokenizer (ids fit its vocabulary)."""
+    from iclca_cli.word_tokenizer import build_word_tokenizer
+
+    words = ["alpha", "beta", "gamma", "delta", "one", "two", "three", "four", "five", "six"]
+    tokenizer = build_word_tokenizer(words)
+    assert len(tokenizer) <= model.config.vocab_size
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
