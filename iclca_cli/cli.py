@@ -137,7 +137,9 @@ def convert(
     prompt_file: Path = typer.Argument(..., help="UTF-8 text: the demonstrations to fold into the weights."),
     model: str = typer.Option(..., "--model", "-m", help="Checkpoint folder, hub id, or built-in name (demo-linear)."),
     out_path: Path = typer.Option(..., "--out", "-o", help="Patch file to write (.safetensors)."),
-    method: Method = typer.Option(Method.exact, "--method", help="exact: linear-attention memories (exact)."),
+    method: Method = typer.Option(
+        None, "--method", help="exact (linear attention, exact), prefix (GPT-2, exact), taylor (GPT-2, approximate). "
+        "Default: exact for iclca_linear models, prefix for GPT-2."),
     order: int = typer.Option(2, "--order", min=1, max=2, help="Taylor order (method taylor)."),
     base_patch: Path = typer.Option(None, "--base-patch", help="Convert on top of this patch (stacking)."),
     dtype: DType = typer.Option(DType.float32, "--dtype", help="Dtype to run the prompt in and store the patch."),
@@ -146,22 +148,22 @@ def convert(
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
 ):
     """Run PROMPT_FILE through MODEL once and write its weight patch."""
-    from .convert import convert_exact, sha256_text
+    from .convert import convert_prompt, sha256_text
     from .inputs import encode_prompt, read_prompt
     from .loading import load_model
     from .patch import load_patch, save_patch
 
     _quiet_transformers()
-    if method is not Method.exact:
-        raise IclcaError(f"method {method.value!r} is not implemented yet", "use --method exact with an iclca_linear model")
     text = read_prompt(prompt_file)
     parent = load_patch(base_patch) if base_patch is not None else None
     if not out_path.parent.is_dir():
         raise IclcaError(f"output folder does not exist: {out_path.parent}", "create it first, or choose another --out")
     m, tokenizer = load_model(model, dtype.value, device.value)
+    if method is None:
+        method = Method.exact if m.config.model_type == "iclca_linear" else Method.prefix
     ids = encode_prompt(tokenizer, text)
     with _progress("converting") as progress:
-        patch = convert_exact(m, ids, sha256_text(text), parent, chunk_size, progress)
+        patch = convert_prompt(m, ids, sha256_text(text), method.value, order, parent, chunk_size, progress)
     file_bytes = save_patch(patch, out_path)
     _emit(as_json, {
         "patch": str(out_path),

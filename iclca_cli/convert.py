@@ -10,7 +10,7 @@ import torch
 from .capture import capture_memories
 from .errors import IclcaError
 from .fingerprint import model_fingerprint
-from .patch import Patch, apply_patch, check_patch_fits
+from .patch import Patch, apply_patch, check_method, check_patch_fits, model_family
 
 Progress = Callable[[int, int], None]  # (tokens done, tokens in all)
 
@@ -85,6 +85,43 @@ def convert_exact(
         prompt_tokens=start_tokens + len(prompt_ids),
         position_offset=start_tokens + len(prompt_ids),
         extra=extra,
+    )
+
+
+def convert_prompt(
+    model,
+    prompt_ids: list[int],
+    prompt_sha256: str,
+    method: str = "exact",
+    order: int = 2,
+    base_patch: Patch | None = None,
+    chunk_size: int = 512,
+    progress: Progress | None = None,
+) -> Patch:
+    """The patch of `prompt_ids` for `model` by `method`: exact (linear attention), prefix or taylor (GPT-2)."""
+    check_method(model, method)
+    if method == "exact":
+        return convert_exact(model, prompt_ids, prompt_sha256, base_patch, chunk_size, progress)
+    if base_patch is not None:
+        raise IclcaError(f"--base-patch is not supported for method {method!r}", "convert the concatenated prompt instead")
+    if not prompt_ids:
+        raise IclcaError("the prompt has no tokens", "write the demonstrations into the prompt file")
+    from .softmax import convert_softmax
+
+    check_positions(model, len(prompt_ids) + 1, "the prompt and at least one query token")
+    fingerprint = model_fingerprint(model)
+    tensors = convert_softmax(model, prompt_ids, method, order)
+    if progress is not None:
+        progress(len(prompt_ids), len(prompt_ids))
+    return Patch(
+        tensors=tensors,
+        method=method,
+        model_type=model_family(model),
+        base_fingerprint=fingerprint,
+        prompt_sha256=prompt_sha256,
+        prompt_tokens=len(prompt_ids),
+        position_offset=len(prompt_ids),
+        extra={"taylor_order": str(order)} if method == "taylor" else {},
     )
 
 

@@ -13,8 +13,9 @@ import tempfile
 from pathlib import Path
 
 from .errors import IclcaError
-from .models import MODELING_FILES
-from .patch import Patch, apply_patch
+import torch
+
+from .patch import Patch, apply_patch, model_family
 
 PROVENANCE_FILE = "iclca.json"
 
@@ -32,11 +33,8 @@ def merge_patch(model, tokenizer, patch: Patch, out_dir: str | Path, force: bool
     """Write `model` with `patch` folded in to `out_dir`; the patch must already fit the model."""
     out = Path(out_dir).absolute()
     check_output_folder(out, force)
-    model_type = model.config.model_type
-    if model_type not in MODELING_FILES:
-        raise IclcaError(f"merging is not supported for {model_type!r} models", "use the patch with `iclca eval --patch`")
-    apply_patch(model, patch)
-    module_name = MODELING_FILES[model_type].removesuffix(".py")
+    model, modeling_file = merged_model(model, patch)
+    module_name = modeling_file.removesuffix(".py")
     model.config.auto_map = {
         "AutoConfig": f"{module_name}.{type(model.config).__name__}",
         "AutoModelForCausalLM": f"{module_name}.{type(model).__name__}",
@@ -48,13 +46,31 @@ def merge_patch(model, tokenizer, patch: Patch, out_dir: str | Path, force: bool
     try:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        shutil.copy(Path(__file__).parent / "models" / MODELING_FILES[model_type], tmp)
+        shutil.copy(Path(__file__).parent / "models" / modeling_file, tmp)
         (tmp / PROVENANCE_FILE).write_text(json.dumps(patch.metadata(), indent=2, sort_keys=True) + "\n")
         _move_into_place(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
+
+
+@torch.no_grad()
+def merged_model(model, patch: Patch):
+    """(model with the patch folded in, name of the self-contained modeling file its folder carries)."""
+    apply_patch(model, patch)
+    if model_family(model) == "iclca_linear":
+        return model, "modeling_iclca_linear.py"
+    from .models.modeling_iclca_gpt2 import IclcaGPT2Config, IclcaGPT2LMHeadModel
+
+    fields = {k: v for k, v in model.config.to_dict().items()
+              if k not in ("model_type", "architectures", "auto_map", "transformers_version") and not k.startswith("_")}
+    mem = patch.tensors.get("transformer.h.0.attn.memory_k")
+    config = IclcaGPT2Config(**fields, iclca_method=patch.method, iclca_prompt_tokens=patch.position_offset,
+                             iclca_feature_dim=mem.shape[-1] if mem is not None else 0)
+    merged = IclcaGPT2LMHeadModel(config).to(model.dtype)
+    merged.load_state_dict(model.state_dict(), strict=True)  # shifted position table and patch buffers included
+    return merged.eval(), "modeling_iclca_gpt2.py"
 
 
 def _move_into_place(tmp: Path, out: Path) -> None:

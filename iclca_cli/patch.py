@@ -16,10 +16,12 @@ from . import __version__
 from .errors import IclcaError
 
 FORMAT_VERSION = "1"
-METHODS = ("exact",)
+METHODS = ("exact", "prefix", "taylor")
+FAMILY_METHODS = {"iclca_linear": ("exact",), "gpt2": ("prefix", "taylor")}  # model_type -> methods
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 # Tensor names end in one of these; the part before is the module path the tensor belongs to.
-TENSOR_NAMES = {"exact": ("memory_kv", "memory_k")}
+TENSOR_NAMES = {"exact": ("memory_kv", "memory_k"), "prefix": ("prefix_keys", "prefix_values"),
+                "taylor": ("memory_kv", "memory_k")}
 _REQUIRED = (
     "format", "iclca.format_version", "iclca.method", "iclca.model_type", "iclca.base_fingerprint",
     "iclca.prompt_sha256", "iclca.prompt_tokens", "iclca.position_offset", "iclca.dtype", "iclca.version",
@@ -139,40 +141,79 @@ def load_patch(path: str | Path) -> Patch:
     )
 
 
+def model_family(model) -> str:
+    """The model_type iclca knows this model as, or an IclcaError for an architecture it cannot patch."""
+    model_type = model.config.model_type
+    if model_type not in FAMILY_METHODS:
+        raise IclcaError(
+            f"model type {model_type!r} is not supported",
+            f"iclca patches {', '.join(FAMILY_METHODS)} models (a merged iclca folder is patched through its base model)",
+        )
+    return model_type
+
+
+def check_method(model, method: str) -> None:
+    family = model_family(model)
+    if method not in FAMILY_METHODS[family]:
+        raise IclcaError(
+            f"method {method!r} does not apply to {family!r} models",
+            f"use --method {' or '.join(FAMILY_METHODS[family])}",
+        )
+
+
+def expected_shapes(model, patch: Patch) -> dict[str, tuple[int, ...]]:
+    """Tensor name -> shape that a patch of this method must have for this model."""
+    if model_family(model) == "iclca_linear":
+        names = TENSOR_NAMES[patch.method]
+        return {n: tuple(b.shape) for n, b in model.named_buffers() if n.rsplit(".", 1)[-1] in names}
+    from .softmax import expected_shapes as softmax_shapes
+
+    return softmax_shapes(model, patch.method, patch.prompt_tokens, int(patch.extra.get("taylor_order", 0)))
+
+
 def check_patch_fits(patch: Patch, model: torch.nn.Module, fingerprint: str, patch_name: str = "patch") -> None:
-    """Refuse a patch made for another model, model type, or with tensors that do not fit the model."""
+    """Refuse a patch made for another model, model type or method, or with tensors that do not fit the model."""
     if patch.model_type != model.config.model_type:
         raise IclcaError(
             f"{patch_name} is for a {patch.model_type!r} model, this model is {model.config.model_type!r}",
             "use the model the patch was converted with",
         )
+    check_method(model, patch.method)
     if patch.base_fingerprint != fingerprint:
         raise IclcaError(
             f"{patch_name} was made for model {patch.base_fingerprint[:12]}, this model is {fingerprint[:12]}",
             "use the same --model as `iclca convert` did (`iclca inspect PATCH` shows its fingerprint)",
         )
-    for name, t in patch.tensors.items():
-        try:
-            target = model.get_buffer(name)
-        except AttributeError as e:
-            raise IclcaError(f"{patch_name} tensor {name} has no place in this model", "convert the prompt again") from e
-        if tuple(t.shape) != tuple(target.shape):
+    if patch.method == "taylor" and patch.extra.get("taylor_order") not in ("1", "2"):
+        raise IclcaError(f"{patch_name} is a taylor patch without a valid iclca.taylor_order", "convert the prompt again")
+    want = expected_shapes(model, patch)
+    for name in sorted(set(want) | set(patch.tensors)):
+        if name not in want:
+            raise IclcaError(f"{patch_name} tensor {name} has no place in this model", "convert the prompt again for this model")
+        if name not in patch.tensors:
+            raise IclcaError(f"{patch_name} lacks tensor {name}", "convert the prompt again for this model")
+        if tuple(patch.tensors[name].shape) != want[name]:
             raise IclcaError(
-                f"{patch_name} tensor {name} has shape {tuple(t.shape)}, the model expects {tuple(target.shape)}",
+                f"{patch_name} tensor {name} has shape {tuple(patch.tensors[name].shape)}, the model expects {want[name]}",
                 "convert the prompt again for this model",
             )
-    max_pos = getattr(model.config, "max_position_embeddings", None)
-    if getattr(model.config, "position_embedding_type", "learned") == "learned" and max_pos is not None:
-        if patch.position_offset >= max_pos:
-            raise IclcaError(
-                f"{patch_name} needs position offset {patch.position_offset} but the model has {max_pos} positions",
-                "use a shorter prompt",
-            )
+    max_pos = model.config.max_position_embeddings
+    if getattr(model.config, "position_embedding_type", "learned") == "learned" and patch.position_offset >= max_pos:
+        raise IclcaError(
+            f"{patch_name} needs position offset {patch.position_offset} but the model has {max_pos} positions",
+            "use a shorter prompt",
+        )
 
 
 @torch.no_grad()
 def apply_patch(model: torch.nn.Module, patch: Patch) -> None:
-    """Make the patch part of the model: its memories become the buffers, its offset the model's."""
+    """Make the patch part of the model (in place): linear models take its memories as their bias
+    buffers and its offset as theirs; GPT-2 models get prefix/Taylor buffers and a shifted position table."""
+    if model_family(model) == "gpt2":
+        from .models.modeling_iclca_gpt2 import attach_patch
+
+        attach_patch(model, patch.tensors, patch.position_offset)
+        return
     for name, t in patch.tensors.items():
         buf = model.get_buffer(name)
         buf.copy_(t.to(device=buf.device, dtype=buf.dtype))

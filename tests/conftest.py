@@ -82,3 +82,21 @@ def save_checkpoint(model, folder: Path) -> Path:
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
+
+
+def make_gpt2_model(seed=0, dtype=torch.float64, vocab_size=50257, **kw):
+    """A tiny random stock GPT2LMHeadModel (no dropout) whose logits have a real LM's spread."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    cfg = dict(vocab_size=vocab_size, n_embd=32, n_layer=2, n_head=4, n_positions=256, resid_pdrop=0.0,
+               embd_pdrop=0.0, attn_pdrop=0.0, initializer_range=0.2)
+    cfg.update(kw)
+    torch.manual_seed(seed)
+    return GPT2LMHeadModel(GPT2Config(**cfg)).to(dtype).eval()
+
+
+@pytest.fixture(scope="session")
+def gpt2_tokenizer():
+    from iclca_cli.gpt2_tokenizer import offline_gpt2_tokenizer
+
+    return offline_gpt2_tokenizer()

@@ -2,13 +2,14 @@
 
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
+from .modeling_iclca_gpt2 import IclcaGPT2Config, IclcaGPT2LMHeadModel
 from .modeling_iclca_linear import IclcaLinearConfig, IclcaLinearForCausalLM, IclcaLinearModel
-
-MODELING_FILES = {"iclca_linear": "modeling_iclca_linear.py"}
 
 
 def register_auto_classes() -> None:
-    """Make `model_type = "iclca_linear"` loadable with AutoConfig / AutoModel(ForCausalLM)."""
+    """Make `iclca_linear` models and merged `iclca_gpt2` folders loadable with the Auto classes."""
     AutoConfig.register("iclca_linear", IclcaLinearConfig, exist_ok=True)
     AutoModel.register(IclcaLinearConfig, IclcaLinearModel, exist_ok=True)
     AutoModelForCausalLM.register(IclcaLinearConfig, IclcaLinearForCausalLM, exist_ok=True)
+    AutoConfig.register("iclca_gpt2", IclcaGPT2Config, exist_ok=True)
+    AutoModelForCausalLM.register(IclcaGPT2Config, IclcaGPT2LMHeadModel, exist_ok=True)

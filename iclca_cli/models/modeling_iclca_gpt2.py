@@ -1,0 +1,144 @@
+"""GPT-2 with a prompt folded in: the prompt's keys/values (`prefix`, exact) or Taylor memories
+(`taylor`, constant size, approximate), added to softmax attention through transformers'
+AttentionInterface, without editing transformers.
+
+For a query q the prompt part of softmax attention is
+    N(q) = sum_j exp(s q.k_j) v_j ,   D(q) = sum_j exp(s q.k_j)        (s: the attention scaling)
+and the attention output is (N(q) + sum_{query j} ...) / (D(q) + sum_{query j} ...).
+- prefix: N and D come from the stored prompt keys/values [H, P, D] (exact).
+- taylor: exp(s q.k) ~ phi(q).phi(k), phi the Taylor features of order 1 or 2 (1 + x + x^2/2 with
+  x = s q.k), so N ~ phi(q)^T S and D ~ phi(q)^T z with S = sum phi(k) v^T [H, F, D], z = sum phi(k) [H, F].
+  Good only where |s q.k| is small (order 1 can even give negative weights); see the README.
+
+Query tokens must sit at positions P, P+1, ...: a patched model's position table is shifted by P
+rows (row i holds the embedding of position P + i), so positions need no other handling.
+
+Self-contained (torch + transformers only): `iclca merge` copies it into a checkpoint folder.
+"""
+
+from __future__ import annotations
+
+import torch
+from huggingface_hub.dataclasses import strict
+from torch import nn
+from transformers import AttentionInterface, GPT2Config, GPT2LMHeadModel
+from transformers.masking_utils import AttentionMaskInterface, eager_mask
+
+ATTENTION_NAME = "iclca_patch"
+PREFIX_NAMES = ("prefix_keys", "prefix_values")
+TAYLOR_NAMES = ("memory_kv", "memory_k")
+
+
+def taylor_feature_dim(head_dim: int, order: int) -> int:
+    return 1 + head_dim + (head_dim * (head_dim + 1) // 2 if order == 2 else 0)
+
+
+def taylor_order_of(feature_dim: int, head_dim: int) -> int:
+    for order in (1, 2):
+        if taylor_feature_dim(head_dim, order) == feature_dim:
+            return order
+    raise ValueError(f"feature size {feature_dim} is no Taylor order for head size {head_dim}")
+
+
+def taylor_features(x: torch.Tensor, scaling: float, order: int) -> torch.Tensor:
+    """phi with phi(q).phi(k) = sum_{n<=order} (s q.k)^n / n!.  (..., D) -> (..., F)"""
+    x = x * scaling**0.5
+    parts = [torch.ones_like(x[..., :1]), x]  # 1, x
+    if order == 2:
+        D = x.shape[-1]
+        i, j = torch.triu_indices(D, D, device=x.device)  # pairs i <= j
+        # (q.k)^2 / 2 = sum_i q_i^2 k_i^2 / 2 + sum_{i<j} q_i q_j k_i k_j; weights built in x's dtype
+        w = torch.ones(i.shape, dtype=x.dtype, device=x.device).masked_fill(i == j, 0.5**0.5)
+        parts.append(x[..., i] * x[..., j] * w)  # (..., D(D+1)/2)
+    return torch.cat(parts, dim=-1)
+
+
+def patched_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """AttentionInterface function. query (B,H,Tq,D), key/value (B,H,Tk,D), attention_mask additive
+    (B,1,Tq,Tk) or None; returns (out (B,Tq,H,D), None). Adds the patch buffers' prompt part."""
+    scaling = query.size(-1) ** -0.5 if scaling is None else scaling
+    scores = (query @ key.transpose(-1, -2)) * scaling  # (B, H, Tq, Tk)
+    if attention_mask is not None:
+        scores = scores + attention_mask[..., : key.shape[-2]]
+    if hasattr(module, "prefix_keys"):
+        pk = module.prefix_keys.to(query.dtype)  # (H, P, D)
+        pv = module.prefix_values.to(value.dtype)  # (H, P, D)
+        P = pk.shape[-2]
+        prefix_scores = (query @ pk.transpose(-1, -2)) * scaling  # (B, H, Tq, P)
+        weights = torch.softmax(torch.cat([prefix_scores, scores], dim=-1), dim=-1)  # (B, H, Tq, P + Tk)
+        weights = nn.functional.dropout(weights, p=dropout, training=module.training)
+        out = weights[..., :P] @ pv + weights[..., P:] @ value  # (B, H, Tq, D)
+    elif hasattr(module, "memory_kv"):
+        S = module.memory_kv.to(query.dtype)  # (H, F, D)
+        z = module.memory_k.to(query.dtype)  # (H, F)
+        phi_q = taylor_features(query, scaling, taylor_order_of(S.shape[-2], query.shape[-1]))  # (B, H, Tq, F)
+        # (B, H, Tq, 1) for a stable exp; floored at 0 so that fully masked (padding) rows stay finite
+        m = scores.amax(dim=-1, keepdim=True).clamp_min(0.0)
+        e = torch.exp(scores - m)  # (B, H, Tq, Tk)
+        e = nn.functional.dropout(e, p=dropout, training=module.training)
+        scale = torch.exp(-m)  # the prompt part, on the same scale
+        num = e @ value + (phi_q @ S) * scale  # (B, H, Tq, D)
+        den = e.sum(-1, keepdim=True) + (phi_q @ z.unsqueeze(-1)) * scale  # (B, H, Tq, 1)
+        out = num / den
+    else:
+        weights = nn.functional.dropout(torch.softmax(scores, dim=-1), p=dropout, training=module.training)
+        out = weights @ value
+    return out.transpose(1, 2).contiguous(), None  # (B, Tq, H, D)
+
+
+AttentionInterface.register(ATTENTION_NAME, patched_attention)
+AttentionMaskInterface.register(ATTENTION_NAME, eager_mask)  # else padding masks would arrive as None
+
+
+def attention_layers(model: nn.Module) -> dict[str, nn.Module]:
+    """Module path -> GPT-2 self-attention module, e.g. 'transformer.h.0.attn'."""
+    return {f"transformer.h.{i}.attn": block.attn for i, block in enumerate(model.transformer.h)}
+
+
+@torch.no_grad()
+def attach_patch(model: GPT2LMHeadModel, tensors: dict[str, torch.Tensor], prompt_tokens: int) -> None:
+    """Put the patch tensors on the attention modules as buffers, shift the position table by
+    prompt_tokens rows and switch attention to `patched_attention`."""
+    dtype = model.transformer.wte.weight.dtype
+    for name, t in tensors.items():
+        path, buffer = name.rsplit(".", 1)
+        model.get_submodule(path).register_buffer(buffer, t.to(dtype).clone())
+    wpe = model.transformer.wpe
+    n, d = wpe.weight.shape
+    shifted = nn.Embedding(n - prompt_tokens, d, device=wpe.weight.device, dtype=wpe.weight.dtype)
+    shifted.weight.copy_(wpe.weight[prompt_tokens:])  # row i = position prompt_tokens + i
+    model.transformer.wpe = shifted
+    model.config.n_positions = n - prompt_tokens
+    model.set_attn_implementation(ATTENTION_NAME)
+
+
+@strict
+class IclcaGPT2Config(GPT2Config):
+    """A GPT-2 config whose model carries a folded-in prompt (its position table already shifted)."""
+
+    model_type = "iclca_gpt2"
+
+    iclca_method: str = "prefix"  # "prefix" or "taylor"
+    iclca_prompt_tokens: int = 0  # P: prefix length and position shift
+    iclca_feature_dim: int = 0  # F of the Taylor memories (taylor only)
+
+
+class IclcaGPT2LMHeadModel(GPT2LMHeadModel):
+    config_class = IclcaGPT2Config
+
+    def __init__(self, config: IclcaGPT2Config):
+        super().__init__(config)
+        H = config.num_attention_heads
+        D = config.hidden_size // H
+        P, F = config.iclca_prompt_tokens, config.iclca_feature_dim
+        for attn in attention_layers(self).values():
+            if config.iclca_method == "prefix":
+                attn.register_buffer("prefix_keys", torch.zeros(H, P, D))  # (H, P, D)
+                attn.register_buffer("prefix_values", torch.zeros(H, P, D))  # (H, P, D)
+            else:
+                attn.register_buffer("memory_kv", torch.zeros(H, F, D))  # (H, F, D)
+                attn.register_buffer("memory_k", torch.zeros(H, F))  # (H, F)
+        self.config._attn_implementation = ATTENTION_NAME
+
+
+__all__ = ["IclcaGPT2Config", "IclcaGPT2LMHeadModel", "patched_attention", "attach_patch", "taylor_features"]

@@ -1,0 +1,178 @@
+"""GPT-2 (softmax): exact prefix patches, constant-size Taylor patches, merge, generate, CLI."""
+
+import copy
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import (EXAMPLE_PROMPT, EXAMPLE_QUERIES, logits, make_gpt2_model, random_ids, tree_digest)
+from iclca_cli.convert import convert_prompt
+from iclca_cli.errors import IclcaError
+from iclca_cli.loading import load_model
+from iclca_cli.merge import merge_patch
+from iclca_cli.models.modeling_iclca_gpt2 import taylor_feature_dim, taylor_features
+from iclca_cli.patch import apply_patch
+from test_merge import FRESH_PROCESS
+
+V = 50257
+
+
+def patched(model, prompt, method="prefix", order=2):
+    patch = convert_prompt(copy.deepcopy(model), prompt, "0" * 64, method, order)
+    m = copy.deepcopy(model)
+    apply_patch(m, patch)
+    return m, patch
+
+
+def test_real_gpt2_tokenizer_offline(gpt2_tokenizer):
+    assert gpt2_tokenizer("Hello world").input_ids == [15496, 995]
+    assert len(gpt2_tokenizer) == 50257 and gpt2_tokenizer.eos_token_id == 50256
+
+
+CASES = [(0, 1, 1), (1, 17, 40), (2, 200, 8), (3, 90, 1)]
+
+
+@pytest.mark.parametrize("seed,P,Q", CASES, ids=[f"seed{s}-P{p}-Q{q}" for s, p, q in CASES])
+@pytest.mark.parametrize("dtype,bound", [(torch.float64, 1e-9), (torch.float32, 1e-4)], ids=["float64", "float32"])
+def test_prefix_patch_equals_prompted(seed, P, Q, dtype, bound):
+    model = make_gpt2_model(seed, dtype, scale_attn_by_inverse_layer_idx=seed % 2 == 1)
+    prompt, query = random_ids(P, V, seed), random_ids(Q, V, seed + 1)
+    m, patch = patched(model, prompt)
+    assert patch.tensors["transformer.h.0.attn.prefix_keys"].shape == (4, P, 8)
+    assert (logits(m, query) - logits(model, prompt + query)[P:]).abs().max().item() <= bound
+
+
+def test_prefix_generate_is_identical():
+    model = make_gpt2_model(4)
+    prompt, query = random_ids(60, V, 4), random_ids(5, V, 5)
+    m, _ = patched(model, prompt)
+    got = m.generate(torch.tensor([query]), max_new_tokens=10, do_sample=False)[0, 5:]
+    want = model.generate(torch.tensor([prompt + query]), max_new_tokens=10, do_sample=False)[0, 65:]
+    assert got.tolist() == want.tolist()
+
+
+@pytest.mark.parametrize("method", ["prefix", "taylor"])
+def test_left_padded_batch_equals_single_sequences(method):
+    """The mask function registered with AttentionMaskInterface brings padding masks to the patched attention."""
+    model = make_gpt2_model(6)
+    m, _ = patched(model, random_ids(30, V, 6), method)
+    a, b = random_ids(7, V, 7), random_ids(4, V, 8)
+    batch = torch.tensor([a, [0, 0, 0] + b])
+    mask = torch.tensor([[1] * 7, [0, 0, 0] + [1] * 4])
+    out = m(input_ids=batch, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp_min(0)).logits
+    assert (out[0] - logits(m, a)).abs().max() <= 1e-10
+    assert (out[1, 3:] - logits(m, b)).abs().max() <= 1e-10
+
+
+def test_taylor_features_are_the_taylor_polynomial():
+    torch.manual_seed(0)
+    q, k = torch.randn(5, 16, dtype=torch.float64), torch.randn(5, 16, dtype=torch.float64)
+    s = 0.25
+    x = s * (q * k).sum(-1)
+    for order, poly in ((1, 1 + x), (2, 1 + x + x**2 / 2)):
+        fq, fk = taylor_features(q, s, order), taylor_features(k, s, order)
+        assert fq.shape[-1] == taylor_feature_dim(16, order)
+        torch.testing.assert_close((fq * fk).sum(-1), poly, rtol=0, atol=1e-12)
+
+
+def test_taylor_converges_where_scores_are_small():
+    """With small q.k the Taylor patch approaches the prompted model, order 2 closer than order 1."""
+    model = make_gpt2_model(9, initializer_range=0.02)
+    prompt, query = random_ids(50, V, 9), random_ids(6, V, 10)
+    want = logits(model, prompt + query)[50:]
+    err = {o: (logits(patched(model, prompt, "taylor", o)[0], query) - want).abs().max().item() for o in (1, 2)}
+    base = (logits(model, query) - want).abs().max().item()
+    assert err[2] < err[1] < base
+
+
+def test_taylor_patch_size_does_not_depend_on_prompt_length():
+    model = make_gpt2_model(11)
+    sizes = {order: {P: patched(model, random_ids(P, V, P), "taylor", order)[1].nbytes for P in (5, 50, 200)}
+             for order in (1, 2)}
+    for order, by_p in sizes.items():
+        assert len(set(by_p.values())) == 1, by_p
+    assert sizes[1][5] == 2 * 4 * 9 * (8 + 1) * 8  # layers x heads x F (1 + D) x (Dv + 1) x float64
+    assert sizes[2][5] == 2 * 4 * 45 * (8 + 1) * 8  # F = 1 + D + D(D+1)/2
+    prefix = [patched(model, random_ids(P, V, P))[1].nbytes for P in (5, 50)]
+    assert prefix[1] == 10 * prefix[0]
+
+
+def test_methods_that_do_not_fit_the_family_are_refused():
+    with pytest.raises(IclcaError, match="does not apply to 'gpt2'"):
+        patched(make_gpt2_model(12), [1, 2, 3], "exact")
+
+
+def test_prompt_that_leaves_no_position_for_a_query_is_refused():
+    model = make_gpt2_model(13, n_positions=32)
+    with pytest.raises(IclcaError, match="needs 33 positions but the model has 32"):
+        patched(model, random_ids(32, V, 13))
+
+
+@pytest.fixture(scope="module")
+def gpt2_folder(tmp_path_factory, gpt2_tokenizer):
+    folder = tmp_path_factory.mktemp("gpt2") / "tiny-gpt2"
+    make_gpt2_model(20, torch.float32).save_pretrained(folder)
+    gpt2_tokenizer.save_pretrained(folder)
+    return folder
+
+
+def test_merged_gpt2_folders_in_a_fresh_process(tmp_path, gpt2_folder):
+    """prefix: merged == prompted (float64, ≤ 1e-9) with identical greedy generations; taylor: merged == patched."""
+    cases, expected = [], []
+    prompt, query = random_ids(40, V, 21), random_ids(6, V, 22)
+    for method, order in (("prefix", 2), ("taylor", 1), ("taylor", 2)):
+        base, tok = load_model(str(gpt2_folder), "float64")
+        ref = copy.deepcopy(base)
+        m, patch = patched(base, prompt, method, order)
+        want = logits(ref, prompt + query)[40:] if method == "prefix" else logits(m, query)
+        gen = (ref.generate(torch.tensor([prompt + query]), max_new_tokens=8, do_sample=False)[0, 46:]
+               if method == "prefix" else m.generate(torch.tensor([query]), max_new_tokens=8, do_sample=False)[0, 6:])
+        folder = merge_patch(base, tok, patch, tmp_path / f"merged-{method}{order}")
+        cases.append({"folder": str(folder), "dtype": "float64", "query": query})
+        expected.append((want, gen.tolist()))
+    proc = subprocess.run([sys.executable, "-c", FRESH_PROCESS, json.dumps(cases)], capture_output=True, text=True,
+                          cwd=tmp_path, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    for res, (want, gen), case in zip(json.loads(proc.stdout.strip().splitlines()[-1]), expected, cases):
+        assert res["class"].startswith("transformers_modules.") and not res["iclca_imported"]
+        assert (torch.tensor(res["logits"], dtype=torch.float64) - want).abs().max().item() <= 1e-9, case
+        assert res["generated"] == gen, case
+    merged, _ = load_model(cases[0]["folder"], "float64")  # and through iclca, without remote code
+    assert type(merged).__name__ == "IclcaGPT2LMHeadModel" and merged.config.n_positions == 256 - 40
+
+
+def test_cli_on_gpt2_every_method(cli, tmp_path, gpt2_folder):
+    before = tree_digest(gpt2_folder)
+    prompt = tmp_path / "prompt.txt"
+    prompt.write_text(EXAMPLE_PROMPT.read_text())
+    reports = {}
+    for method, order in (("prefix", 2), ("taylor", 1), ("taylor", 2)):
+        patch = tmp_path / f"{method}{order}.safetensors"
+        res = cli("convert", prompt, "-m", gpt2_folder, "-o", patch, "--method", method, "--order", order,
+                  "--dtype", "float64", "--json")
+        assert res.exit_code == 0, res.stderr
+        res = cli("eval", "-m", gpt2_folder, "-p", patch, "--prompt", prompt, "--queries", EXAMPLE_QUERIES,
+                  "--dtype", "float64", "--json")
+        assert res.exit_code == 0, res.stderr
+        reports[f"{method}{order}"] = json.loads(res.stdout)
+        merged = tmp_path / f"merged-{method}{order}"
+        assert cli("merge", "-m", gpt2_folder, "-p", patch, "-o", merged).exit_code == 0
+        res = cli("eval", "-m", gpt2_folder, "--merged", merged, "--prompt", prompt, "--queries", EXAMPLE_QUERIES,
+                  "--dtype", "float64", "--json")
+        assert res.exit_code == 0, res.stderr
+        assert abs(json.loads(res.stdout)["kl_prompted_patched"] - reports[f"{method}{order}"]["kl_prompted_patched"]) < 1e-6
+    assert reports["prefix2"]["max_abs_logit_diff"] <= 1e-9 and reports["prefix2"]["kl_prompted_patched"] <= 1e-12
+    assert reports["prefix2"]["accuracy"]["patched"] == reports["prefix2"]["accuracy"]["prompted"]
+    for name in ("taylor1", "taylor2"):  # approximate: reported as measured, only sanity is checked
+        assert reports[name]["kl_prompted_patched"] >= 0 and reports[name]["kl_prompted_base"] > 0
+    assert tree_digest(gpt2_folder) == before
+
+
+def test_cli_gpt2_prompt_plus_query_too_long(cli, tmp_path, gpt2_folder):
+    prompt = tmp_path / "long.txt"
+    prompt.write_text("apple: 7\n" * 64)  # 256 tokens: every position of the tiny model
+    res = cli("convert", prompt, "-m", gpt2_folder, "-o", tmp_path / "p.st")
+    assert res.exit_code == 2 and "needs 257 positions but the model has 256" in res.stderr
