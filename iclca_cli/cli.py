@@ -206,6 +206,29 @@ def merge(
     }, "iclca merge")
 
 
+@app.command("export-peft")
+@handled
+def export_peft(
+    model: str = typer.Option(..., "--model", "-m", help="The GPT-2 checkpoint the prefix patch was made for."),
+    patch_path: Path = typer.Option(..., "--patch", "-p", help="A prefix patch from `iclca convert --method prefix`."),
+    out_dir: Path = typer.Option(..., "--out", "-o", help="Folder to write the PEFT adapter to."),
+    force: bool = typer.Option(False, "--force", help="Replace an existing output folder."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
+):
+    """Write a prefix patch as a PEFT prefix-tuning adapter (load it with PeftModel.from_pretrained)."""
+    from .fingerprint import model_fingerprint
+    from .loading import load_model, resolve_model
+    from .patch import check_patch_fits, load_patch
+    from .peft_export import write_peft_prefix_adapter
+
+    _quiet_transformers()
+    patch = load_patch(patch_path)
+    m, _ = load_model(model, patch.dtype)
+    check_patch_fits(patch, m, model_fingerprint(m))
+    folder = write_peft_prefix_adapter(m, patch, resolve_model(model), out_dir, force)
+    _emit(as_json, {"adapter": str(folder), "num_virtual_tokens": patch.prompt_tokens}, "iclca export-peft")
+
+
 @app.command("eval")
 @handled
 def eval_(

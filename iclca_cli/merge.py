@@ -48,7 +48,7 @@ def merge_patch(model, tokenizer, patch: Patch, out_dir: str | Path, force: bool
         tokenizer.save_pretrained(tmp)
         shutil.copy(Path(__file__).parent / "models" / modeling_file, tmp)
         (tmp / PROVENANCE_FILE).write_text(json.dumps(patch.metadata(), indent=2, sort_keys=True) + "\n")
-        _move_into_place(tmp, out)
+        move_into_place(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -73,7 +73,7 @@ def merged_model(model, patch: Patch):
     return merged.eval(), "modeling_iclca_gpt2.py"
 
 
-def _move_into_place(tmp: Path, out: Path) -> None:
+def move_into_place(tmp: Path, out: Path) -> None:
     """Rename the finished folder to `out`; an old `out` is removed only after the new one is in place."""
     if not out.exists():
         tmp.rename(out)

@@ -176,3 +176,28 @@ def test_cli_gpt2_prompt_plus_query_too_long(cli, tmp_path, gpt2_folder):
     prompt.write_text("apple: 7\n" * 64)  # 256 tokens: every position of the tiny model
     res = cli("convert", prompt, "-m", gpt2_folder, "-o", tmp_path / "p.st")
     assert res.exit_code == 2 and "needs 257 positions but the model has 256" in res.stderr
+
+
+def test_prefix_patch_as_a_peft_adapter_reproduces_prompted_logits(cli, tmp_path, gpt2_folder):
+    from peft import PeftModel
+
+    prompt_file = tmp_path / "prompt.txt"
+    prompt_file.write_text(EXAMPLE_PROMPT.read_text())
+    patch = tmp_path / "prefix.safetensors"
+    assert cli("convert", prompt_file, "-m", gpt2_folder, "-o", patch, "--method", "prefix", "--dtype", "float64").exit_code == 0
+    res = cli("export-peft", "-m", gpt2_folder, "-p", patch, "-o", tmp_path / "adapter", "--json")
+    assert res.exit_code == 0, res.stderr
+    assert (tmp_path / "adapter/adapter_config.json").is_file() and (tmp_path / "adapter/adapter_model.safetensors").is_file()
+    base, tok = load_model(str(gpt2_folder), "float64")
+    prompt = tok(prompt_file.read_text()).input_ids
+    query = tok("river:", add_special_tokens=False).input_ids
+    want = logits(base, prompt + query)[len(prompt):]
+    peft_model = PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "adapter").eval()
+    with torch.no_grad():
+        got = peft_model(input_ids=torch.tensor([query])).logits[0]
+    # PEFT stores prompt embeddings in float32 whatever the model's dtype: the float32 bound applies.
+    assert (got - want).abs().max().item() <= 1e-4
+    assert peft_model.generate(input_ids=torch.tensor([query]), max_new_tokens=6, do_sample=False)[0, -6:].tolist() == \
+        base.generate(torch.tensor([prompt + query]), max_new_tokens=6, do_sample=False)[0, -6:].tolist()
+    res = cli("export-peft", "-m", gpt2_folder, "-p", patch, "-o", tmp_path / "adapter")
+    assert res.exit_code == 2 and "already exists" in res.stderr

@@ -1,0 +1,46 @@
+"""A `prefix` patch as a PEFT prefix-tuning adapter folder (adapter_config.json + adapter_model.safetensors).
+
+PEFT feeds the adapter's keys/values as `past_key_values`, so the query's positions start at P as
+in the prompted run: `PeftModel.from_pretrained(base, folder)` on a query gives the prompted logits.
+Needs the optional dependency `peft` (`pip install "iclca[peft]"`).
+"""
+
+from __future__ import annotations
+
+import copy
+import shutil
+import tempfile
+from pathlib import Path
+
+from .errors import IclcaError
+from .merge import check_output_folder, move_into_place
+from .patch import Patch
+
+
+def write_peft_prefix_adapter(model, patch: Patch, base_model_name_or_path: str, out_dir: str | Path,
+                              force: bool = False) -> Path:
+    """Write the adapter folder for `model` (left unchanged) into `out_dir`, atomically."""
+    try:
+        from peft import PrefixTuningConfig, get_peft_model, initialize_kv_prefix_from_past_key_values
+    except ImportError as e:
+        raise IclcaError("writing a PEFT adapter needs the package peft", 'pip install "iclca[peft]"') from e
+    if patch.method != "prefix":
+        raise IclcaError(f"only prefix patches become PEFT adapters, this one is {patch.method!r}",
+                         "convert with --method prefix")
+    out = Path(out_dir).absolute()
+    check_output_folder(out, force)
+    layers = len(model.transformer.h)
+    past = [(patch.tensors[f"transformer.h.{i}.attn.prefix_keys"][None],  # (1, H, P, D)
+             patch.tensors[f"transformer.h.{i}.attn.prefix_values"][None]) for i in range(layers)]
+    config = PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=patch.prompt_tokens,
+                                base_model_name_or_path=base_model_name_or_path)
+    peft_model = get_peft_model(copy.deepcopy(model), config)
+    initialize_kv_prefix_from_past_key_values(peft_model, past_key_values=past)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        peft_model.save_pretrained(tmp)
+        move_into_place(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
