@@ -127,6 +127,10 @@ def _emit(as_json: bool, obj: dict, table_title: str) -> None:
     out.print(table)
 
 
+def _allow_pickle_option():
+    return typer.Option(False, "--allow-pickle", help="Also load pickled .bin weights (only from a source you trust).")
+
+
 def _fmt(v) -> str:
     return f"{v:.6g}" if isinstance(v, float) else str(v)
 
@@ -145,6 +149,7 @@ def convert(
     dtype: DType = typer.Option(DType.float32, "--dtype", help="Dtype to run the prompt in and store the patch."),
     device: Device = typer.Option(Device.cpu, "--device", help="Where to run."),
     chunk_size: int = typer.Option(512, "--chunk-size", min=1, help="Prompt tokens per forward pass."),
+    allow_pickle: bool = _allow_pickle_option(),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
 ):
     """Run PROMPT_FILE through MODEL once and write its weight patch."""
@@ -158,7 +163,7 @@ def convert(
     parent = load_patch(base_patch) if base_patch is not None else None
     if not out_path.parent.is_dir():
         raise IclcaError(f"output folder does not exist: {out_path.parent}", "create it first, or choose another --out")
-    m, tokenizer = load_model(model, dtype.value, device.value)
+    m, tokenizer = load_model(model, dtype.value, device.value, allow_pickle)
     if method is None:
         method = Method.exact if m.config.model_type == "iclca_linear" else Method.prefix
     ids = encode_prompt(tokenizer, text)
@@ -183,6 +188,7 @@ def merge(
     patch_path: Path = typer.Option(..., "--patch", "-p", help="Patch file from `iclca convert`."),
     out_dir: Path = typer.Option(..., "--out", "-o", help="Folder to write the merged checkpoint to."),
     force: bool = typer.Option(False, "--force", help="Replace an existing output folder."),
+    allow_pickle: bool = _allow_pickle_option(),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
 ):
     """Fold a patch into a new checkpoint folder that loads with Hugging Face tooling."""
@@ -194,7 +200,7 @@ def merge(
     _quiet_transformers()
     check_output_folder(out_dir.absolute(), force)
     patch = load_patch(patch_path)
-    m, tokenizer = load_model(model, patch.dtype)  # the merged checkpoint is stored in the patch's dtype
+    m, tokenizer = load_model(model, patch.dtype, allow_pickle=allow_pickle)  # the merged checkpoint is stored in the patch's dtype
     check_patch_fits(patch, m, model_fingerprint(m))
     folder = merge_patch(m, tokenizer, patch, out_dir, force)
     _emit(as_json, {
@@ -213,6 +219,7 @@ def export_peft(
     patch_path: Path = typer.Option(..., "--patch", "-p", help="A prefix patch from `iclca convert --method prefix`."),
     out_dir: Path = typer.Option(..., "--out", "-o", help="Folder to write the PEFT adapter to."),
     force: bool = typer.Option(False, "--force", help="Replace an existing output folder."),
+    allow_pickle: bool = _allow_pickle_option(),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
 ):
     """Write a prefix patch as a PEFT prefix-tuning adapter (load it with PeftModel.from_pretrained)."""
@@ -223,9 +230,9 @@ def export_peft(
 
     _quiet_transformers()
     patch = load_patch(patch_path)
-    m, _ = load_model(model, patch.dtype)
+    m, _ = load_model(model, patch.dtype, allow_pickle=allow_pickle)
     check_patch_fits(patch, m, model_fingerprint(m))
-    folder = write_peft_prefix_adapter(m, patch, resolve_model(model), out_dir, force)
+    folder = write_peft_prefix_adapter(m, patch, resolve_model(model, allow_pickle), out_dir, force)
     _emit(as_json, {"adapter": str(folder), "num_virtual_tokens": patch.prompt_tokens}, "iclca export-peft")
 
 
@@ -241,6 +248,7 @@ def eval_(
     device: Device = typer.Option(Device.cpu, "--device", help="Where to run."),
     max_abs_logit_diff: float = typer.Option(None, "--max-abs-logit-diff", help="Exit 1 if the max |Δlogit| exceeds this."),
     min_top1_agreement: float = typer.Option(None, "--min-top1-agreement", help="Exit 1 if top-1 agreement is below this."),
+    allow_pickle: bool = _allow_pickle_option(),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
 ):
     """Compare patched (or merged), prompted and plain outputs: fidelity, accuracy, speed, size."""
@@ -259,7 +267,7 @@ def eval_(
     prompt = read_prompt(prompt_file)
     queries = read_queries(queries_file)
     patch = load_patch(patch_path) if patch_path is not None else None
-    base, tokenizer = load_model(model, dtype.value, device.value)
+    base, tokenizer = load_model(model, dtype.value, device.value, allow_pickle)
     fingerprint = model_fingerprint(base)
     if patch is not None:
         check_patch_fits(patch, base, fingerprint)

@@ -18,8 +18,9 @@ def builtin_models() -> list[str]:
     return sorted(p.name for p in BUILTIN_DIR.iterdir() if (p / "config.json").is_file()) if BUILTIN_DIR.is_dir() else []
 
 
-def resolve_model(spec: str) -> str:
-    """The folder (or hub id) that `spec` names; an IclcaError when a local folder is not a checkpoint."""
+def resolve_model(spec: str, allow_pickle: bool = False) -> str:
+    """The folder (or hub id) that `spec` names; an IclcaError when a local folder is not a checkpoint
+    or holds only pickled weights and `allow_pickle` is off."""
     if spec in builtin_models():
         return str(BUILTIN_DIR / spec)
     p = Path(spec)
@@ -32,13 +33,23 @@ def resolve_model(spec: str) -> str:
         )
     if not (p / "config.json").is_file():
         raise IclcaError(f"model folder {spec} has no config.json", "pass a Hugging Face checkpoint folder (save_pretrained)")
-    if not any((p / f).is_file() for f in ("model.safetensors", "model.safetensors.index.json")):
-        pickled = any((p / f).is_file() for f in ("pytorch_model.bin", "pytorch_model.bin.index.json"))
-        raise IclcaError(
-            f"model folder {spec} has {'only pickled .bin weights' if pickled else 'no model.safetensors'}",
-            "iclca loads weights from safetensors only; re-save the model with save_pretrained(safe_serialization=True)",
-        )
+    if not _has_safetensors(p):
+        if not _has_pickle(p):
+            raise IclcaError(f"model folder {spec} has no model.safetensors", "pass a folder written by save_pretrained")
+        if not allow_pickle:
+            raise IclcaError(
+                f"model folder {spec} has only pickled .bin weights, which can run code when loaded",
+                "re-save it as safetensors (save_pretrained), or pass --allow-pickle if you trust its source",
+            )
     return str(p)
+
+
+def _has_safetensors(folder: Path) -> bool:
+    return any((folder / f).is_file() for f in ("model.safetensors", "model.safetensors.index.json"))
+
+
+def _has_pickle(folder: Path) -> bool:
+    return any((folder / f).is_file() for f in ("pytorch_model.bin", "pytorch_model.bin.index.json"))
 
 
 def torch_dtype(name: str) -> torch.dtype:
@@ -55,14 +66,18 @@ def torch_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def load_model(spec: str, dtype: str = "float32", device: str = "cpu"):
-    """(model in eval mode, tokenizer) for a model spec; never runs code from the checkpoint."""
+def load_model(spec: str, dtype: str = "float32", device: str = "cpu", allow_pickle: bool = False):
+    """(model in eval mode, tokenizer) for a model spec; never runs code from the checkpoint. Weights
+    come from safetensors; pickled .bin weights only with allow_pickle (then with torch's weights_only)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    path = resolve_model(spec)
+    path = resolve_model(spec, allow_pickle)
     dt, dev = torch_dtype(dtype), torch_device(device)
+    local = Path(path).is_dir()
+    use_safetensors = not (local and allow_pickle and not _has_safetensors(Path(path)))
     try:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dt, use_safetensors=True, trust_remote_code=False)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dt, use_safetensors=use_safetensors,
+                                                     trust_remote_code=False)
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
     except (OSError, ValueError, KeyError) as e:
         raise IclcaError(

@@ -72,7 +72,10 @@ def save_patch(patch: Patch, path: str | Path) -> int:
     if not path.parent.is_dir():
         raise IclcaError(f"output folder does not exist: {path.parent}", "create it first, or choose another --out")
     tensors = {name: t.detach().cpu().contiguous() for name, t in sorted(patch.tensors.items())}
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as e:
+        raise IclcaError(f"cannot write into {path.parent}: {e.strerror}", "choose an --out in a writable folder") from e
     os.close(fd)
     try:
         Path(tmp).write_bytes(canonical_safetensors(tensors, patch.metadata()))

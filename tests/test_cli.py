@@ -51,9 +51,9 @@ def test_convert_reports_one_json_object_and_writes_the_patch(cli, tmp_path, dem
     res = cli("convert", EXAMPLE_PROMPT, "--model", "demo-linear", "--out", tmp_path / "p.safetensors", "--json")
     assert res.exit_code == 0, res.stderr
     info = one_json(res)
-    assert info["method"] == "exact" and info["prompt_tokens"] == info["position_offset"] == 32
+    assert info["method"] == "exact" and info["prompt_tokens"] == info["position_offset"] == 24
     with safe_open(str(tmp_path / "p.safetensors"), "pt") as f:
-        assert f.metadata()["iclca.prompt_tokens"] == "32" and f.metadata()["iclca.dtype"] == "float32"
+        assert f.metadata()["iclca.prompt_tokens"] == "24" and f.metadata()["iclca.dtype"] == "float32"
     assert tree_digest(BUILTIN_DIR / "demo-linear") == before  # the source checkpoint is untouched
 
 
@@ -69,12 +69,12 @@ def test_eval_patch_and_merged_are_exact_in_float64(cli, tmp_path, demo_patch):
     assert res.exit_code == 0, res.stderr
     report = one_json(res)
     assert EVAL_KEYS <= set(report)
-    assert report["queries"] == 6 and report["prompt_tokens"] == 32 and report["method"] == "exact"
+    assert report["queries"] == 6 and report["prompt_tokens"] == 24 and report["method"] == "exact"
     assert report["max_abs_logit_diff"] <= 1e-10 and report["top1_agreement"] == 1.0
     assert report["kl_prompted_patched"] <= 1e-12 < report["kl_prompted_base"]
     assert report["accuracy"]["patched"] == report["accuracy"]["prompted"]
     assert set(report["timing"]) == {"prompted_s", "patched_s"}
-    assert report["sizes"] == {"patch_bytes": 2 * (4 * 32 * 32 + 4 * 32) * 8, "prompt_kv_bytes": 2 * 2 * 32 * 128 * 8}
+    assert report["sizes"] == {"patch_bytes": 2 * (4 * 32 * 32 + 4 * 32) * 8, "prompt_kv_bytes": 2 * 2 * 24 * 128 * 8}
 
     merged = tmp_path / "merged"
     res = cli("merge", "--model", "demo-linear", "--patch", demo_patch, "--out", merged, "--json")
@@ -117,7 +117,7 @@ def test_stacking_through_the_cli(cli, tmp_path):
     res = cli("convert", b, "-m", "demo-linear", "-o", tmp_path / "stacked.st", "--base-patch", tmp_path / "a.st",
               "--dtype", "float64", "--json")
     assert res.exit_code == 0, res.stderr
-    assert one_json(res)["position_offset"] == 16
+    assert one_json(res)["position_offset"] == 12  # both prompts, 6 tokens each
     with safe_open(str(tmp_path / "stacked.st"), "pt") as s, safe_open(str(tmp_path / "ab.st"), "pt") as j:
         for name in j.keys():
             assert (s.get_tensor(name) - j.get_tensor(name)).abs().max() <= 1e-10
@@ -144,9 +144,9 @@ def test_prompt_that_is_not_utf8(cli, tmp_path):
 
 
 def test_prompt_longer_than_the_positions(cli, tmp_path):
-    (tmp_path / "long.txt").write_text("apple: 7\n" * 300)  # 1200 tokens, the model has 1024 positions
+    (tmp_path / "long.txt").write_text("apple: 7\n" * 100)  # 300 tokens, the model has 256 positions
     res = cli("convert", tmp_path / "long.txt", "-m", "demo-linear", "-o", tmp_path / "p.st")
-    assert_one_line_error(res, "needs 1200 positions but the model has 1024")
+    assert_one_line_error(res, "needs 300 positions but the model has 256")
 
 
 def test_patch_for_another_model(cli, tmp_path, demo_patch):
@@ -202,4 +202,4 @@ def test_console_script_runs_and_keeps_streams_apart(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "iclca_cli.cli", "convert", str(EXAMPLE_PROMPT), "-m", "demo-linear",
                            "-o", str(tmp_path / "p.st"), "--json"], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
-    assert json.loads(proc.stdout)["prompt_tokens"] == 32
+    assert json.loads(proc.stdout)["prompt_tokens"] == 24

@@ -1,0 +1,43 @@
+"""The demo training data: what the trainer feeds is the task's text, as the tokenizer encodes it."""
+
+import importlib.util
+import random
+
+import torch
+
+from conftest import ROOT
+from iclca_cli.tasks import RecallTask
+from iclca_cli.word_tokenizer import build_word_tokenizer
+
+
+def load_script(name):
+    spec = importlib.util.spec_from_file_location(name, ROOT / f"scripts/{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_training_batches_are_the_tasks_text_and_labels_are_the_query_values():
+    train = load_script("train_demo")
+    task = RecallTask.from_json(ROOT / "configs/tasks/recall.json")
+    tok = build_word_tokenizer(task.words)
+    x, labels = train.RecallBatches(task, tok).sample(torch.Generator().manual_seed(0), 4, pairs=5, queries=7)
+    for ids, lab in zip(x.tolist(), labels.tolist()):
+        text = tok.decode(ids)
+        assert tok(text).input_ids == ids and tok.unk_token_id not in ids
+        lines = text.splitlines()
+        assert len(lines) == 12 and all(len(line.split(": ")) == 2 for line in lines)
+        prompt = dict(line.split(": ") for line in lines[:5])
+        assert len(prompt) == 5  # distinct keys
+        answers = [tok.decode([t]) for t in lab if t != -100]
+        assert answers == [" " + prompt[line.split(": ")[0]] for line in lines[5:]]
+
+
+def test_task_samples_fresh_mappings_in_the_format():
+    task = RecallTask.from_json(ROOT / "configs/tasks/recall.json")
+    prompt, queries = task.sample(random.Random(0))
+    lines = prompt.splitlines()
+    assert len(lines) == task.pairs_per_prompt and len(queries) == task.pairs_per_prompt
+    mapping = dict(line.split(": ") for line in lines)
+    assert all(q.target == " " + mapping[q.input.removesuffix(":")] for q in queries)
+    assert task.sample(random.Random(1))[0] != prompt
