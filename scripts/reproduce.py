@@ -24,7 +24,7 @@ sys.path.insert(0, str(ROOT))
 from iclca_cli.convert import convert_prompt  # noqa: E402
 from iclca_cli.evaluate import evaluate  # noqa: E402
 from iclca_cli.inputs import encode_prompt  # noqa: E402
-from iclca_cli.loading import load_model  # noqa: E402
+from iclca_cli.loading import builtin_models, load_model  # noqa: E402
 from iclca_cli.patch import apply_patch  # noqa: E402
 from iclca_cli.tasks import RecallTask  # noqa: E402
 
@@ -74,7 +74,7 @@ def table(models: list[str], n_prompts: int, log=lambda *a: None) -> list[dict]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--prompts", type=int, default=200, help="fresh random prompts per model (default 200)")
-    ap.add_argument("--models", nargs="+", default=["demo-linear", "demo-gpt2"])
+    ap.add_argument("--models", nargs="+", default=builtin_models(), help="default: every built-in demo model")
     ap.add_argument("--json", action="store_true", help="print one JSON object")
     args = ap.parse_args()
     rows = table(args.models, args.prompts, log=lambda m: print(m, file=sys.stderr))

@@ -1,0 +1,253 @@
+"""Benchmarks with targets: what converting costs, what a patch saves per query, memory and scaling.
+
+    python scripts/bench.py [--quick] [--json]
+
+Every number is a ratio of two timings taken in the same run (the machine is shared and noisy):
+each pair is timed interleaved, `repeats` times, and the minimum of each side is used.
+Models have random weights (timing does not depend on them): a linear model of the demo's width
+without a position table (so prompts can be long), and GPT-2 small's shape (124M parameters).
+--quick runs a smaller version of every measurement (shorter prompts, a 2-layer GPT-2).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import iclca_cli  # noqa: E402,F401
+from iclca_cli.convert import capture_prompt_states, convert_prompt  # noqa: E402
+from iclca_cli.models import IclcaLinearConfig, IclcaLinearForCausalLM  # noqa: E402
+from iclca_cli.patch import apply_patch  # noqa: E402
+
+QUERY, NEW = 16, 32  # query tokens, greedy continuation tokens
+
+
+def linear_model():
+    torch.manual_seed(0)
+    cfg = IclcaLinearConfig(vocab_size=128, hidden_size=128, num_hidden_layers=2, num_attention_heads=4,
+                            position_embedding_type="none", chunk_size=256)
+    return IclcaLinearForCausalLM(cfg).eval()
+
+
+def gpt2_model(quick: bool):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    return GPT2LMHeadModel(GPT2Config(n_layer=2 if quick else 12, resid_pdrop=0.0, embd_pdrop=0.0,
+                                      attn_pdrop=0.0)).eval()
+
+
+def best_of(fns: dict, repeats: int) -> dict:
+    """Minimum seconds of each callable, timed interleaved."""
+    best = dict.fromkeys(fns, float("inf"))
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            best[name] = min(best[name], time.perf_counter() - t0)
+    return best
+
+
+@torch.no_grad()
+def greedy(model, ids, n, cache=None):
+    """n greedy tokens after ids, continuing from cache if given (one token per step after the first)."""
+    x = torch.tensor([ids])
+    for _ in range(n):
+        out = model(input_ids=x, past_key_values=cache, use_cache=True)
+        cache = out.past_key_values
+        x = out.logits[:, -1:].argmax(-1)
+
+
+def random_ids(n, vocab, seed=0):
+    return torch.randint(0, vocab, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
+
+
+@torch.no_grad()
+def conversion(model, P: int, repeats: int) -> dict:
+    """Conversion's pass over the prompt (hooks, chunks, patch tensors) vs one plain forward pass over
+    the same prompt. The model fingerprint (a sha256 over the weights, once per conversion, whatever P)
+    is timed apart."""
+    from iclca_cli.fingerprint import model_fingerprint
+    from iclca_cli.softmax import convert_softmax
+
+    ids = random_ids(P, model.config.vocab_size)
+    x = torch.tensor([ids])
+    if model.config.model_type == "iclca_linear":
+        convert = lambda: capture_prompt_states(model, ids, chunk_size=2048)  # noqa: E731
+    else:
+        convert = lambda: convert_softmax(model, ids, "prefix")  # noqa: E731
+    t = best_of({"convert": convert, "forward": lambda: model.base_model(input_ids=x, use_cache=False),
+                 "fingerprint": lambda: model_fingerprint(model)}, repeats)
+    return {"model": model.config.model_type, "P": P, "convert_s": t["convert"], "forward_s": t["forward"],
+            "fingerprint_s": t["fingerprint"], "ratio": t["convert"] / t["forward"]}
+
+
+@torch.no_grad()
+def query_latency(model, P: int, methods: list[tuple[str, int]], repeats: int, tmp: Path) -> list[dict]:
+    """A 16-token query plus 32 greedy tokens: patched, merged, re-reading the prompt, prompt KV cache, base."""
+    from iclca_cli.merge import merge_patch
+    from iclca_cli.loading import load_model
+
+    prompt, query = random_ids(P, model.config.vocab_size, 1), random_ids(QUERY, model.config.vocab_size, 2)
+    prompt_cache = model(input_ids=torch.tensor([prompt]), use_cache=True).past_key_values
+    rows = []
+    for method, order in methods:
+        patch = convert_prompt(copy.deepcopy(model), prompt, "-", method, order)
+        patched = copy.deepcopy(model)
+        apply_patch(patched, patch)
+        folder = tmp / f"merged-{model.config.model_type}-{method}{order}-{P}"
+        if not folder.exists():
+            from transformers import PreTrainedTokenizerFast
+            from tokenizers import Tokenizer, models
+
+            tok = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel({"[UNK]": 0}, unk_token="[UNK]")))
+            merge_patch(copy.deepcopy(model), tok, patch, folder)
+        merged, _ = load_model(str(folder))
+        fns = {
+            "patched": lambda: greedy(patched, query, NEW),
+            "merged": lambda: greedy(merged, query, NEW),
+            "reread": lambda: greedy(model, prompt + query, NEW),
+            "kv_cache": lambda: greedy(model, query, NEW, copy.deepcopy(prompt_cache)),
+            "base": lambda: greedy(model, query, NEW),
+        }
+        t = best_of(fns, repeats)
+        name = method if method != "taylor" else f"taylor{order}"
+        rows.append({"model": model.config.model_type, "method": name, "P": P, **{f"{k}_s": v for k, v in t.items()}})
+    return rows
+
+
+MEMORY_CHILD = r"""
+import resource, sys, time
+sys.path.insert(0, sys.argv[2])
+import torch
+torch.set_num_threads(2)
+from scripts.bench import linear_model
+from iclca_cli.convert import capture_prompt_states
+model, P = linear_model(), int(sys.argv[1])
+ids = torch.randint(0, 128, (P,), generator=torch.Generator().manual_seed(0)).tolist()
+capture_prompt_states(model, ids[:4096], chunk_size=2048)  # warm-up: first-call allocations are not per token
+t0 = time.perf_counter()
+capture_prompt_states(model, ids, chunk_size=2048)
+seconds = time.perf_counter() - t0
+# VmHWM belongs to this process image; ru_maxrss would keep the parent's peak across fork + exec on Linux.
+status = open("/proc/self/status").read() if sys.platform == "linux" else ""
+peak = [int(l.split()[1]) for l in status.splitlines() if l.startswith("VmHWM:")]
+print(seconds, peak[0] if peak else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+"""
+
+
+def conversion_memory(P: int) -> dict:
+    """Peak resident memory (KiB) and seconds of converting P tokens, in a fresh process."""
+    out = subprocess.run([sys.executable, "-c", MEMORY_CHILD, str(P), str(ROOT)], capture_output=True, text=True,
+                         check=True, cwd=ROOT).stdout.split()
+    return {"P": P, "seconds": float(out[0]), "peak_rss_kib": int(out[1])}
+
+
+def target(name: str, value: float, limit: float, holds: bool) -> dict:
+    return {"name": name, "value": value, "limit": limit, "holds": bool(holds)}
+
+
+def run(quick: bool, tmp: Path) -> dict:
+    torch.set_num_threads(2)
+    reps = 2 if quick else 5
+    lin, gpt = linear_model(), gpt2_model(quick)
+    conv = [conversion(lin, P, reps) for P in ((1024, 4096) if quick else (1024, 4096, 16384, 65536))]
+    conv_gpt2 = [conversion(gpt, P, reps) for P in ((256,) if quick else (256, 1023))]
+    q_lin = [r for P in ((1024,) if quick else (1024, 4096)) for r in query_latency(lin, P, [("exact", 0)], reps, tmp)]
+    g_methods = [("prefix", 0), ("taylor", 1), ("taylor", 2)]
+    q_gpt2 = query_latency(gpt, 128 if quick else 960, g_methods, reps, tmp)
+    small, big = (16384, 131072) if quick else (65536, 1048576)
+    mem = [conversion_memory(small), conversion_memory(big)]
+
+    targets = []
+    for c in conv:
+        targets.append(target(f"linear conversion / plain forward, P={c['P']}", c["ratio"], 1.15, c["ratio"] <= 1.15))
+    for c in conv_gpt2:
+        targets.append(target(f"gpt2 conversion / plain forward, P={c['P']}", c["ratio"], 1.15, c["ratio"] <= 1.15))
+    for r in q_lin + q_gpt2:
+        label = f"{r['model']} {r['method']} P={r['P']}"
+        if r["method"] == "prefix":
+            for k in ("patched", "merged"):
+                v = r[f"{k}_s"] / r["kv_cache_s"]
+                targets.append(target(f"{label}: {k} / prompt KV cache", v, 1.0, v <= 1.0))
+        else:
+            for k in ("patched", "merged"):
+                v = r[f"{k}_s"] / r["base_s"]
+                targets.append(target(f"{label}: {k} / base on query", v, 1.10, v <= 1.10))
+    for r in q_lin:
+        if r["P"] == 4096 or (quick and r["P"] == 1024):
+            v = r["reread_s"] / r["patched_s"]
+            targets.append(target(f"linear P={r['P']}: re-reading / patched (speed-up)", v, 20.0, v >= 20.0))
+    mem_ratio = mem[1]["peak_rss_kib"] / mem[0]["peak_rss_kib"]
+    targets.append(target(f"peak memory converting {big} / {small} tokens", mem_ratio, 1.10, mem_ratio <= 1.10))
+    time_ratio = (mem[1]["seconds"] / mem[0]["seconds"]) / (big / small)
+    targets.append(target(f"conversion time {small} -> {big} tokens / proportional", time_ratio, 1.3, time_ratio <= 1.3))
+    return {"machine": f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}",
+            "quick": quick, "conversion": conv + conv_gpt2, "query": q_lin + q_gpt2, "memory": mem, "targets": targets}
+
+
+def markdown(result: dict) -> str:
+    """The README's Performance section from a --json result."""
+    lines = [f"Measured with `python scripts/bench.py{' --quick' if result['quick'] else ''} --json` on "
+             f"{result['machine']} (2 cores); ratios of timings taken in the same run.", "",
+             "| target | value | limit | holds |", "|---|---|---|---|"]
+    lines += [f"| {t['name']} | {t['value']:.3g} | {t['limit']:g} | {'yes' if t['holds'] else '**no**'} |"
+              for t in result["targets"]]
+    lines += ["", "| model | method | P | patched s | merged s | re-read s | prompt KV cache s | base s |",
+              "|---|---|---|---|---|---|---|---|"]
+    lines += [f"| {r['model']} | {r['method']} | {r['P']} | {r['patched_s']:.3g} | {r['merged_s']:.3g} | "
+              f"{r['reread_s']:.3g} | {r['kv_cache_s']:.3g} | {r['base_s']:.3g} |" for r in result["query"]]
+    lines += ["", "| conversion | P | convert s | plain forward s | fingerprint s (once per conversion) |",
+              "|---|---|---|---|---|"]
+    lines += [f"| {c['model']} | {c['P']} | {c['convert_s']:.3g} | {c['forward_s']:.3g} | {c['fingerprint_s']:.3g} |"
+              for c in result["conversion"]]
+    lines += ["", "| converting | seconds | peak RSS MiB |", "|---|---|---|"]
+    lines += [f"| {m['P']:,} tokens | {m['seconds']:.3g} | {m['peak_rss_kib'] / 1024:.0f} |" for m in result["memory"]]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    import tempfile
+
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="smaller version of every measurement (under a minute)")
+    ap.add_argument("--json", action="store_true", help="print one JSON object")
+    ap.add_argument("--markdown", type=Path, metavar="BENCH_JSON",
+                    help="print the README's Performance section from a saved --json result, and exit")
+    args = ap.parse_args()
+    if args.markdown:
+        print(markdown(json.loads(args.markdown.read_text())))
+        return
+    from transformers.utils import logging
+
+    logging.set_verbosity_error()
+    logging.disable_progress_bar()
+    with tempfile.TemporaryDirectory() as tmp:
+        result = run(args.quick, Path(tmp))
+    if args.json:
+        print(json.dumps(result))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"iclca benchmark ({'quick' if args.quick else 'full'}) on {result['machine']}")
+    for col in ("target", "value", "limit", "holds"):
+        table.add_column(col)
+    for t in result["targets"]:
+        table.add_row(t["name"], f"{t['value']:.3g}", f"{t['limit']:g}", "yes" if t["holds"] else "NO")
+    Console().print(table)
+
+
+if __name__ == "__main__":
+    main()
