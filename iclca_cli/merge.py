@@ -10,11 +10,12 @@ from __future__ import annotations
 import json
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
-from .errors import IclcaError
 import torch
 
+from .errors import IclcaError
 from .patch import Patch, apply_patch, model_family
 
 PROVENANCE_FILE = "iclca.json"
@@ -39,19 +40,14 @@ def merge_patch(model, tokenizer, patch: Patch, out_dir: str | Path, force: bool
         "AutoConfig": f"{module_name}.{type(model.config).__name__}",
         "AutoModelForCausalLM": f"{module_name}.{type(model).__name__}",
     }
-    try:
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    except OSError as e:
-        raise IclcaError(f"cannot write into {out.parent}: {e.strerror}", "choose an --out in a writable folder") from e
-    try:
+
+    def write(tmp: Path) -> None:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         shutil.copy(Path(__file__).parent / "models" / modeling_file, tmp)
         (tmp / PROVENANCE_FILE).write_text(json.dumps(patch.metadata(), indent=2, sort_keys=True) + "\n")
-        move_into_place(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+
+    write_folder(out, write)
     return out
 
 
@@ -71,6 +67,21 @@ def merged_model(model, patch: Patch):
     merged = IclcaGPT2LMHeadModel(config).to(model.dtype)
     merged.load_state_dict(model.state_dict(), strict=True)  # shifted position table and patch buffers included
     return merged.eval(), "modeling_iclca_gpt2.py"
+
+
+def write_folder(out: Path, write: Callable[[Path], None]) -> None:
+    """Run write(tmp) in a temporary folder beside `out`, then move it into place; on any failure
+    the temporary folder is removed and `out` is as it was."""
+    try:
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    except OSError as e:
+        raise IclcaError(f"cannot write into {out.parent}: {e.strerror}", "choose an --out in a writable folder") from e
+    try:
+        write(tmp)
+        move_into_place(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
 def move_into_place(tmp: Path, out: Path) -> None:

@@ -8,12 +8,10 @@ Needs the optional dependency `peft` (`pip install "iclca[peft]"`).
 from __future__ import annotations
 
 import copy
-import shutil
-import tempfile
 from pathlib import Path
 
 from .errors import IclcaError
-from .merge import check_output_folder, move_into_place
+from .merge import check_output_folder, write_folder
 from .patch import Patch
 
 
@@ -36,11 +34,5 @@ def write_peft_prefix_adapter(model, patch: Patch, base_model_name_or_path: str,
                                 base_model_name_or_path=base_model_name_or_path)
     peft_model = get_peft_model(copy.deepcopy(model), config)
     initialize_kv_prefix_from_past_key_values(peft_model, past_key_values=past)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
-        peft_model.save_pretrained(tmp)
-        move_into_place(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    write_folder(out, peft_model.save_pretrained)
     return out

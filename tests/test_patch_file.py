@@ -1,6 +1,5 @@
 """The patch file: round trip, metadata contract, determinism, and refusal of bad or foreign patches."""
 
-import json
 
 import pytest
 import torch
