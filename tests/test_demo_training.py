@@ -41,3 +41,21 @@ def test_task_samples_fresh_mappings_in_the_format():
     mapping = dict(line.split(": ") for line in lines)
     assert all(q.target == " " + mapping[q.input.removesuffix(":")] for q in queries)
     assert task.sample(random.Random(1))[0] != prompt
+
+
+def test_reproduce_prints_the_table_schema():
+    """scripts/reproduce.py --json: one object {"rows": [...]} with the issue's keys and method names."""
+    import json
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "scripts/reproduce.py", "--prompts", "2", "--models", "demo-linear", "--json"],
+                          capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = json.loads(proc.stdout)["rows"]
+    assert [r["method"] for r in rows] == ["none", "prompted", "exact"]
+    keys = {"model", "method", "accuracy", "kl", "max_abs_logit_diff", "patch_bytes", "prompt_kv_bytes"}
+    assert all(set(r) == keys for r in rows)
+    exact = rows[2]
+    assert exact["max_abs_logit_diff"] <= 1e-4 and exact["kl"] <= 1e-6
+    assert exact["accuracy"] == rows[1]["accuracy"]
