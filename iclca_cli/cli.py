@@ -258,8 +258,8 @@ def eval_(
     from .fingerprint import model_fingerprint
     from .inputs import read_prompt, read_queries
     from .loading import load_model
-    from .merge import read_provenance
-    from .patch import DTYPES, TENSOR_NAMES, apply_patch, check_patch_fits, load_patch
+    from .merge import load_merged
+    from .patch import apply_patch, check_patch_fits, load_patch
 
     _quiet_transformers()
     if (patch_path is None) == (merged is None):
@@ -275,16 +275,7 @@ def eval_(
         apply_patch(patched, patch)
         method, nbytes, element = patch.method, patch.nbytes, next(iter(patch.tensors.values())).element_size()
     else:
-        provenance = read_provenance(merged)
-        if provenance is None:
-            raise IclcaError(f"{merged} is not a folder written by `iclca merge` (no iclca.json)", "pass --merged DIR from `iclca merge`")
-        if provenance.get("iclca.base_fingerprint") != fingerprint:
-            raise IclcaError(f"merged folder {merged} was made from another base model than {model}", "pass the --model it was merged from")
-        patched, _ = load_model(merged, dtype.value, device.value)
-        method = provenance["iclca.method"]
-        element = DTYPES[provenance["iclca.dtype"]].itemsize
-        names = TENSOR_NAMES[method]
-        nbytes = sum(b.numel() * element for n, b in patched.named_buffers() if n.rsplit(".", 1)[-1] in names)
+        patched, method, nbytes, element = load_merged(merged, fingerprint, dtype.value, device.value)
     with _progress("evaluating") as progress:
         report = evaluate(base, patched, tokenizer, prompt, queries, method, nbytes, element, progress)
     _emit(as_json, report, "iclca eval")

@@ -102,3 +102,24 @@ def move_into_place(tmp: Path, out: Path) -> None:
 def read_provenance(folder: str | Path) -> dict[str, str] | None:
     p = Path(folder) / PROVENANCE_FILE
     return json.loads(p.read_text()) if p.is_file() else None
+
+
+def load_merged(folder: str | Path, base_fingerprint: str, dtype: str = "float32", device: str = "cpu"):
+    """(merged model, method, patch bytes, bytes per patch element) of a folder written by merge_patch,
+    refused unless it was merged from the base model with `base_fingerprint`."""
+    from .loading import load_model
+    from .patch import DTYPES, TENSOR_NAMES
+
+    try:
+        provenance = read_provenance(folder)
+        method, element = provenance["iclca.method"], DTYPES[provenance["iclca.dtype"]].itemsize
+        made_from = provenance["iclca.base_fingerprint"]
+    except (TypeError, KeyError, ValueError) as e:
+        raise IclcaError(f"{folder} has no readable {PROVENANCE_FILE}: not a folder written by `iclca merge`",
+                         "pass --merged DIR from `iclca merge`") from e
+    if made_from != base_fingerprint:
+        raise IclcaError(f"merged folder {folder} was made from another base model", "pass the --model it was merged from")
+    model, _ = load_model(str(folder), dtype, device)
+    names = TENSOR_NAMES.get(method, ())
+    nbytes = sum(b.numel() * element for n, b in model.named_buffers() if n.rsplit(".", 1)[-1] in names)
+    return model, method, nbytes, element

@@ -205,3 +205,15 @@ def test_load_100k_token_prompt_and_1000_queries(cli, tmp_path):
     assert res.exit_code == 0, res.stderr
     report = one_json(res)
     assert report["queries"] == 1000 and report["max_abs_logit_diff"] <= 1e-4
+
+
+@pytest.mark.parametrize("provenance", [None, "{not json", '{"iclca.method": "exact"}'], ids=["missing", "corrupt", "incomplete"])
+def test_merged_folder_without_a_readable_provenance(cli, work, provenance):
+    merged = work["dir"] / "merged"
+    assert cli("merge", "-m", work["model"], "-p", work["patch"], "-o", merged).exit_code == 0
+    if provenance is None:
+        (merged / "iclca.json").unlink()
+    else:
+        (merged / "iclca.json").write_text(provenance)
+    res = cli("eval", "-m", work["model"], "--merged", merged, "--prompt", work["prompt"], "--queries", work["queries"])
+    assert_one_line_error(res, "no readable iclca.json")
