@@ -59,7 +59,8 @@ def convert_exact(
     """The exact ICLCA patch of `prompt_ids` for `model` (on top of `base_patch` if given).
 
     Stacking: with a base patch the prompt runs from the base patch's memories and positions,
-    so the result equals the patch of the concatenated prompts."""
+    so the result equals the patch of the concatenated prompts. The base patch is applied to
+    `model` in place (pass a copy to keep it plain)."""
     if not prompt_ids:
         raise IclcaError("the prompt has no tokens", "write the demonstrations into the prompt file")
     fingerprint = model_fingerprint(model)
@@ -71,6 +72,7 @@ def convert_exact(
         apply_patch(model, base_patch)
         extra["parent_prompt_sha256"] = base_patch.prompt_sha256
     start_tokens = model.config.position_offset
+    check_positions(model, len(prompt_ids) + 1, "the prompt and at least one query token")
     states = capture_prompt_states(model, prompt_ids, chunk_size, progress)
     tensors = {}
     for name, (S, z) in states.items():

@@ -146,7 +146,7 @@ def test_prompt_that_is_not_utf8(cli, tmp_path):
 def test_prompt_longer_than_the_positions(cli, tmp_path):
     (tmp_path / "long.txt").write_text("apple: 7\n" * 100)  # 300 tokens, the model has 256 positions
     res = cli("convert", tmp_path / "long.txt", "-m", "demo-linear", "-o", tmp_path / "p.st")
-    assert_one_line_error(res, "needs 300 positions but the model has 256")
+    assert_one_line_error(res, "the prompt and at least one query token needs 301 positions but the model has 256")
 
 
 def test_patch_for_another_model(cli, tmp_path, demo_patch):

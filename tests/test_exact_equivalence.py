@@ -101,4 +101,5 @@ def test_hooks_are_removed_when_the_run_fails():
 def test_prompt_longer_than_the_positions_is_refused():
     model = make_linear_model(17, max_position_embeddings=50)
     with pytest.raises(IclcaError, match="needs 51 positions but the model has 50"):
-        patched_copy(model, random_ids(51, seed=17))
+        patched_copy(model, random_ids(50, seed=17))  # a prompt that fills every position leaves none for a query
+    patched_copy(model, random_ids(49, seed=17))
