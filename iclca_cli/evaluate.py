@@ -24,11 +24,12 @@ def next_token_logits(model, ids: list[int]) -> torch.Tensor:
 
 
 @torch.no_grad()
-def greedy_continuation(model, ids: list[int], n: int) -> list[int]:
-    """The n tokens greedy decoding appends to ids (incremental, with the model's cache)."""
+def greedy_continuation(model, ids: list[int], n: int, cache=None) -> list[int]:
+    """The n tokens greedy decoding appends to ids (incremental, with the model's cache; `cache`, if
+    given, holds tokens that come before ids, e.g. a prompt's)."""
     device = next(model.parameters()).device
     x = torch.tensor([ids], device=device)
-    out, cache = [], None
+    out = []
     for _ in range(n):
         res = model(input_ids=x, past_key_values=cache, use_cache=True)
         cache = res.past_key_values
@@ -46,7 +47,7 @@ def prompt_kv_bytes(config, n_tokens: int, element_size: int) -> int:
     return 2 * config.num_hidden_layers * n_tokens * kv_heads * head_dim * element_size
 
 
-def _kl(p_logits: torch.Tensor, q_logits: torch.Tensor) -> torch.Tensor:
+def kl_divergence(p_logits: torch.Tensor, q_logits: torch.Tensor) -> torch.Tensor:
     """KL(p || q) per row, in float64. (T, V), (T, V) -> (T,)"""
     lp = torch.log_softmax(p_logits.double(), -1)
     lq = torch.log_softmax(q_logits.double(), -1)
@@ -92,8 +93,8 @@ def evaluate(
         patched_s += t2 - t1
         base_logits = next_token_logits(base, q_ids)  # (Tq, V)
         max_diff = max(max_diff, float((prompted_logits - patched_logits).abs().max()))
-        kl_patched += float(_kl(prompted_logits, patched_logits).sum())
-        kl_base += float(_kl(prompted_logits, base_logits).sum())
+        kl_patched += float(kl_divergence(prompted_logits, patched_logits).sum())
+        kl_base += float(kl_divergence(prompted_logits, base_logits).sum())
         agree += int((prompted_logits.argmax(-1) == patched_logits.argmax(-1)).sum())
         positions += len(q_ids)
         if t_ids is not None:

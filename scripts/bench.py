@@ -27,6 +27,7 @@ sys.path.insert(0, str(ROOT))
 
 import iclca_cli  # noqa: E402,F401
 from iclca_cli.convert import capture_prompt_states, convert_prompt  # noqa: E402
+from iclca_cli.evaluate import greedy_continuation as greedy  # noqa: E402
 from iclca_cli.models import IclcaLinearConfig, IclcaLinearForCausalLM  # noqa: E402
 from iclca_cli.patch import apply_patch  # noqa: E402
 
@@ -57,16 +58,6 @@ def best_of(fns: dict, repeats: int) -> dict:
             fn()
             best[name] = min(best[name], time.perf_counter() - t0)
     return best
-
-
-@torch.no_grad()
-def greedy(model, ids, n, cache=None):
-    """n greedy tokens after ids, continuing from cache if given (one token per step after the first)."""
-    x = torch.tensor([ids])
-    for _ in range(n):
-        out = model(input_ids=x, past_key_values=cache, use_cache=True)
-        cache = out.past_key_values
-        x = out.logits[:, -1:].argmax(-1)
 
 
 def random_ids(n, vocab, seed=0):

@@ -20,7 +20,7 @@ import torch
 
 import iclca_cli  # noqa: F401
 from iclca_cli.convert import convert_prompt
-from iclca_cli.evaluate import greedy_continuation
+from iclca_cli.evaluate import greedy_continuation, kl_divergence
 from iclca_cli.patch import apply_patch
 
 
@@ -29,11 +29,6 @@ def gpt2_small(dtype):
 
     torch.manual_seed(0)
     return GPT2LMHeadModel(GPT2Config(resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)).to(dtype).eval()
-
-
-def kl(p_logits, q_logits):
-    lp, lq = torch.log_softmax(p_logits.double(), -1), torch.log_softmax(q_logits.double(), -1)
-    return float((lp.exp() * (lp - lq)).sum(-1).mean())
 
 
 @torch.no_grad()
@@ -60,8 +55,8 @@ def main() -> None:
             apply_patch(patched, patch)
             out = patched(input_ids=torch.tensor([query])).logits[0]
             row = {"dtype": str(dtype).removeprefix("torch."), "method": method if method == "prefix" else f"taylor{order}",
-                   "max_abs_logit_diff": float((out - prompted).abs().max()), "kl_prompted_patched": kl(prompted, out),
-                   "kl_prompted_base": kl(prompted, base)}
+                   "max_abs_logit_diff": float((out - prompted).abs().max()), "kl_prompted_patched": float(kl_divergence(prompted, out).mean()),
+                   "kl_prompted_base": float(kl_divergence(prompted, base).mean())}
             if method == "prefix":
                 row["greedy_32_identical"] = greedy_continuation(patched, query, 32) == greedy_continuation(model, prompt + query, 32)
             result["rows"].append(row)

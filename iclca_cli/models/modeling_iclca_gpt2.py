@@ -18,6 +18,8 @@ Self-contained (torch + transformers only): `iclca merge` copies it into a check
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from huggingface_hub.dataclasses import strict
 from torch import nn
@@ -40,15 +42,21 @@ def taylor_order_of(feature_dim: int, head_dim: int) -> int:
     raise ValueError(f"feature size {feature_dim} is no Taylor order for head size {head_dim}")
 
 
+@functools.lru_cache(maxsize=16)
+def _pairs(D: int, dtype: torch.dtype, device: torch.device):
+    """Index pairs i <= j and weights of the order-2 features, made once per (D, dtype, device):
+    (q.k)^2 / 2 = sum_i q_i^2 k_i^2 / 2 + sum_{i<j} q_i q_j k_i k_j; weights built in the features' dtype."""
+    i, j = torch.triu_indices(D, D, device=device)
+    w = torch.ones(i.shape, dtype=dtype, device=device).masked_fill(i == j, 0.5**0.5)
+    return i, j, w
+
+
 def taylor_features(x: torch.Tensor, scaling: float, order: int) -> torch.Tensor:
     """phi with phi(q).phi(k) = sum_{n<=order} (s q.k)^n / n!.  (..., D) -> (..., F)"""
     x = x * scaling**0.5
     parts = [torch.ones_like(x[..., :1]), x]  # 1, x
     if order == 2:
-        D = x.shape[-1]
-        i, j = torch.triu_indices(D, D, device=x.device)  # pairs i <= j
-        # (q.k)^2 / 2 = sum_i q_i^2 k_i^2 / 2 + sum_{i<j} q_i q_j k_i k_j; weights built in x's dtype
-        w = torch.ones(i.shape, dtype=x.dtype, device=x.device).masked_fill(i == j, 0.5**0.5)
+        i, j, w = _pairs(x.shape[-1], x.dtype, x.device)
         parts.append(x[..., i] * x[..., j] * w)  # (..., D(D+1)/2)
     return torch.cat(parts, dim=-1)
 
