@@ -64,6 +64,20 @@ class RecallBatches:
         labels[:, value_pos] = x[:, value_pos]
         return x, labels
 
+    def repeats(self, g: torch.Generator, batch: int, length: int):
+        """A copying batch: `length` random task tokens, then the same again; labels on the copy.
+
+        The copy is only predictable by finding the previous occurrence of the current token and
+        reading what followed it: the look-up (induction) circuit that recall needs, with a label on
+        every copied token. The length varies per batch so that a fixed positional offset cannot do it.
+        """
+        vocab = torch.cat([self.key_ids, self.value_ids])
+        r = vocab[torch.randint(0, len(vocab), (batch, length), generator=g)]  # (B, L)
+        x = torch.cat([r, r], dim=1)  # (B, 2L)
+        labels = x.clone()
+        labels[:, : length + 1] = -100  # the first copied token is not predictable yet
+        return x, labels
+
 
 def build_model(name: str, spec: dict, tokenizer):
     import iclca_cli  # noqa: F401
@@ -100,11 +114,13 @@ def train(name: str, out_root: Path, steps: int | None = None, log=print) -> dic
     torch.set_num_threads(t.get("threads", 2))
     g = torch.Generator().manual_seed(spec["seed"] + 1)
     eval_x, eval_labels = data.sample(torch.Generator().manual_seed(10_000 + spec["seed"]), 256, t["pairs"], t["queries"])
-    opt = torch.optim.AdamW(model.parameters(), lr=t["lr"], weight_decay=t["weight_decay"], betas=(0.9, 0.95))
+    opt = torch.optim.AdamW(model.parameters(), lr=t["lr"], weight_decay=t["weight_decay"], betas=tuple(t.get("betas", (0.9, 0.999))))
 
-    def lr_at(step):  # linear warm-up, then cosine to 10%
+    def lr_at(step):  # linear warm-up, then constant or cosine to 10%
         if step < t["warmup"]:
             return (step + 1) / t["warmup"]
+        if t.get("schedule", "cosine") == "constant":
+            return 1.0
         progress = (step - t["warmup"]) / max(1, steps - t["warmup"])
         return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
 
@@ -113,7 +129,13 @@ def train(name: str, out_root: Path, steps: int | None = None, log=print) -> dic
     for step in range(1, steps + 1):
         pairs = int(torch.randint(t["min_pairs"], t["pairs"] + 1, (1,), generator=g))  # a curriculum by mixture
         x, labels = data.sample(g, t["batch"], pairs, t["queries"])
+        copying = bool(t.get("copy_every")) and step % t["copy_every"] == 0
+        if copying:  # an auxiliary copying batch grows the look-up circuit within hundreds of steps
+            lo, hi = t["copy_length"]
+            x, labels = data.repeats(g, t["batch"], int(torch.randint(lo, hi + 1, (1,), generator=g)))
         loss = model(input_ids=x, labels=labels).loss
+        if not copying:
+            recall_loss = loss.item()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -123,8 +145,8 @@ def train(name: str, out_root: Path, steps: int | None = None, log=print) -> dic
             model.eval()
             acc = in_context_accuracy(model, eval_x, eval_labels)
             model.train()
-            curve.append({"step": step, "loss": round(loss.item(), 4), "in_context_accuracy": round(acc, 4)})
-            log(f"demo-{name} step {step:5d}  loss {loss.item():.4f}  in-context accuracy {acc:.3f}  "
+            curve.append({"step": step, "recall_loss": round(recall_loss, 4), "in_context_accuracy": round(acc, 4)})
+            log(f"demo-{name} step {step:5d}  recall loss {recall_loss:.4f}  in-context accuracy {acc:.3f}  "
                 f"({time.perf_counter() - t0:.0f} s)")
     seconds = round(time.perf_counter() - t0, 1)
     model.eval()

@@ -72,7 +72,8 @@ def test_eval_patch_and_merged_are_exact_in_float64(cli, tmp_path, demo_patch):
     assert report["queries"] == 6 and report["prompt_tokens"] == 24 and report["method"] == "exact"
     assert report["max_abs_logit_diff"] <= 1e-10 and report["top1_agreement"] == 1.0
     assert report["kl_prompted_patched"] <= 1e-12 < report["kl_prompted_base"]
-    assert report["accuracy"]["patched"] == report["accuracy"]["prompted"]
+    assert report["accuracy"]["patched"] == report["accuracy"]["prompted"] == 1.0  # the trained demo answers
+    assert report["accuracy"]["base"] <= 0.5  # ... which, without the prompt, it cannot know
     assert set(report["timing"]) == {"prompted_s", "patched_s"}
     assert report["sizes"] == {"patch_bytes": 2 * (4 * 32 * 32 + 4 * 32) * 8, "prompt_kv_bytes": 2 * 2 * 24 * 128 * 8}
 
@@ -84,7 +85,7 @@ def test_eval_patch_and_merged_are_exact_in_float64(cli, tmp_path, demo_patch):
               "--queries", EXAMPLE_QUERIES, "--dtype", "float64", "--json")
     assert res.exit_code == 0, res.stderr
     report_merged = one_json(res)
-    assert report_merged["max_abs_logit_diff"] <= 1e-10
+    assert report_merged["max_abs_logit_diff"] <= 1e-10 and report_merged["accuracy"]["patched"] == 1.0
     assert report_merged["sizes"] == report["sizes"]
 
 
