@@ -34,6 +34,7 @@ class Method(str, Enum):
     exact = "exact"
     prefix = "prefix"
     taylor = "taylor"
+    compressed = "compressed"
 
 
 class DType(str, Enum):
@@ -142,9 +143,10 @@ def convert(
     model: str = typer.Option(..., "--model", "-m", help="Checkpoint folder, hub id, or built-in name (demo-linear)."),
     out_path: Path = typer.Option(..., "--out", "-o", help="Patch file to write (.safetensors)."),
     method: Method = typer.Option(
-        None, "--method", help="exact (linear attention, exact), prefix (GPT-2, exact), taylor (GPT-2, approximate). "
-        "Default: exact for iclca_linear models, prefix for GPT-2."),
+        None, "--method", help="exact (linear attention, exact), prefix (softmax models, exact), taylor (GPT-2, "
+        "approximate), compressed (Llama-style models, approximate). Default: exact for iclca_linear, else prefix."),
     order: int = typer.Option(2, "--order", min=1, max=2, help="Taylor order (method taylor)."),
+    budget: int = typer.Option(0, "--budget", min=0, help="Entries per layer and key/value head (method compressed)."),
     base_patch: Path = typer.Option(None, "--base-patch", help="Convert on top of this patch (stacking)."),
     dtype: DType = typer.Option(DType.float32, "--dtype", help="Dtype to run the prompt in and store the patch."),
     device: Device = typer.Option(Device.cpu, "--device", help="Where to run."),
@@ -168,7 +170,7 @@ def convert(
         method = Method.exact if m.config.model_type == "iclca_linear" else Method.prefix
     ids = encode_prompt(tokenizer, text)
     with _progress("converting") as progress:
-        patch = convert_prompt(m, ids, sha256_text(text), method.value, order, parent, chunk_size, progress)
+        patch = convert_prompt(m, ids, sha256_text(text), method.value, order, parent, chunk_size, progress, budget)
     file_bytes = save_patch(patch, out_path)
     _emit(as_json, {
         "patch": str(out_path),

@@ -99,8 +99,10 @@ def convert_prompt(
     base_patch: Patch | None = None,
     chunk_size: int = 512,
     progress: Progress | None = None,
+    budget: int = 0,
 ) -> Patch:
-    """The patch of `prompt_ids` for `model` by `method`: exact (linear attention), prefix or taylor (GPT-2)."""
+    """The patch of `prompt_ids` for `model` by `method`: exact (linear attention), prefix or taylor
+    (GPT-2), prefix or compressed (rotary decoders such as Llama; `budget` entries per key/value head)."""
     check_method(model, method)
     if method == "exact":
         return convert_exact(model, prompt_ids, prompt_sha256, base_patch, chunk_size, progress)
@@ -108,11 +110,16 @@ def convert_prompt(
         raise IclcaError(f"--base-patch is not supported for method {method!r}", "convert the concatenated prompt instead")
     if not prompt_ids:
         raise IclcaError("the prompt has no tokens", "write the demonstrations into the prompt file")
-    from .softmax import convert_softmax
-
     check_positions(model, len(prompt_ids) + 1, "the prompt and at least one query token")
     fingerprint = model_fingerprint(model)
-    tensors = convert_softmax(model, prompt_ids, method, order)
+    if model_family(model) == "gpt2":
+        from .softmax import convert_softmax
+
+        tensors, extra = convert_softmax(model, prompt_ids, method, order), {"taylor_order": str(order)}
+    else:
+        from .decoder import convert_rope
+
+        tensors, extra = convert_rope(model, prompt_ids, method, budget), {"budget": str(budget)}
     if progress is not None:
         progress(len(prompt_ids), len(prompt_ids))
     return Patch(
@@ -123,7 +130,7 @@ def convert_prompt(
         prompt_sha256=prompt_sha256,
         prompt_tokens=len(prompt_ids),
         position_offset=len(prompt_ids),
-        extra={"taylor_order": str(order)} if method == "taylor" else {},
+        extra=extra if method in ("taylor", "compressed") else {},
     )
 
 

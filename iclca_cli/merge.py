@@ -54,6 +54,9 @@ def merge_patch(model, tokenizer, patch: Patch, out_dir: str | Path, force: bool
 @torch.no_grad()
 def merged_model(model, patch: Patch):
     """(model with the patch folded in, name of the self-contained modeling file its folder carries)."""
+    if model_family(model) not in ("iclca_linear", "gpt2"):
+        raise IclcaError(f"merging {model_family(model)!r} patches into a checkpoint folder is not supported yet",
+                         "use the patch as it is: `iclca eval --patch` applies it in memory")
     apply_patch(model, patch)
     if model_family(model) == "iclca_linear":
         return model, "modeling_iclca_linear.py"

@@ -16,12 +16,13 @@ from . import __version__
 from .errors import IclcaError
 
 FORMAT_VERSION = "1"
-METHODS = ("exact", "prefix", "taylor")
-FAMILY_METHODS = {"iclca_linear": ("exact",), "gpt2": ("prefix", "taylor")}  # model_type -> methods
+METHODS = ("exact", "prefix", "taylor", "compressed")
+FAMILY_METHODS = {"iclca_linear": ("exact",), "gpt2": ("prefix", "taylor"),
+                  **{f: ("prefix", "compressed") for f in ("llama", "qwen2", "mistral")}}  # model_type -> methods
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 # Tensor names end in one of these; the part before is the module path the tensor belongs to.
 TENSOR_NAMES = {"exact": ("memory_kv", "memory_k"), "prefix": ("prefix_keys", "prefix_values"),
-                "taylor": ("memory_kv", "memory_k")}
+                "taylor": ("memory_kv", "memory_k"), "compressed": ("prefix_keys", "prefix_values", "prefix_bias")}
 _REQUIRED = (
     "format", "iclca.format_version", "iclca.method", "iclca.model_type", "iclca.base_fingerprint",
     "iclca.prompt_sha256", "iclca.prompt_tokens", "iclca.position_offset", "iclca.dtype", "iclca.version",
@@ -169,6 +170,10 @@ def expected_shapes(model, patch: Patch) -> dict[str, tuple[int, ...]]:
     if model_family(model) == "iclca_linear":
         names = TENSOR_NAMES[patch.method]
         return {n: tuple(b.shape) for n, b in model.named_buffers() if n.rsplit(".", 1)[-1] in names}
+    if model_family(model) != "gpt2":
+        from .decoder import expected_shapes as rope_shapes
+
+        return rope_shapes(model, patch.method, patch.prompt_tokens, int(patch.extra.get("budget", 0)))
     from .softmax import expected_shapes as softmax_shapes
 
     return softmax_shapes(model, patch.method, patch.prompt_tokens, int(patch.extra.get("taylor_order", 0)))
@@ -189,6 +194,8 @@ def check_patch_fits(patch: Patch, model: torch.nn.Module, fingerprint: str, pat
         )
     if patch.method == "taylor" and patch.extra.get("taylor_order") not in ("1", "2"):
         raise IclcaError(f"{patch_name} is a taylor patch without a valid iclca.taylor_order", "convert the prompt again")
+    if patch.method == "compressed" and not patch.extra.get("budget", "").isdigit():
+        raise IclcaError(f"{patch_name} is a compressed patch without a valid iclca.budget", "convert the prompt again")
     want = expected_shapes(model, patch)
     for name in sorted(set(want) | set(patch.tensors)):
         if name not in want:
@@ -216,6 +223,11 @@ def apply_patch(model: torch.nn.Module, patch: Patch) -> None:
         from .models.modeling_iclca_gpt2 import attach_patch
 
         attach_patch(model, patch.tensors, patch.position_offset)
+        return
+    if model_family(model) != "iclca_linear":
+        from .decoder import attach_rope_patch
+
+        attach_rope_patch(model, patch.tensors, patch.position_offset)
         return
     for name, t in patch.tensors.items():
         buf = model.get_buffer(name)

@@ -61,18 +61,35 @@ def taylor_features(x: torch.Tensor, scaling: float, order: int) -> torch.Tensor
     return torch.cat(parts, dim=-1)
 
 
+def _heads(x: torch.Tensor, heads: int) -> torch.Tensor:
+    """Repeat key/value heads for grouped-query attention: (..., Hkv, T, D) or (Hkv, T) -> H heads
+    (head h uses key/value head h // (H / Hkv), as transformers' repeat_kv)."""
+    dim = x.dim() - 3 if x.dim() >= 3 else 0
+    n = x.shape[dim]
+    return x if n == heads else x.repeat_interleave(heads // n, dim=dim)
+
+
 def patched_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
-    """AttentionInterface function. query (B,H,Tq,D), key/value (B,H,Tk,D), attention_mask additive
-    (B,1,Tq,Tk) or None; returns (out (B,Tq,H,D), None). Adds the patch buffers' prompt part."""
+    """AttentionInterface function. query (B,H,Tq,D), key/value (B,Hkv,Tk,D) with Hkv dividing H
+    (grouped-query attention), attention_mask additive (B,1,Tq,Tk) or None; returns (out (B,Tq,H,D), None).
+    Adds the patch buffers' prompt part: prefix_keys/prefix_values (Hkv,R,D) with an optional score
+    bias prefix_bias (Hkv,R), or Taylor memories. A module with a `_iclca_capture` list records its
+    (key, value) there: that is how prompts are captured from any model using this interface."""
+    if getattr(module, "_iclca_capture", None) is not None:
+        module._iclca_capture.append((key.detach(), value.detach()))
     scaling = query.size(-1) ** -0.5 if scaling is None else scaling
+    H = query.shape[1]
+    key, value = _heads(key, H), _heads(value, H)  # (B, H, Tk, D)
     scores = (query @ key.transpose(-1, -2)) * scaling  # (B, H, Tq, Tk)
     if attention_mask is not None:
         scores = scores + attention_mask[..., : key.shape[-2]]
     if hasattr(module, "prefix_keys"):
-        pk = module.prefix_keys.to(query.dtype)  # (H, P, D)
-        pv = module.prefix_values.to(value.dtype)  # (H, P, D)
+        pk = _heads(module.prefix_keys.to(query.dtype), H)  # (H, P, D)
+        pv = _heads(module.prefix_values.to(value.dtype), H)  # (H, P, D)
         P = pk.shape[-2]
         prefix_scores = (query @ pk.transpose(-1, -2)) * scaling  # (B, H, Tq, P)
+        if hasattr(module, "prefix_bias"):
+            prefix_scores = prefix_scores + _heads(module.prefix_bias.to(query.dtype), H).unsqueeze(-2)  # + (H, 1, P)
         weights = torch.softmax(torch.cat([prefix_scores, scores], dim=-1), dim=-1)  # (B, H, Tq, P + Tk)
         weights = nn.functional.dropout(weights, p=dropout, training=module.training)
         out = weights[..., :P] @ pv + weights[..., P:] @ value  # (B, H, Tq, D)
