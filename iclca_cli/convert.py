@@ -119,7 +119,8 @@ def convert_prompt(
     else:
         from .decoder import convert_rope
 
-        tensors, extra = convert_rope(model, prompt_ids, method, budget), {"budget": str(budget)}
+        tensors = convert_rope(model, prompt_ids, method, budget, order)
+        extra = {"budget": str(budget)} if method == "compressed" else {"taylor_order": str(order)}
     if progress is not None:
         progress(len(prompt_ids), len(prompt_ids))
     return Patch(

@@ -1,6 +1,6 @@
 """Any Hugging Face decoder with rotary positions that calls transformers' attention interface
-(Llama, Qwen2, Mistral): capture a prompt's keys and values, turn them into a `prefix` (exact) or
-`compressed` patch, and apply it, from the module structure and config alone.
+(Llama, Qwen2, Mistral): capture a prompt's keys and values, turn them into a `prefix` (exact),
+`compressed` or `taylor` patch, and apply it, from the module structure and config alone.
 
 - Capture: the model runs the prompt with its attention implementation switched to iclca's
   `patched_attention`, which records each attention module's (post-rotary) keys and values.
@@ -19,10 +19,11 @@ import torch
 from torch import nn
 
 from .errors import IclcaError
-from .models.modeling_iclca_gpt2 import ATTENTION_NAME
+from .models.modeling_iclca_gpt2 import ATTENTION_NAME, taylor_feature_dim, taylor_features
+from .models.modeling_iclca_llama import shift_rotary
 
 ROPE_FAMILIES = ("llama", "qwen2", "mistral")
-ROPE_METHODS = ("prefix", "compressed")
+ROPE_METHODS = ("prefix", "compressed", "taylor")
 
 
 def attention_modules(model: nn.Module) -> dict[str, nn.Module]:
@@ -35,7 +36,7 @@ def attention_modules(model: nn.Module) -> dict[str, nn.Module]:
 
 
 def rotary_module(model: nn.Module) -> nn.Module:
-    for name, m in model.named_modules():
+    for m in model.modules():
         if type(m).__name__.endswith("RotaryEmbedding"):
             return m
     raise IclcaError(f"no rotary embedding module in this {model.config.model_type!r} model",
@@ -49,11 +50,12 @@ def kv_shape(model) -> tuple[int, int]:
 
 
 @contextmanager
-def capture_prompt_kv(model) -> Iterator[dict[str, tuple[torch.Tensor, torch.Tensor]]]:
-    """Yield {attention module path: (keys, values) (B, Hkv, T, D)}, filled by the next forward pass."""
+def capture_prompt_kv(model) -> Iterator[dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]]:
+    """Yield {attention module path: (keys, values (B, Hkv, T, D), queries (B, H, T, D))}, filled by
+    the next forward pass (keys and queries after the rotary embedding)."""
     modules = attention_modules(model)
     before = model.config._attn_implementation
-    captured: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    captured: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
     for m in modules.values():
         m._iclca_capture = []
     model.set_attn_implementation(ATTENTION_NAME)
@@ -67,53 +69,78 @@ def capture_prompt_kv(model) -> Iterator[dict[str, tuple[torch.Tensor, torch.Ten
             del m._iclca_capture
 
 
-def kmeans_summary(k: torch.Tensor, v: torch.Tensor, budget: int, iters: int = 20):
-    """Summarise one head's prompt keys/values (P, D) into `budget` (key, value, score bias) entries.
+def _kmeans(x: torch.Tensor, C: int, iters: int = 20) -> torch.Tensor:
+    """Cluster index of each row of x (N, D) among C clusters; deterministic (evenly spaced starts)."""
+    centres = x[torch.linspace(0, x.shape[0] - 1, C).round().long()].clone()  # (C, D)
+    for _ in range(iters):
+        assign = torch.cdist(x, centres).argmin(-1)  # (N,)
+        counts = torch.bincount(assign, minlength=C).to(x.dtype)
+        sums = torch.zeros_like(centres).index_add_(0, assign, x)
+        centres = torch.where(counts[:, None] > 0, sums / counts.clamp_min(1)[:, None], centres)
+    return torch.cdist(x, centres).argmin(-1)
 
-    The first token (an attention sink in most trained models) stays exact; the others are split
-    into budget-1 clusters by k-means on the keys (deterministic: centres start at evenly spaced
-    tokens). Each cluster gives its mean key, mean value and bias log(size), so that it stands for
-    its members in the softmax: exp(q.c + log n) = n exp(q.c). With budget >= P it returns the keys
-    and values themselves, bias 0: exactly the prefix.  -> keys (R, D), values (R, D), bias (R,)
+
+def summarise(k: torch.Tensor, v: torch.Tensor, q: torch.Tensor, scaling: float, budget: int, ridge: float = 0.1):
+    """Summarise one key/value head's prompt keys/values (P, D) into `budget` entries
+    -> keys (R, D), values (R, D), score bias (R,). q (N, D): the prompt's own queries of the query
+    heads that share this key/value head, used as samples of the queries to come.
+
+    1. The first token (an attention sink in most trained models) stays exact.
+    2. The others fall into budget-1 clusters by k-means on the keys; a cluster's key is its mean
+       key and its score bias log(size), so it stands for its members in the softmax
+       (exp(q.c + log n) = n exp(q.c)), and the softmax's normaliser stays about right.
+    3. Values are fitted by ridge least squares (towards the cluster means) so that attention over
+       the summary reproduces the prompt's attention outputs for the sample queries.
+    With budget >= P: the keys and values themselves, bias 0: exactly the prefix.
     """
     P = k.shape[0]
     if budget >= P:
         return k, v, torch.zeros(P, dtype=k.dtype, device=k.device)
-    rest_k, rest_v, C = k[1:], v[1:], budget - 1
-    centres = rest_k[torch.linspace(0, rest_k.shape[0] - 1, C).round().long()].clone()  # (C, D)
-    for _ in range(iters):
-        assign = torch.cdist(rest_k, centres).argmin(-1)  # (P-1,)
-        counts = torch.bincount(assign, minlength=C).to(k.dtype)  # (C,)
-        sums = torch.zeros_like(centres).index_add_(0, assign, rest_k)
-        centres = torch.where(counts[:, None] > 0, sums / counts.clamp_min(1)[:, None], centres)
-    assign = torch.cdist(rest_k, centres).argmin(-1)
-    counts = torch.bincount(assign, minlength=C).to(k.dtype)
-    keys = torch.zeros_like(centres).index_add_(0, assign, rest_k) / counts.clamp_min(1)[:, None]
-    values = torch.zeros(C, v.shape[-1], dtype=v.dtype, device=v.device).index_add_(0, assign, rest_v)
-    values = values / counts.clamp_min(1)[:, None]
-    bias = torch.where(counts > 0, counts.clamp_min(1).log(), torch.full_like(counts, -math.inf))  # empty: never attended
-    return torch.cat([k[:1], keys]), torch.cat([v[:1], values]), torch.cat([bias.new_zeros(1), bias])
+    C = budget - 1
+    assign = _kmeans(k[1:], C)  # (P-1,)
+    counts = torch.bincount(assign, minlength=C).to(k.dtype)  # (C,)
+    mean = lambda x: torch.zeros(C, x.shape[-1], dtype=x.dtype, device=x.device).index_add_(0, assign, x[1:]) / counts.clamp_min(1)[:, None]  # noqa: E731
+    keys, values = torch.cat([k[:1], mean(k)]), torch.cat([v[:1], mean(v)])  # (R, D)
+    bias = torch.cat([counts.new_zeros(1), torch.where(counts > 0, counts.clamp_min(1).log(), -math.inf)])  # (R,) empty: never attended
+    target = torch.softmax(q @ k.T * scaling, -1) @ v  # (N, D): attention over the whole prompt
+    w = torch.softmax(q @ keys.T * scaling + bias, -1)  # (N, R): attention over the summary
+    gram = w.T @ w  # (R, R)
+    lam = ridge * gram.diagonal().mean() * torch.eye(len(bias), dtype=w.dtype, device=w.device)
+    values = torch.linalg.solve(gram + lam, w.T @ target + lam @ values)  # (R, D)
+    return keys, values, bias
 
 
 @torch.no_grad()
-def convert_rope(model, prompt_ids: list[int], method: str, budget: int = 0) -> dict[str, torch.Tensor]:
-    """Patch tensors of the prompt: prefix_keys/prefix_values (Hkv, P, D), or for `compressed` also
-    prefix_bias, with R = min(budget, P) entries per key/value head."""
+def convert_rope(model, prompt_ids: list[int], method: str, budget: int = 0, order: int = 2) -> dict[str, torch.Tensor]:
+    """Patch tensors of the prompt: prefix_keys/prefix_values (Hkv, P, D); for `compressed` also
+    prefix_bias, with R = min(budget, P) entries per key/value head; for `taylor` the Taylor
+    memories memory_kv (Hkv, F, D) and memory_k (Hkv, F) of the post-rotary keys."""
     if method not in ROPE_METHODS:
         raise IclcaError(f"method {method!r} does not apply to {model.config.model_type!r} models",
                          f"use --method {' or '.join(ROPE_METHODS)}")
+    if method == "taylor" and order not in (1, 2):
+        raise IclcaError(f"Taylor order {order} is not supported", "use --order 1 or --order 2")
     if method == "compressed" and budget < 1:
         raise IclcaError("method compressed needs a budget of at least 1", "pass --budget R (entries per layer and head)")
     device = next(model.parameters()).device
     with capture_prompt_kv(model) as captured:
         model.base_model(input_ids=torch.tensor([prompt_ids], device=device), use_cache=False)
     tensors = {}
-    for name, (k, v) in captured.items():
-        k, v = k[0], v[0]  # (Hkv, P, D)
+    modules = attention_modules(model)
+    for name, (k, v, q) in captured.items():
+        k, v, q = k[0], v[0], q[0]  # (Hkv, P, D), (Hkv, P, D), (H, P, D)
+        G = q.shape[0] // k.shape[0]
+        if method == "taylor":
+            phi = taylor_features(k, modules[name].scaling, order)  # (Hkv, P, F)
+            tensors[f"{name}.memory_kv"] = (phi.transpose(-1, -2) @ v).contiguous()  # (Hkv, F, D)
+            tensors[f"{name}.memory_k"] = phi.sum(-2).contiguous()  # (Hkv, F)
+            continue
         if method == "prefix":
             tensors[f"{name}.prefix_keys"], tensors[f"{name}.prefix_values"] = k.contiguous(), v.contiguous()
             continue
-        heads = [kmeans_summary(k[h], v[h], budget) for h in range(k.shape[0])]
+        scaling = modules[name].scaling
+        heads = [summarise(k[h], v[h], q[h * G:(h + 1) * G].reshape(-1, q.shape[-1]), scaling, budget)
+                 for h in range(k.shape[0])]
         tensors[f"{name}.prefix_keys"] = torch.stack([h[0] for h in heads]).contiguous()  # (Hkv, R, D)
         tensors[f"{name}.prefix_values"] = torch.stack([h[1] for h in heads]).contiguous()  # (Hkv, R, D)
         tensors[f"{name}.prefix_bias"] = torch.stack([h[2] for h in heads]).contiguous()  # (Hkv, R)
@@ -124,25 +151,19 @@ def entries(method: str, prompt_tokens: int, budget: int) -> int:
     return prompt_tokens if method == "prefix" else min(budget, prompt_tokens)
 
 
-def expected_shapes(model, method: str, prompt_tokens: int, budget: int) -> dict[str, tuple[int, ...]]:
+def expected_shapes(model, method: str, prompt_tokens: int, budget: int, order: int = 0) -> dict[str, tuple[int, ...]]:
     Hkv, D = kv_shape(model)
     R = entries(method, prompt_tokens, budget)
     shapes = {}
     for name in attention_modules(model):
+        if method == "taylor":
+            F = taylor_feature_dim(D, order)
+            shapes[f"{name}.memory_kv"], shapes[f"{name}.memory_k"] = (Hkv, F, D), (Hkv, F)
+            continue
         shapes[f"{name}.prefix_keys"] = shapes[f"{name}.prefix_values"] = (Hkv, R, D)
         if method == "compressed":
             shapes[f"{name}.prefix_bias"] = (Hkv, R)
     return shapes
-
-
-def _shift_positions(module, args, kwargs):
-    """Forward pre-hook on the rotary embedding: position ids + P."""
-    offset = module.iclca_position_offset
-    if "position_ids" in kwargs:
-        kwargs["position_ids"] = kwargs["position_ids"] + offset
-    else:
-        args = (args[0], args[1] + offset, *args[2:])
-    return args, kwargs
 
 
 @torch.no_grad()
@@ -152,8 +173,5 @@ def attach_rope_patch(model, tensors: dict[str, torch.Tensor], prompt_tokens: in
     for name, t in tensors.items():
         path, buffer = name.rsplit(".", 1)
         model.get_submodule(path).register_buffer(buffer, t.to(dtype).clone())
-    rotary = rotary_module(model)
-    if not hasattr(rotary, "iclca_position_offset"):
-        rotary.register_forward_pre_hook(_shift_positions, with_kwargs=True)
-    rotary.iclca_position_offset = prompt_tokens
+    shift_rotary(rotary_module(model), prompt_tokens)
     model.set_attn_implementation(ATTENTION_NAME)

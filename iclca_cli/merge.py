@@ -34,8 +34,8 @@ def merge_patch(model, tokenizer, patch: Patch, out_dir: str | Path, force: bool
     """Write `model` with `patch` folded in to `out_dir`; the patch must already fit the model."""
     out = Path(out_dir).absolute()
     check_output_folder(out, force)
-    model, modeling_file = merged_model(model, patch)
-    module_name = modeling_file.removesuffix(".py")
+    model, modeling_files = merged_model(model, patch)
+    module_name = modeling_files[0].removesuffix(".py")
     model.config.auto_map = {
         "AutoConfig": f"{module_name}.{type(model.config).__name__}",
         "AutoModelForCausalLM": f"{module_name}.{type(model).__name__}",
@@ -44,7 +44,8 @@ def merge_patch(model, tokenizer, patch: Patch, out_dir: str | Path, force: bool
     def write(tmp: Path) -> None:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        shutil.copy(Path(__file__).parent / "models" / modeling_file, tmp)
+        for name in modeling_files:
+            shutil.copy(Path(__file__).parent / "models" / name, tmp)
         (tmp / PROVENANCE_FILE).write_text(json.dumps(patch.metadata(), indent=2, sort_keys=True) + "\n")
 
     write_folder(out, write)
@@ -53,23 +54,31 @@ def merge_patch(model, tokenizer, patch: Patch, out_dir: str | Path, force: bool
 
 @torch.no_grad()
 def merged_model(model, patch: Patch):
-    """(model with the patch folded in, name of the self-contained modeling file its folder carries)."""
-    if model_family(model) not in ("iclca_linear", "gpt2"):
-        raise IclcaError(f"merging {model_family(model)!r} patches into a checkpoint folder is not supported yet",
+    """(model with the patch folded in, the modeling files its folder carries, the first holding its classes)."""
+    family = model_family(model)
+    if family not in ("iclca_linear", "gpt2", "llama"):
+        raise IclcaError(f"merging {family!r} patches into a checkpoint folder is not supported yet",
                          "use the patch as it is: `iclca eval --patch` applies it in memory")
     apply_patch(model, patch)
-    if model_family(model) == "iclca_linear":
-        return model, "modeling_iclca_linear.py"
+    if family == "iclca_linear":
+        return model, ("modeling_iclca_linear.py",)
     from .models.modeling_iclca_gpt2 import IclcaGPT2Config, IclcaGPT2LMHeadModel
+    from .models.modeling_iclca_llama import IclcaLlamaConfig, IclcaLlamaForCausalLM
 
     fields = {k: v for k, v in model.config.to_dict().items()
               if k not in ("model_type", "architectures", "auto_map", "transformers_version") and not k.startswith("_")}
-    mem = patch.tensors.get("transformer.h.0.attn.memory_k")
-    config = IclcaGPT2Config(**fields, iclca_method=patch.method, iclca_prompt_tokens=patch.position_offset,
-                             iclca_feature_dim=mem.shape[-1] if mem is not None else 0)
-    merged = IclcaGPT2LMHeadModel(config).to(model.dtype)
-    merged.load_state_dict(model.state_dict(), strict=True)  # shifted position table and patch buffers included
-    return merged.eval(), "modeling_iclca_gpt2.py"
+    first = {n.rsplit(".", 1)[-1]: t for n, t in patch.tensors.items() if ".0." in n}  # layer 0's tensors
+    feature_dim = first["memory_k"].shape[-1] if "memory_k" in first else 0
+    common = {"iclca_method": patch.method, "iclca_prompt_tokens": patch.position_offset, "iclca_feature_dim": feature_dim}
+    if family == "gpt2":
+        merged, files = IclcaGPT2LMHeadModel(IclcaGPT2Config(**fields, **common)), ("modeling_iclca_gpt2.py",)
+    else:
+        entries = first["prefix_keys"].shape[-2] if "prefix_keys" in first else 0
+        merged = IclcaLlamaForCausalLM(IclcaLlamaConfig(**fields, **common, iclca_entries=entries))
+        files = ("modeling_iclca_llama.py", "modeling_iclca_gpt2.py")
+    merged = merged.to(model.dtype)
+    merged.load_state_dict(model.state_dict(), strict=True)  # shifted position table / patch buffers included
+    return merged.eval(), files
 
 
 def write_folder(out: Path, write: Callable[[Path], None]) -> None:

