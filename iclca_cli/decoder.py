@@ -86,8 +86,9 @@ def summarise(k: torch.Tensor, v: torch.Tensor, q: torch.Tensor, scaling: float,
     heads that share this key/value head, used as samples of the queries to come.
 
     1. The first token (an attention sink in most trained models) stays exact.
-    2. The others fall into budget-1 clusters by k-means on the keys; a cluster's key is its mean
-       key and its score bias log(size), so it stands for its members in the softmax
+    2. The others fall into budget-1 clusters by k-means on keys and values together (so that
+       tokens with alike keys but different values stay apart); a cluster's key is its mean key
+       and its score bias log(size), so it stands for its members in the softmax
        (exp(q.c + log n) = n exp(q.c)), and the softmax's normaliser stays about right.
     3. Values are fitted by ridge least squares (towards the cluster means) so that attention over
        the summary reproduces the prompt's attention outputs for the sample queries.
@@ -97,7 +98,9 @@ def summarise(k: torch.Tensor, v: torch.Tensor, q: torch.Tensor, scaling: float,
     if budget >= P:
         return k, v, torch.zeros(P, dtype=k.dtype, device=k.device)
     C = budget - 1
-    assign = _kmeans(k[1:], C)  # (P-1,)
+    unit = lambda x: x / x.norm(dim=-1).mean().clamp_min(1e-12)  # noqa: E731  (mean row norm 1)
+    feats = torch.cat([unit(k[1:]), unit(v[1:])], dim=-1)  # (P-1, 2D): keys and values both count
+    assign = _kmeans(feats, C)  # (P-1,)
     counts = torch.bincount(assign, minlength=C).to(k.dtype)  # (C,)
     mean = lambda x: torch.zeros(C, x.shape[-1], dtype=x.dtype, device=x.device).index_add_(0, assign, x[1:]) / counts.clamp_min(1)[:, None]  # noqa: E731
     keys, values = torch.cat([k[:1], mean(k)]), torch.cat([v[:1], mean(v)])  # (R, D)
@@ -120,8 +123,9 @@ def convert_rope(model, prompt_ids: list[int], method: str, budget: int = 0, ord
                          f"use --method {' or '.join(ROPE_METHODS)}")
     if method == "taylor" and order not in (1, 2):
         raise IclcaError(f"Taylor order {order} is not supported", "use --order 1 or --order 2")
-    if method == "compressed" and budget < 1:
-        raise IclcaError("method compressed needs a budget of at least 1", "pass --budget R (entries per layer and head)")
+    if method == "compressed" and budget < 2:
+        raise IclcaError("method compressed needs a budget of at least 2 (the first token is kept apart)",
+                         "pass --budget R, the entries per layer and key/value head (e.g. a third of the prompt's tokens)")
     device = next(model.parameters()).device
     with capture_prompt_kv(model) as captured:
         model.base_model(input_ids=torch.tensor([prompt_ids], device=device), use_cache=False)

@@ -124,7 +124,7 @@ def test_summary_keeps_the_sink_counts_members_and_fits_values():
 
 def test_compressed_needs_a_budget():
     with pytest.raises(IclcaError, match="budget"):
-        convert_prompt(make_llama(), [1, 2, 3], "-", "compressed", budget=0)
+        convert_prompt(make_llama(), [1, 2, 3], "-", "compressed", budget=1)
 
 
 def test_cli_converts_evaluates_and_merges_a_llama_folder(cli, tmp_path):
