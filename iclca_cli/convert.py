@@ -112,15 +112,10 @@ def convert_prompt(
         raise IclcaError("the prompt has no tokens", "write the demonstrations into the prompt file")
     check_positions(model, len(prompt_ids) + 1, "the prompt and at least one query token")
     fingerprint = model_fingerprint(model)
-    if model_family(model) == "gpt2":
-        from .softmax import convert_softmax
+    from .decoder import convert_softmax
 
-        tensors, extra = convert_softmax(model, prompt_ids, method, order), {"taylor_order": str(order)}
-    else:
-        from .decoder import convert_rope
-
-        tensors = convert_rope(model, prompt_ids, method, budget, order)
-        extra = {"budget": str(budget)} if method == "compressed" else {"taylor_order": str(order)}
+    tensors = convert_softmax(model, prompt_ids, method, budget, order)
+    extra = {"budget": str(budget)} if method == "compressed" else {"taylor_order": str(order)}
     if progress is not None:
         progress(len(prompt_ids), len(prompt_ids))
     return Patch(

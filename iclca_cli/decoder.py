@@ -1,11 +1,12 @@
-"""Any Hugging Face decoder with rotary positions that calls transformers' attention interface
-(Llama, Qwen2, Mistral): capture a prompt's keys and values, turn them into a `prefix` (exact),
-`compressed` or `taylor` patch, and apply it, from the module structure and config alone.
+"""Softmax-attention decoders that call transformers' attention interface (GPT-2, and with rotary
+positions Llama, Qwen2, Mistral): capture a prompt's keys and values, turn them into a `prefix`
+(exact), `compressed` or `taylor` patch, and apply it, from the module structure and config alone.
 
 - Capture: the model runs the prompt with its attention implementation switched to iclca's
   `patched_attention`, which records each attention module's (post-rotary) keys and values.
-- Positions: a patched model's rotary embedding module gets a forward pre-hook that adds P to the
-  position ids, so a query sits at positions P, P+1, ... as it would after the prompt.
+- Positions: a patched rotary model's rotary embedding module gets a forward pre-hook that adds P
+  to the position ids, so a query sits at positions P, P+1, ... as it would after the prompt
+  (GPT-2's position table is shifted instead: modeling_iclca_gpt2.attach_patch).
 - Grouped-query attention: patch tensors are per key/value head, (Hkv, R, D).
 """
 
@@ -23,12 +24,14 @@ from .models.modeling_iclca_gpt2 import ATTENTION_NAME, taylor_feature_dim, tayl
 from .models.modeling_iclca_llama import shift_rotary
 
 ROPE_FAMILIES = ("llama", "qwen2", "mistral")
-ROPE_METHODS = ("prefix", "compressed", "taylor")
+SOFTMAX_METHODS = ("prefix", "compressed", "taylor")
 
 
 def attention_modules(model: nn.Module) -> dict[str, nn.Module]:
-    """Module path -> self-attention module: the modules with a `layer_idx` and k/v projections."""
-    found = {n: m for n, m in model.named_modules() if hasattr(m, "layer_idx") and hasattr(m, "k_proj") and hasattr(m, "v_proj")}
+    """Module path -> self-attention module: the modules with a `layer_idx` and k/v projections
+    (separate, or GPT-2's fused `c_attn`)."""
+    found = {n: m for n, m in model.named_modules()
+             if hasattr(m, "layer_idx") and (hasattr(m, "k_proj") and hasattr(m, "v_proj") or hasattr(m, "c_attn"))}
     if not found:
         raise IclcaError(f"no attention modules found in this {model.config.model_type!r} model",
                          f"iclca patches {', '.join(ROPE_FAMILIES)}-style decoders (q/k/v projections, rotary positions)")
@@ -46,7 +49,8 @@ def rotary_module(model: nn.Module) -> nn.Module:
 def kv_shape(model) -> tuple[int, int]:
     """(key/value heads, head size)."""
     c = model.config
-    return c.num_key_value_heads, getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+    kv_heads = getattr(c, "num_key_value_heads", None) or c.num_attention_heads
+    return kv_heads, getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
 
 
 @contextmanager
@@ -114,13 +118,13 @@ def summarise(k: torch.Tensor, v: torch.Tensor, q: torch.Tensor, scaling: float,
 
 
 @torch.no_grad()
-def convert_rope(model, prompt_ids: list[int], method: str, budget: int = 0, order: int = 2) -> dict[str, torch.Tensor]:
+def convert_softmax(model, prompt_ids: list[int], method: str, budget: int = 0, order: int = 2) -> dict[str, torch.Tensor]:
     """Patch tensors of the prompt: prefix_keys/prefix_values (Hkv, P, D); for `compressed` also
     prefix_bias, with R = min(budget, P) entries per key/value head; for `taylor` the Taylor
     memories memory_kv (Hkv, F, D) and memory_k (Hkv, F) of the post-rotary keys."""
-    if method not in ROPE_METHODS:
+    if method not in SOFTMAX_METHODS:
         raise IclcaError(f"method {method!r} does not apply to {model.config.model_type!r} models",
-                         f"use --method {' or '.join(ROPE_METHODS)}")
+                         f"use --method {' or '.join(SOFTMAX_METHODS)}")
     if method == "taylor" and order not in (1, 2):
         raise IclcaError(f"Taylor order {order} is not supported", "use --order 1 or --order 2")
     if method == "compressed" and budget < 2:

@@ -170,14 +170,10 @@ def expected_shapes(model, patch: Patch) -> dict[str, tuple[int, ...]]:
     if model_family(model) == "iclca_linear":
         names = TENSOR_NAMES[patch.method]
         return {n: tuple(b.shape) for n, b in model.named_buffers() if n.rsplit(".", 1)[-1] in names}
-    if model_family(model) != "gpt2":
-        from .decoder import expected_shapes as rope_shapes
+    from .decoder import expected_shapes as softmax_shapes
 
-        return rope_shapes(model, patch.method, patch.prompt_tokens, int(patch.extra.get("budget", 0)),
-                           int(patch.extra.get("taylor_order", 0)))
-    from .softmax import expected_shapes as softmax_shapes
-
-    return softmax_shapes(model, patch.method, patch.prompt_tokens, int(patch.extra.get("taylor_order", 0)))
+    return softmax_shapes(model, patch.method, patch.prompt_tokens, int(patch.extra.get("budget", 0)),
+                          int(patch.extra.get("taylor_order", 0)))
 
 
 def check_patch_fits(patch: Patch, model: torch.nn.Module, fingerprint: str, patch_name: str = "patch") -> None:

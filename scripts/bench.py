@@ -70,7 +70,7 @@ def conversion(model, P: int, repeats: int) -> dict:
     the same prompt. The model fingerprint (a sha256 over the weights, once per conversion, whatever P)
     is timed apart."""
     from iclca_cli.fingerprint import model_fingerprint
-    from iclca_cli.softmax import convert_softmax
+    from iclca_cli.decoder import convert_softmax
 
     ids = random_ids(P, model.config.vocab_size)
     x = torch.tensor([ids])
