@@ -69,12 +69,13 @@ def merged_model(model, patch: Patch):
               if k not in ("model_type", "architectures", "auto_map", "transformers_version") and not k.startswith("_")}
     first = {n.rsplit(".", 1)[-1]: t for n, t in patch.tensors.items() if ".0." in n}  # layer 0's tensors
     feature_dim = first["memory_k"].shape[-1] if "memory_k" in first else 0
-    common = {"iclca_method": patch.method, "iclca_prompt_tokens": patch.position_offset, "iclca_feature_dim": feature_dim}
+    entries = first["prefix_keys"].shape[-2] if "prefix_keys" in first else 0
+    common = {"iclca_method": patch.method, "iclca_prompt_tokens": patch.position_offset,
+              "iclca_feature_dim": feature_dim, "iclca_entries": entries}
     if family == "gpt2":
         merged, files = IclcaGPT2LMHeadModel(IclcaGPT2Config(**fields, **common)), ("modeling_iclca_gpt2.py",)
     else:
-        entries = first["prefix_keys"].shape[-2] if "prefix_keys" in first else 0
-        merged = IclcaLlamaForCausalLM(IclcaLlamaConfig(**fields, **common, iclca_entries=entries))
+        merged = IclcaLlamaForCausalLM(IclcaLlamaConfig(**fields, **common))
         files = ("modeling_iclca_llama.py", "modeling_iclca_gpt2.py")
     merged = merged.to(model.dtype)
     merged.load_state_dict(model.state_dict(), strict=True)  # shifted position table / patch buffers included

@@ -17,7 +17,7 @@ from .errors import IclcaError
 
 FORMAT_VERSION = "1"
 METHODS = ("exact", "prefix", "taylor", "compressed")
-FAMILY_METHODS = {"iclca_linear": ("exact",), "gpt2": ("prefix", "taylor"),
+FAMILY_METHODS = {"iclca_linear": ("exact",), "gpt2": ("prefix", "taylor", "compressed"),
                   **{f: ("prefix", "compressed", "taylor") for f in ("llama", "qwen2", "mistral")}}  # model_type -> methods
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 # Tensor names end in one of these; the part before is the module path the tensor belongs to.

@@ -4,9 +4,10 @@
 
 Every prompt maps the task's words to digits afresh (configs/tasks/recall.json, seeded apart from
 training), with one query per key. Methods: none (the model on the query alone), prompted (on
-prompt + query), exact (linear models), prefix / taylor1 / taylor2 (GPT-2). accuracy: greedy
-answer equals the target; kl: KL(prompted || method) per query position, averaged;
-max_abs_logit_diff: against prompted, over all prompts; bytes in float32.
+prompt + query), exact (linear models), prefix / taylor1 / taylor2 / compressed (GPT-2; budget a
+third of the prompt's tokens). accuracy: greedy answer equals the target; kl: KL(prompted ||
+method) per query position, averaged; max_abs_logit_diff: against prompted, over all prompts;
+bytes in float32.
 """
 
 from __future__ import annotations
@@ -28,7 +29,8 @@ from iclca_cli.loading import builtin_models, load_model  # noqa: E402
 from iclca_cli.patch import apply_patch  # noqa: E402
 from iclca_cli.tasks import RecallTask  # noqa: E402
 
-METHODS = {"iclca_linear": [("exact", 0)], "gpt2": [("prefix", 0), ("taylor", 1), ("taylor", 2)]}
+# (method, taylor order or compressed budget as a fraction of the prompt's tokens)
+METHODS = {"iclca_linear": [("exact", 0)], "gpt2": [("prefix", 0), ("taylor", 1), ("taylor", 2), ("compressed", 1 / 3)]}
 EVAL_SEED = 2024  # training samples from torch generators seeded 1 and 10_000; these prompts are text drawn apart
 
 
@@ -40,15 +42,17 @@ def table(models: list[str], n_prompts: int, log=lambda *a: None) -> list[dict]:
         rng = random.Random(EVAL_SEED)
         prompts = [task.sample(rng) for _ in range(n_prompts)]
         methods = METHODS[model.config.model_type]
-        acc = {"none": [], "prompted": [], **{f"{m}{o or ''}": [] for m, o in methods}}
+        name_of = lambda m, o: m if m in ("compressed", "prefix", "exact") else f"{m}{o}"  # noqa: E731
+        acc = {"none": [], "prompted": [], **{name_of(m, o): [] for m, o in methods}}
         kl = {k: [] for k in acc}
         diff = dict.fromkeys(acc, 0.0)
         patch_bytes, kv_bytes = {}, 0
         for i, (prompt, queries) in enumerate(prompts):
             ids = encode_prompt(tokenizer, prompt)
             for method, order in methods:
-                key = f"{method}{order or ''}"
-                patch = convert_prompt(model, ids, "-", method, order or 2)
+                key = name_of(method, order)
+                budget = max(2, round(order * len(ids))) if method == "compressed" else 0
+                patch = convert_prompt(model, ids, "-", method, int(order) if method == "taylor" else 2, budget=budget)
                 patched = copy.deepcopy(model)
                 apply_patch(patched, patch)
                 r = evaluate(model, patched, tokenizer, prompt, queries, method, patch.nbytes, 4)

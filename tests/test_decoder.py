@@ -203,3 +203,33 @@ def test_smollm2_prefix_is_exact_and_compressed_keeps_recall(tmp_path):
     assert by["prefix"]["max_abs_logit_diff"] <= 1e-4 and by["prefix"]["greedy_identical"] == 1.0
     assert by["prompted"]["accuracy"] >= 0.9
     assert by["compressed-P/3"]["accuracy"] >= 0.95 * by["prompted"]["accuracy"] and by["compressed-P/3"]["kl"] <= 0.05
+
+
+def test_gpt2_compressed_is_the_prefix_at_full_budget_and_merges(tmp_path):
+    """GPT-2 is one softmax decoder among others: compressed works and merges for it too."""
+    import json
+    import subprocess
+    import sys
+
+    from test_merge import FRESH_PROCESS
+
+    from conftest import make_gpt2_model, save_checkpoint
+    from iclca_cli.loading import load_model
+    from iclca_cli.merge import merge_patch
+
+    base = save_checkpoint(make_gpt2_model(vocab_size=97), tmp_path / "base")
+    model, tok = load_model(str(base), "float64")
+    prompt, query = list(range(3, 43)), [7, 8, 9, 10]
+    full, _ = patched(model, prompt, "compressed", budget=100)
+    want_prefix = model(input_ids=torch.tensor([prompt + query])).logits[0, len(prompt):]
+    assert (full(input_ids=torch.tensor([query])).logits[0] - want_prefix).abs().max() <= 1e-9
+    m, patch = patched(model, prompt, "compressed", budget=10)
+    assert tuple(patch.tensors["transformer.h.0.attn.prefix_bias"].shape) == (model.config.n_head, 10)
+    want = m(input_ids=torch.tensor([query])).logits[0]
+    folder = merge_patch(model, tok, patch, tmp_path / "merged")
+    case = {"folder": str(folder), "dtype": "float64", "query": query}
+    proc = subprocess.run([sys.executable, "-c", FRESH_PROCESS, json.dumps([case])], capture_output=True, text=True,
+                          cwd=tmp_path, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    res = json.loads(proc.stdout.strip().splitlines()[-1])[0]
+    assert (torch.tensor(res["logits"], dtype=torch.float64) - want).abs().max() <= 1e-10

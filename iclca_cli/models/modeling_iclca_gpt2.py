@@ -143,9 +143,10 @@ class IclcaGPT2Config(GPT2Config):
 
     model_type = "iclca_gpt2"
 
-    iclca_method: str = "prefix"  # "prefix" or "taylor"
-    iclca_prompt_tokens: int = 0  # P: prefix length and position shift
+    iclca_method: str = "prefix"  # "prefix", "compressed" or "taylor"
+    iclca_prompt_tokens: int = 0  # P: the position shift (and the prefix length)
     iclca_feature_dim: int = 0  # F of the Taylor memories (taylor only)
+    iclca_entries: int = 0  # R of a compressed patch (0: P)
 
 
 class IclcaGPT2LMHeadModel(GPT2LMHeadModel):
@@ -155,11 +156,13 @@ class IclcaGPT2LMHeadModel(GPT2LMHeadModel):
         super().__init__(config)
         H = config.num_attention_heads
         D = config.hidden_size // H
-        P, F = config.iclca_prompt_tokens, config.iclca_feature_dim
+        R, F = config.iclca_entries or config.iclca_prompt_tokens, config.iclca_feature_dim
         for attn in attention_layers(self).values():
-            if config.iclca_method == "prefix":
-                attn.register_buffer("prefix_keys", torch.zeros(H, P, D))  # (H, P, D)
-                attn.register_buffer("prefix_values", torch.zeros(H, P, D))  # (H, P, D)
+            if config.iclca_method in ("prefix", "compressed"):
+                attn.register_buffer("prefix_keys", torch.zeros(H, R, D))  # (H, R, D)
+                attn.register_buffer("prefix_values", torch.zeros(H, R, D))  # (H, R, D)
+                if config.iclca_method == "compressed":
+                    attn.register_buffer("prefix_bias", torch.zeros(H, R))  # (H, R)
             else:
                 attn.register_buffer("memory_kv", torch.zeros(H, F, D))  # (H, F, D)
                 attn.register_buffer("memory_k", torch.zeros(H, F))  # (H, F)
