@@ -10,8 +10,9 @@ saves it once as a plain safetensors checkpoint folder (default ~/.cache/iclca/s
 iclca then loads that folder like any other.
 
 Tasks (fresh random mappings per prompt, seeded): `digits` (Locker of <name>: <digit>, 24 facts),
-`words` (<word> -> <word> codes, 12 pairs), `labels` (arbitrary words labelled foo/bar, 16 items).
-Every key of a prompt is queried; accuracy is next-token (the target's first token is the argmax),
+`words` (<word> -> <word> codes, 12 pairs), `labels` (arbitrary words labelled foo/bar, 16 items),
+`format` (an answer format, "A: (word)", shown on 12 words and asked of 10 others; not in the
+default set). Every key of a prompt is queried; accuracy is next-token (the target's first token is the argmax),
 KL is KL(prompted || method) at the answer position. Methods: none (query alone), prompted, prefix,
 taylor1/2, compressed with budgets 8, 16, 32 and P/3 entries per layer and key/value head.
 """
@@ -83,9 +84,13 @@ def task_prompt(task: str, rng: random.Random) -> tuple[str, list[tuple[str, str
     elif task == "words":
         keys = rng.sample(NOUNS, 12)
         facts = [(f"Code for {k}:", f" {rng.choice(COLOURS)}") for k in keys]
-    else:  # labels: arbitrary classes, so only the prompt tells which is which
+    elif task == "labels":  # arbitrary classes, so only the prompt tells which is which
         keys = rng.sample(NOUNS, 16)
         facts = [(f"{k} ->", rng.choice([" foo", " bar"])) for k in keys]
+    else:  # format: an answer format shown on 12 words, asked of the 10 others
+        words = rng.sample(NOUNS, len(NOUNS))
+        shown = "".join(f"Q: {w}\nA: ({w})\n" for w in words[:12])
+        return shown, [(f"Q: {w}\nA:", f" ({w})") for w in words[12:]]
     return "".join(f"{q}{t}\n" for q, t in facts), facts
 
 
