@@ -161,11 +161,7 @@ def test_cli_converts_evaluates_and_merges_a_llama_folder(cli, tmp_path):
 def test_merged_llama_folder_in_a_fresh_process_equals_patched(tmp_path, method, budget):
     """The merged folder loads with plain transformers (trust_remote_code, iclca import blocked) and
     gives the patched model's logits and greedy generation; prefix therefore equals prompted."""
-    import json
-    import subprocess
-    import sys
-
-    from test_merge import FRESH_PROCESS
+    from test_merge import run_fresh_process
 
     from conftest import save_checkpoint
     from iclca_cli.loading import load_model
@@ -181,11 +177,7 @@ def test_merged_llama_folder_in_a_fresh_process_equals_patched(tmp_path, method,
         full = model(input_ids=torch.tensor([prompt + query])).logits[0, len(prompt):]
         assert (want - full).abs().max() <= 1e-10
     folder = merge_patch(model, tok, patch, tmp_path / "merged")
-    case = {"folder": str(folder), "dtype": "float64", "query": query}
-    proc = subprocess.run([sys.executable, "-c", FRESH_PROCESS, json.dumps([case])], capture_output=True, text=True,
-                          cwd=tmp_path, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    res = json.loads(proc.stdout.strip().splitlines()[-1])[0]
+    res = run_fresh_process([{"folder": str(folder), "dtype": "float64", "query": query}], tmp_path)[0]
     assert res["class"].startswith("transformers_modules.") and not res["iclca_imported"]
     assert (torch.tensor(res["logits"], dtype=torch.float64) - want).abs().max() <= 1e-10
     assert res["generated"] == want_gen
@@ -207,11 +199,7 @@ def test_smollm2_prefix_is_exact_and_compressed_keeps_recall(tmp_path):
 
 def test_gpt2_compressed_is_the_prefix_at_full_budget_and_merges(tmp_path):
     """GPT-2 is one softmax decoder among others: compressed works and merges for it too."""
-    import json
-    import subprocess
-    import sys
-
-    from test_merge import FRESH_PROCESS
+    from test_merge import run_fresh_process
 
     from conftest import make_gpt2_model, save_checkpoint
     from iclca_cli.loading import load_model
@@ -227,9 +215,5 @@ def test_gpt2_compressed_is_the_prefix_at_full_budget_and_merges(tmp_path):
     assert tuple(patch.tensors["transformer.h.0.attn.prefix_bias"].shape) == (model.config.n_head, 10)
     want = m(input_ids=torch.tensor([query])).logits[0]
     folder = merge_patch(model, tok, patch, tmp_path / "merged")
-    case = {"folder": str(folder), "dtype": "float64", "query": query}
-    proc = subprocess.run([sys.executable, "-c", FRESH_PROCESS, json.dumps([case])], capture_output=True, text=True,
-                          cwd=tmp_path, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    res = json.loads(proc.stdout.strip().splitlines()[-1])[0]
+    res = run_fresh_process([{"folder": str(folder), "dtype": "float64", "query": query}], tmp_path)[0]
     assert (torch.tensor(res["logits"], dtype=torch.float64) - want).abs().max() <= 1e-10

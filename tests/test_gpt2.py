@@ -2,8 +2,6 @@
 
 import copy
 import json
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -15,7 +13,7 @@ from iclca_cli.loading import load_model
 from iclca_cli.merge import merge_patch
 from iclca_cli.models.modeling_iclca_gpt2 import taylor_feature_dim, taylor_features
 from iclca_cli.patch import apply_patch
-from test_merge import FRESH_PROCESS
+from test_merge import run_fresh_process
 
 V = 50257
 
@@ -133,10 +131,7 @@ def test_merged_gpt2_folders_in_a_fresh_process(tmp_path, gpt2_folder):
         folder = merge_patch(base, tok, patch, tmp_path / f"merged-{method}{order}")
         cases.append({"folder": str(folder), "dtype": "float64", "query": query})
         expected.append((want, gen.tolist()))
-    proc = subprocess.run([sys.executable, "-c", FRESH_PROCESS, json.dumps(cases)], capture_output=True, text=True,
-                          cwd=tmp_path, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    for res, (want, gen), case in zip(json.loads(proc.stdout.strip().splitlines()[-1]), expected, cases):
+    for res, (want, gen), case in zip(run_fresh_process(cases, tmp_path), expected, cases):
         assert res["class"].startswith("transformers_modules.") and not res["iclca_imported"]
         assert (torch.tensor(res["logits"], dtype=torch.float64) - want).abs().max().item() <= 1e-9, case
         assert res["generated"] == gen, case

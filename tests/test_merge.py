@@ -35,6 +35,14 @@ for case in json.loads(sys.argv[1]):
 print(json.dumps(result))
 """
 
+def run_fresh_process(cases: list[dict], cwd) -> list[dict]:
+    """Load each case's merged folder in a fresh process (iclca blocked): its logits, greedy tokens, class."""
+    proc = subprocess.run([sys.executable, "-c", FRESH_PROCESS, json.dumps(cases)], capture_output=True, text=True,
+                          cwd=cwd, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
 CASES = [(30, "elu+1", "learned", 120, 16), (31, "relu", "none", 300, 8), (32, "relu", "learned", 1, 30),
          (33, "elu+1", "none", 64, 1)]
 
@@ -53,10 +61,7 @@ def test_merged_folder_in_a_fresh_process_equals_prompted(tmp_path):
             cases.append({"folder": str(folder), "dtype": str(dtype).removeprefix("torch."), "query": query})
             gen = model.generate(torch.tensor([prompt + query]), max_new_tokens=8, do_sample=False)[0, P + Q:]
             expected.append((logits(model, prompt + query)[P:], gen.tolist(), bound))
-    proc = subprocess.run([sys.executable, "-c", FRESH_PROCESS, json.dumps(cases)], capture_output=True, text=True,
-                          cwd=tmp_path, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    results = json.loads(proc.stdout.strip().splitlines()[-1])
+    results = run_fresh_process(cases, tmp_path)
     for res, (want, want_gen, bound), case in zip(results, expected, cases):
         assert res["class"].startswith("transformers_modules.") and not res["iclca_imported"]
         got = torch.tensor(res["logits"], dtype=want.dtype)
