@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from .errors import IclcaError
-from .models.modeling_iclca_gpt2 import ATTENTION_NAME, taylor_feature_dim, taylor_features
+from .models.modeling_iclca_gpt2 import ATTENTION_NAME, register_patch_buffers, taylor_feature_dim, taylor_features
 from .models.modeling_iclca_llama import shift_rotary
 
 ROPE_FAMILIES = ("llama", "qwen2", "mistral")
@@ -177,9 +177,6 @@ def expected_shapes(model, method: str, prompt_tokens: int, budget: int, order: 
 @torch.no_grad()
 def attach_rope_patch(model, tensors: dict[str, torch.Tensor], prompt_tokens: int) -> None:
     """Buffers on the attention modules, position ids shifted by P, attention switched to iclca's."""
-    dtype = next(model.parameters()).dtype
-    for name, t in tensors.items():
-        path, buffer = name.rsplit(".", 1)
-        model.get_submodule(path).register_buffer(buffer, t.to(dtype).clone())
+    register_patch_buffers(model, tensors)
     shift_rotary(rotary_module(model), prompt_tokens)
     model.set_attn_implementation(ATTENTION_NAME)

@@ -121,13 +121,32 @@ def attention_layers(model: nn.Module) -> dict[str, nn.Module]:
 
 
 @torch.no_grad()
-def attach_patch(model: GPT2LMHeadModel, tensors: dict[str, torch.Tensor], prompt_tokens: int) -> None:
-    """Put the patch tensors on the attention modules as buffers, shift the position table by
-    prompt_tokens rows and switch attention to `patched_attention`."""
-    dtype = model.transformer.wte.weight.dtype
+def register_patch_buffers(model: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
+    """Put patch tensors ('<module path>.<buffer>') on their modules as buffers, in the model's dtype."""
+    dtype = next(model.parameters()).dtype
     for name, t in tensors.items():
         path, buffer = name.rsplit(".", 1)
         model.get_submodule(path).register_buffer(buffer, t.to(dtype).clone())
+
+
+def empty_patch_buffers(attn: nn.Module, method: str, heads: int, entries: int, feature_dim: int, head_dim: int) -> None:
+    """Zero buffers of a merged model's attention module, for its checkpoint to fill: prefix/compressed
+    entries (heads, R, D) (+ score bias (heads, R)), or Taylor memories (heads, F, D), (heads, F)."""
+    if method == "taylor":
+        attn.register_buffer("memory_kv", torch.zeros(heads, feature_dim, head_dim))
+        attn.register_buffer("memory_k", torch.zeros(heads, feature_dim))
+        return
+    attn.register_buffer("prefix_keys", torch.zeros(heads, entries, head_dim))
+    attn.register_buffer("prefix_values", torch.zeros(heads, entries, head_dim))
+    if method == "compressed":
+        attn.register_buffer("prefix_bias", torch.zeros(heads, entries))
+
+
+@torch.no_grad()
+def attach_patch(model: GPT2LMHeadModel, tensors: dict[str, torch.Tensor], prompt_tokens: int) -> None:
+    """Put the patch tensors on the attention modules as buffers, shift the position table by
+    prompt_tokens rows and switch attention to `patched_attention`."""
+    register_patch_buffers(model, tensors)
     wpe = model.transformer.wpe
     n, d = wpe.weight.shape
     shifted = nn.Embedding(n - prompt_tokens, d, device=wpe.weight.device, dtype=wpe.weight.dtype)
@@ -155,17 +174,9 @@ class IclcaGPT2LMHeadModel(GPT2LMHeadModel):
     def __init__(self, config: IclcaGPT2Config):
         super().__init__(config)
         H = config.num_attention_heads
-        D = config.hidden_size // H
-        R, F = config.iclca_entries or config.iclca_prompt_tokens, config.iclca_feature_dim
+        R = config.iclca_entries or config.iclca_prompt_tokens
         for attn in attention_layers(self).values():
-            if config.iclca_method in ("prefix", "compressed"):
-                attn.register_buffer("prefix_keys", torch.zeros(H, R, D))  # (H, R, D)
-                attn.register_buffer("prefix_values", torch.zeros(H, R, D))  # (H, R, D)
-                if config.iclca_method == "compressed":
-                    attn.register_buffer("prefix_bias", torch.zeros(H, R))  # (H, R)
-            else:
-                attn.register_buffer("memory_kv", torch.zeros(H, F, D))  # (H, F, D)
-                attn.register_buffer("memory_k", torch.zeros(H, F))  # (H, F)
+            empty_patch_buffers(attn, config.iclca_method, H, R, config.iclca_feature_dim, config.hidden_size // H)
         self.config._attn_implementation = ATTENTION_NAME
 
 

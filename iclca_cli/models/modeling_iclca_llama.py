@@ -12,7 +12,7 @@ import torch
 from huggingface_hub.dataclasses import strict
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from .modeling_iclca_gpt2 import ATTENTION_NAME, patched_attention  # noqa: F401  (registers the attention function)
+from .modeling_iclca_gpt2 import ATTENTION_NAME, empty_patch_buffers  # importing it registers the attention function
 
 
 def shift_positions(module, args, kwargs):
@@ -48,19 +48,10 @@ class IclcaLlamaForCausalLM(LlamaForCausalLM):
 
     def __init__(self, config: IclcaLlamaConfig):
         super().__init__(config)
-        Hkv = config.num_key_value_heads
         D = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-        R, F = config.iclca_entries, config.iclca_feature_dim
-        for layer in self.model.layers:
-            attn = layer.self_attn
-            if config.iclca_method == "taylor":
-                attn.register_buffer("memory_kv", torch.zeros(Hkv, F, D))  # (Hkv, F, D)
-                attn.register_buffer("memory_k", torch.zeros(Hkv, F))  # (Hkv, F)
-                continue
-            attn.register_buffer("prefix_keys", torch.zeros(Hkv, R, D))  # (Hkv, R, D)
-            attn.register_buffer("prefix_values", torch.zeros(Hkv, R, D))  # (Hkv, R, D)
-            if config.iclca_method == "compressed":
-                attn.register_buffer("prefix_bias", torch.zeros(Hkv, R))  # (Hkv, R)
+        for layer in self.model.layers:  # per key/value head
+            empty_patch_buffers(layer.self_attn, config.iclca_method, config.num_key_value_heads, config.iclca_entries,
+                                config.iclca_feature_dim, D)
         shift_rotary(self.model.rotary_emb, config.iclca_prompt_tokens)
         self.config._attn_implementation = ATTENTION_NAME
 
