@@ -101,8 +101,8 @@ def convert_prompt(
     progress: Progress | None = None,
     budget: int = 0,
 ) -> Patch:
-    """The patch of `prompt_ids` for `model` by `method`: exact (linear attention), prefix or taylor
-    (GPT-2), prefix or compressed (rotary decoders such as Llama; `budget` entries per key/value head)."""
+    """The patch of `prompt_ids` for `model` by `method`: exact (linear attention), or for softmax
+    decoders (GPT-2, Llama, ...) prefix, taylor (`order`) or compressed (`budget` entries per key/value head)."""
     check_method(model, method)
     if method == "exact":
         return convert_exact(model, prompt_ids, prompt_sha256, base_patch, chunk_size, progress)
@@ -115,7 +115,7 @@ def convert_prompt(
     from .decoder import convert_softmax
 
     tensors = convert_softmax(model, prompt_ids, method, budget, order)
-    extra = {"budget": str(budget)} if method == "compressed" else {"taylor_order": str(order)}
+    extra = {"compressed": {"budget": str(budget)}, "taylor": {"taylor_order": str(order)}}.get(method, {})
     if progress is not None:
         progress(len(prompt_ids), len(prompt_ids))
     return Patch(
@@ -126,7 +126,7 @@ def convert_prompt(
         prompt_sha256=prompt_sha256,
         prompt_tokens=len(prompt_ids),
         position_offset=len(prompt_ids),
-        extra=extra if method in ("taylor", "compressed") else {},
+        extra=extra,
     )
 
 

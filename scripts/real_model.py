@@ -128,22 +128,22 @@ def run(folder: Path, tasks: list[str], n_prompts: int, log=print) -> list[dict]
             prompted = [answer_logits(model, prompt + q) for q, _ in encoded]
             for (q, target), ref in zip(encoded, prompted):
                 add("prompted", int(ref.argmax() == target), 0.0)
-                add("none", int(answer_logits(model, q).argmax() == target), float(kl_divergence(ref[None], answer_logits(model, q)[None])))
+                alone = answer_logits(model, q)
+                add("none", int(alone.argmax() == target), float(kl_divergence(ref[None], alone[None])))
             for name, method, kw in methods_for(P):
                 patch = convert_prompt(model, prompt, "-", method, kw.get("order", 2), budget=kw.get("budget", 0))
                 patched = copy.deepcopy(model)
                 apply_patch(patched, patch)
-                key = name
                 for (q, target), ref in zip(encoded, prompted):
                     got = answer_logits(patched, q)
-                    add(key, int(got.argmax() == target), float(kl_divergence(ref[None], got[None])), patch.nbytes,
+                    add(name, int(got.argmax() == target), float(kl_divergence(ref[None], got[None])), patch.nbytes,
                         float((got - ref).abs().max()))
-                if key == "compressed-P/3":
-                    stats[key]["budget"] = kw["budget"]
+                if name == "compressed-P/3":
+                    stats[name]["budget"] = kw["budget"]
                 if method == "prefix":  # greedy 8-token continuations of the first query: patched vs prompted
                     q = encoded[0][0]
                     same = greedy_continuation(patched, q, 8) == greedy_continuation(model, prompt + q, 8)
-                    stats[key]["greedy_same"] = stats[key].get("greedy_same", 0) + int(same)
+                    stats[name]["greedy_same"] = stats[name].get("greedy_same", 0) + int(same)
                 del patched
             log(f"{task}: prompt {i + 1}/{n_prompts} (P = {P} tokens)")
         for name, s in stats.items():
