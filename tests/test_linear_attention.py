@@ -4,7 +4,12 @@ import pytest
 import torch
 
 from conftest import make_linear_model, random_ids
-from iclca_cli.models.modeling_iclca_linear import FEATURE_MAPS, linear_attention_chunked, linear_attention_parallel
+from iclca_cli.models.modeling_iclca_linear import (
+    FEATURE_MAPS,
+    linear_attention_chunked,
+    linear_attention_parallel,
+    linear_attention_step,
+)
 
 
 def recurrent_reference(q, k, v, S, z, eps):
@@ -37,6 +42,27 @@ def test_parallel_and_chunked_match_recurrent(B, T, H, D, C, feature_map, with_s
         torch.testing.assert_close(out, ref_out, rtol=0, atol=1e-10)
         torch.testing.assert_close(S, ref_S, rtol=0, atol=1e-10)
         torch.testing.assert_close(z, ref_z, rtol=0, atol=1e-10)
+    # the one-token form decoding uses, applied token by token
+    out, S, z = [], S0, z0
+    for i in range(T):
+        o, S, z = linear_attention_step(q[..., i : i + 1, :], k[..., i : i + 1, :], v[..., i : i + 1, :], S, z, 1e-6)
+        out.append(o)  # (B, H, 1, Dv)
+    torch.testing.assert_close(torch.cat(out, dim=-2), ref_out, rtol=0, atol=1e-10)
+    torch.testing.assert_close(S, ref_S, rtol=0, atol=1e-10)
+    torch.testing.assert_close(z, ref_z, rtol=0, atol=1e-10)
+
+
+def test_token_by_token_decoding_matches_one_pass():
+    """Incremental decoding (the one-token step, memories carried in the cache) gives the one-pass logits."""
+    model = make_linear_model(seed=5)
+    ids = random_ids(40, seed=5)
+    full = model(input_ids=torch.tensor([ids]), use_cache=False).logits  # (1, T, V)
+    cache, steps = None, []
+    for token in ids:
+        res = model(input_ids=torch.tensor([[token]]), past_key_values=cache, use_cache=True)
+        cache = res.past_key_values
+        steps.append(res.logits)
+    torch.testing.assert_close(torch.cat(steps, dim=1), full, rtol=0, atol=1e-10)
 
 
 def test_model_forms_agree_final_memories_included():
