@@ -16,14 +16,14 @@ from .errors import IclcaError
 from .inputs import Query, encode_continuation, encode_prompt
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def next_token_logits(model, ids: list[int]) -> torch.Tensor:
     """Logits (T, V) of the model over ids, one pass, no cache."""
     device = next(model.parameters()).device
     return model(input_ids=torch.tensor([ids], device=device), use_cache=False).logits[0]
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def greedy_continuation(model, ids: list[int], n: int, cache=None) -> list[int]:
     """The n tokens greedy decoding appends to ids (incremental, with the model's cache; `cache`, if
     given, holds tokens that come before ids, e.g. a prompt's)."""
