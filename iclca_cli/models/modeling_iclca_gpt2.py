@@ -69,6 +69,16 @@ def _heads(x: torch.Tensor, heads: int) -> torch.Tensor:
     return x if n == heads else x.repeat_interleave(heads // n, dim=dim)
 
 
+def _grouped_matmul(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """x (B, H, T, K) @ y (Hkv, K, N), head h using y[h // (H / Hkv)], without repeating y per head:
+    the G = H / Hkv query heads of a group become one (G*T)-row batch. -> (B, H, T, N)"""
+    B, H, T, K = x.shape
+    Hkv = y.shape[0]
+    if Hkv == H:
+        return x @ y
+    return (x.reshape(B, Hkv, (H // Hkv) * T, K) @ y).view(B, H, T, y.shape[-1])
+
+
 def patched_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
     """AttentionInterface function. query (B,H,Tq,D), key/value (B,Hkv,Tk,D) with Hkv dividing H
     (grouped-query attention), attention_mask additive (B,1,Tq,Tk) or None; returns (out (B,Tq,H,D), None).
@@ -84,26 +94,26 @@ def patched_attention(module, query, key, value, attention_mask, scaling=None, d
     if attention_mask is not None:
         scores = scores + attention_mask[..., : key.shape[-2]]
     if hasattr(module, "prefix_keys"):
-        pk = _heads(module.prefix_keys.to(query.dtype), H)  # (H, P, D)
-        pv = _heads(module.prefix_values.to(value.dtype), H)  # (H, P, D)
+        pk = module.prefix_keys.to(query.dtype)  # (Hkv, P, D)
+        pv = module.prefix_values.to(value.dtype)  # (Hkv, P, D)
         P = pk.shape[-2]
-        prefix_scores = (query @ pk.transpose(-1, -2)) * scaling  # (B, H, Tq, P)
+        prefix_scores = _grouped_matmul(query, pk.transpose(-1, -2)) * scaling  # (B, H, Tq, P)
         if hasattr(module, "prefix_bias"):
             prefix_scores = prefix_scores + _heads(module.prefix_bias.to(query.dtype), H).unsqueeze(-2)  # + (H, 1, P)
         weights = torch.softmax(torch.cat([prefix_scores, scores], dim=-1), dim=-1)  # (B, H, Tq, P + Tk)
         weights = nn.functional.dropout(weights, p=dropout, training=module.training)
-        out = weights[..., :P] @ pv + weights[..., P:] @ value  # (B, H, Tq, D)
+        out = _grouped_matmul(weights[..., :P], pv) + weights[..., P:] @ value  # (B, H, Tq, D)
     elif hasattr(module, "memory_kv"):
-        S = _heads(module.memory_kv.to(query.dtype), H)  # (H, F, D)
-        z = _heads(module.memory_k.to(query.dtype), H)  # (H, F)
+        S = module.memory_kv.to(query.dtype)  # (Hkv, F, D)
+        z = module.memory_k.to(query.dtype)  # (Hkv, F)
         phi_q = taylor_features(query, scaling, taylor_order_of(S.shape[-2], query.shape[-1]))  # (B, H, Tq, F)
         # (B, H, Tq, 1) for a stable exp; floored at 0 so that fully masked (padding) rows stay finite
         m = scores.amax(dim=-1, keepdim=True).clamp_min(0.0)
         e = torch.exp(scores - m)  # (B, H, Tq, Tk)
         e = nn.functional.dropout(e, p=dropout, training=module.training)
         scale = torch.exp(-m)  # the prompt part, on the same scale
-        num = e @ value + (phi_q @ S) * scale  # (B, H, Tq, D)
-        den = e.sum(-1, keepdim=True) + (phi_q @ z.unsqueeze(-1)) * scale  # (B, H, Tq, 1)
+        num = e @ value + _grouped_matmul(phi_q, S) * scale  # (B, H, Tq, D)
+        den = e.sum(-1, keepdim=True) + _grouped_matmul(phi_q, z.unsqueeze(-1)) * scale  # (B, H, Tq, 1)
         out = num / den
     else:
         weights = nn.functional.dropout(torch.softmax(scores, dim=-1), p=dropout, training=module.training)
