@@ -24,7 +24,7 @@ import torch
 from huggingface_hub.dataclasses import strict
 from torch import nn
 from transformers import AttentionInterface, GPT2Config, GPT2LMHeadModel
-from transformers.masking_utils import AttentionMaskInterface, eager_mask
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 ATTENTION_NAME = "iclca_patch"
 PREFIX_NAMES = ("prefix_keys", "prefix_values")
@@ -81,7 +81,8 @@ def _grouped_matmul(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 
 def patched_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
     """AttentionInterface function. query (B,H,Tq,D), key/value (B,Hkv,Tk,D) with Hkv dividing H
-    (grouped-query attention), attention_mask additive (B,1,Tq,Tk) or None; returns (out (B,Tq,H,D), None).
+    (grouped-query attention), attention_mask boolean or additive (B,1,Tq,Tk), or None for plain causal
+    attention (upper-left aligned, as sdpa's is_causal); returns (out (B,Tq,H,D), None).
     Adds the patch buffers' prompt part: prefix_keys/prefix_values (Hkv,R,D) with an optional score
     bias prefix_bias (Hkv,R), or Taylor memories. A module with a `_iclca_capture` list records its
     (key, value, query) there: that is how prompts are captured from any model using this interface."""
@@ -90,9 +91,21 @@ def patched_attention(module, query, key, value, attention_mask, scaling=None, d
     scaling = query.size(-1) ** -0.5 if scaling is None else scaling
     H = query.shape[1]
     key, value = _heads(key, H), _heads(value, H)  # (B, H, Tk, D)
+    Tq, Tk = query.shape[-2], key.shape[-2]
+    mask = None if attention_mask is None else attention_mask[..., :Tk]  # (B, 1, Tq, Tk), True/0 = attend
+    if not hasattr(module, "prefix_keys") and not hasattr(module, "memory_kv"):  # no patch: capture, or a plain model
+        out = nn.functional.scaled_dot_product_attention(
+            query, key, value, attn_mask=mask, dropout_p=dropout if module.training else 0.0, scale=scaling,
+            is_causal=mask is None and Tq > 1,
+        )  # (B, H, Tq, D), without materialising the (Tq, Tk) weights
+        return out.transpose(1, 2).contiguous(), None
     scores = (query @ key.transpose(-1, -2)) * scaling  # (B, H, Tq, Tk)
-    if attention_mask is not None:
-        scores = scores + attention_mask[..., : key.shape[-2]]
+    if mask is None and Tq > 1:  # no padding: transformers leaves causality to us (as sdpa's is_causal)
+        mask = torch.ones(Tq, Tk, dtype=torch.bool, device=scores.device).tril()  # (Tq, Tk)
+    if mask is not None and mask.dtype == torch.bool:
+        scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
+    elif mask is not None:  # an additive float mask
+        scores = scores + mask
     if hasattr(module, "prefix_keys"):
         pk = module.prefix_keys.to(query.dtype)  # (Hkv, P, D)
         pv = module.prefix_values.to(value.dtype)  # (Hkv, P, D)
@@ -103,7 +116,7 @@ def patched_attention(module, query, key, value, attention_mask, scaling=None, d
         weights = torch.softmax(torch.cat([prefix_scores, scores], dim=-1), dim=-1)  # (B, H, Tq, P + Tk)
         weights = nn.functional.dropout(weights, p=dropout, training=module.training)
         out = _grouped_matmul(weights[..., :P], pv) + weights[..., P:] @ value  # (B, H, Tq, D)
-    elif hasattr(module, "memory_kv"):
+    else:  # Taylor memories
         S = module.memory_kv.to(query.dtype)  # (Hkv, F, D)
         z = module.memory_k.to(query.dtype)  # (Hkv, F)
         phi_q = taylor_features(query, scaling, taylor_order_of(S.shape[-2], query.shape[-1]))  # (B, H, Tq, F)
@@ -115,14 +128,13 @@ def patched_attention(module, query, key, value, attention_mask, scaling=None, d
         num = e @ value + _grouped_matmul(phi_q, S) * scale  # (B, H, Tq, D)
         den = e.sum(-1, keepdim=True) + _grouped_matmul(phi_q, z.unsqueeze(-1)) * scale  # (B, H, Tq, 1)
         out = num / den
-    else:
-        weights = nn.functional.dropout(torch.softmax(scores, dim=-1), p=dropout, training=module.training)
-        out = weights @ value
     return out.transpose(1, 2).contiguous(), None  # (B, Tq, H, D)
 
 
 AttentionInterface.register(ATTENTION_NAME, patched_attention)
-AttentionMaskInterface.register(ATTENTION_NAME, eager_mask)  # else padding masks would arrive as None
+# sdpa's masks: boolean, or None where causality alone is enough (no padding), which lets capture and
+# unpatched layers run sdpa's causal kernel instead of a materialised (P, P) mask
+AttentionMaskInterface.register(ATTENTION_NAME, sdpa_mask)
 
 
 def attention_layers(model: nn.Module) -> dict[str, nn.Module]:
