@@ -111,10 +111,33 @@ def query_latency(model, P: int, methods: list[tuple[str, int]], repeats: int, t
             "reread": lambda: greedy(model, prompt + query, NEW),
             "kv_cache": lambda: greedy(model, query, NEW, copy.deepcopy(prompt_cache)),
             "base": lambda: greedy(model, query, NEW),
+            # time to the first new token: the prompt's prefill is what a patch removes
+            "patched_first": lambda: greedy(patched, query, 1),
+            "reread_first": lambda: greedy(model, prompt + query, 1),
         }
         t = best_of(fns, repeats)
         name = method if method != "taylor" else f"taylor{order}"
-        rows.append({"model": model.config.model_type, "method": name, "P": P, **{f"{k}_s": v for k, v in t.items()}})
+        rows.append({"model": model.config.model_type, "method": name, "P": P, **{f"{k}_s": v for k, v in t.items()},
+                     "patch_bytes": sum(x.numel() * x.element_size() for x in patch.tensors.values()),
+                     "weight_bytes": sum(x.numel() * x.element_size() for x in model.parameters())})
+    return rows
+
+
+@torch.no_grad()
+def patch_sizes(model, Ps: list[int], methods: list[tuple[str, int, int]]) -> list[dict]:
+    """Bytes of real patches (method, order, budget) as the prompt grows, next to the keys and values
+    a softmax model of the same shape caches for the prompt (float32)."""
+    from iclca_cli.evaluate import prompt_kv_bytes
+
+    rows = []
+    for method, order, budget in methods:
+        for P in Ps:
+            patch = convert_prompt(copy.deepcopy(model), random_ids(P, model.config.vocab_size, 3), "-", method, order,
+                                   chunk_size=2048, budget=budget)
+            name = {"taylor": f"taylor{order}", "compressed": f"compressed (R={budget})"}.get(method, method)
+            rows.append({"model": model.config.model_type, "method": name, "P": P,
+                         "patch_bytes": sum(x.numel() * x.element_size() for x in patch.tensors.values()),
+                         "prompt_kv_bytes": prompt_kv_bytes(model.config, P, 4)})
     return rows
 
 
@@ -160,6 +183,9 @@ def run(quick: bool, tmp: Path) -> dict:
     q_gpt2 = query_latency(gpt, 128 if quick else 960, g_methods, reps, tmp)
     small, big = (16384, 131072) if quick else (65536, 1048576)
     mem = [conversion_memory(small), conversion_memory(big)]
+    sizes = patch_sizes(lin, [1024, 16384] if quick else [1024, 4096, 16384, 65536], [("exact", 0, 0)])
+    sizes += patch_sizes(gpt, [128, 512] if quick else [128, 512, 1023],
+                         [("prefix", 0, 0), ("taylor", 1, 0), ("taylor", 2, 0), ("compressed", 0, 64)])
 
     targets = []
     for c in conv:
@@ -185,7 +211,8 @@ def run(quick: bool, tmp: Path) -> dict:
     time_ratio = (mem[1]["seconds"] / mem[0]["seconds"]) / (big / small)
     targets.append(target(f"conversion time {small} -> {big} tokens / proportional", time_ratio, 1.3, time_ratio <= 1.3))
     return {"machine": f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}",
-            "quick": quick, "conversion": conv + conv_gpt2, "query": q_lin + q_gpt2, "memory": mem, "targets": targets}
+            "quick": quick, "conversion": conv + conv_gpt2, "query": q_lin + q_gpt2, "memory": mem, "patch_sizes": sizes,
+            "targets": targets}
 
 
 def markdown(result: dict) -> str:
@@ -195,16 +222,25 @@ def markdown(result: dict) -> str:
              "| target | value | limit | holds |", "|---|---|---|---|"]
     lines += [f"| {t['name']} | {t['value']:.3g} | {t['limit']:g} | {'yes' if t['holds'] else '**no**'} |"
               for t in result["targets"]]
-    lines += ["", "| model | method | P | patched s | merged s | re-read s | prompt KV cache s | base s |",
-              "|---|---|---|---|---|---|---|---|"]
+    lines += ["", "Query latency (16 tokens + 32 greedy tokens, seconds); first token: the query's prefill alone "
+              "(re-read: prompt + query); patch bytes: the patch's tensors, as a share of the model's weights.", "",
+              "| model | method | P | patched | merged | re-read | prompt KV cache | base | first token: patched / re-read "
+              "| patch bytes |", "|---|---|---|---|---|---|---|---|---|---|"]
     lines += [f"| {r['model']} | {r['method']} | {r['P']} | {r['patched_s']:.3g} | {r['merged_s']:.3g} | "
-              f"{r['reread_s']:.3g} | {r['kv_cache_s']:.3g} | {r['base_s']:.3g} |" for r in result["query"]]
-    lines += ["", "| conversion | P | convert s | plain forward s | fingerprint s (once per conversion) |",
-              "|---|---|---|---|---|"]
-    lines += [f"| {c['model']} | {c['P']} | {c['convert_s']:.3g} | {c['forward_s']:.3g} | {c['fingerprint_s']:.3g} |"
-              for c in result["conversion"]]
+              f"{r['reread_s']:.3g} | {r['kv_cache_s']:.3g} | {r['base_s']:.3g} | {r['patched_first_s']:.3g} / "
+              f"{r['reread_first_s']:.3g} ({r['reread_first_s'] / r['patched_first_s']:.0f}× faster) | "
+              f"{r['patch_bytes']:,} ({r['patch_bytes'] / r['weight_bytes']:.1%}) |" for r in result["query"]]
+    lines += ["", "| conversion | P | convert s | µs per prompt token | plain forward s | fingerprint s (once per conversion) |",
+              "|---|---|---|---|---|---|"]
+    lines += [f"| {c['model']} | {c['P']} | {c['convert_s']:.3g} | {1e6 * c['convert_s'] / c['P']:.3g} | "
+              f"{c['forward_s']:.3g} | {c['fingerprint_s']:.3g} |" for c in result["conversion"]]
     lines += ["", "| converting | seconds | peak RSS MiB |", "|---|---|---|"]
     lines += [f"| {m['P']:,} tokens | {m['seconds']:.3g} | {m['peak_rss_kib'] / 1024:.0f} |" for m in result["memory"]]
+    lines += ["", "Patch bytes as the prompt grows, against the prompt's keys and values (what a softmax model "
+              "of the same shape caches; float32):", "", "| model | method | P | patch bytes | prompt-KV bytes | ratio |",
+              "|---|---|---|---|---|---|"]
+    lines += [f"| {r['model']} | {r['method']} | {r['P']:,} | {r['patch_bytes']:,} | {r['prompt_kv_bytes']:,} | "
+              f"{r['patch_bytes'] / r['prompt_kv_bytes']:.3g} |" for r in result["patch_sizes"]]
     return "\n".join(lines)
 
 
