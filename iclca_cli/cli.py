@@ -254,14 +254,13 @@ def eval_(
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
 ):
     """Compare patched (or merged), prompted and plain outputs: fidelity, accuracy, speed, size."""
-    import copy
 
     from .evaluate import evaluate
     from .fingerprint import model_fingerprint
     from .inputs import read_prompt, read_queries
     from .loading import load_model
     from .merge import load_merged
-    from .patch import apply_patch, check_patch_fits, load_patch
+    from .patch import check_patch_fits, load_patch, patched_copy
 
     _quiet_transformers()
     if (patch_path is None) == (merged is None):
@@ -273,8 +272,7 @@ def eval_(
     fingerprint = model_fingerprint(base)
     if patch is not None:
         check_patch_fits(patch, base, fingerprint)
-        patched = copy.deepcopy(base)
-        apply_patch(patched, patch)
+        patched = patched_copy(base, patch)
         method, nbytes, element = patch.method, patch.nbytes, next(iter(patch.tensors.values())).element_size()
     else:
         patched, method, nbytes, element = load_merged(merged, fingerprint, dtype.value, device.value)

@@ -19,7 +19,7 @@ import torch
 import iclca_cli  # noqa: F401
 from iclca_cli.convert import convert_exact
 from iclca_cli.models import IclcaLinearConfig, IclcaLinearForCausalLM
-from iclca_cli.patch import apply_patch
+from iclca_cli.patch import patched_copy
 
 PROMPTS = [1, 16, 128, 512, 4096]
 QUERIES = [1, 64]
@@ -39,8 +39,7 @@ def sweep(dtype: torch.dtype, seeds=(0, 1, 2)) -> dict:
                 for P in PROMPTS:
                     prompt = torch.randint(0, 97, (P,), generator=g).tolist()
                     patch = convert_exact(copy.deepcopy(model), prompt, "-", chunk_size=512)
-                    patched = copy.deepcopy(model)
-                    apply_patch(patched, patch)
+                    patched = patched_copy(model, patch)
                     for Q in QUERIES:
                         query = torch.randint(0, 97, (Q,), generator=g).tolist()
                         with torch.no_grad():

@@ -21,7 +21,7 @@ import torch
 import iclca_cli  # noqa: F401
 from iclca_cli.convert import convert_prompt
 from iclca_cli.evaluate import greedy_continuation, kl_divergence
-from iclca_cli.patch import apply_patch
+from iclca_cli.patch import patched_copy
 
 
 def gpt2_small(dtype):
@@ -51,8 +51,7 @@ def main() -> None:
             if dtype == torch.float32 and method != "prefix":
                 continue
             patch = convert_prompt(copy.deepcopy(model), prompt, "-", method, order)
-            patched = copy.deepcopy(model)
-            apply_patch(patched, patch)
+            patched = patched_copy(model, patch)
             out = patched(input_ids=torch.tensor([query])).logits[0]
             row = {"dtype": str(dtype).removeprefix("torch."), "method": method if method == "prefix" else f"taylor{order}",
                    "max_abs_logit_diff": float((out - prompted).abs().max()), "kl_prompted_patched": float(kl_divergence(prompted, out).mean()),

@@ -20,7 +20,6 @@ taylor1/2, compressed with budgets 8, 16, 32 and P/3 entries per layer and key/v
 from __future__ import annotations
 
 import argparse
-import copy
 import importlib.util
 import json
 import random
@@ -39,7 +38,7 @@ from iclca_cli.convert import convert_prompt  # noqa: E402
 from iclca_cli.evaluate import greedy_continuation, kl_divergence  # noqa: E402
 from iclca_cli.inputs import encode_continuation, encode_prompt  # noqa: E402
 from iclca_cli.loading import load_model  # noqa: E402
-from iclca_cli.patch import apply_patch  # noqa: E402
+from iclca_cli.patch import patched_copy  # noqa: E402
 
 GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DEFAULT_FOLDER = Path.home() / ".cache/iclca/smollm2-135m-instruct"
@@ -132,8 +131,7 @@ def run(folder: Path, tasks: list[str], n_prompts: int, log=print) -> list[dict]
                 add("none", int(alone.argmax() == target), float(kl_divergence(ref[None], alone[None])))
             for name, method, kw in methods_for(P):
                 patch = convert_prompt(model, prompt, "-", method, kw.get("order", 2), budget=kw.get("budget", 0))
-                patched = copy.deepcopy(model)
-                apply_patch(patched, patch)
+                patched = patched_copy(model, patch)
                 for (q, target), ref in zip(encoded, prompted):
                     got = answer_logits(patched, q)
                     add(name, int(got.argmax() == target), float(kl_divergence(ref[None], got[None])), patch.nbytes,

@@ -13,7 +13,6 @@ bytes in float32.
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import random
 import sys
@@ -26,7 +25,7 @@ from iclca_cli.convert import convert_prompt  # noqa: E402
 from iclca_cli.evaluate import evaluate  # noqa: E402
 from iclca_cli.inputs import encode_prompt  # noqa: E402
 from iclca_cli.loading import builtin_models, load_model  # noqa: E402
-from iclca_cli.patch import apply_patch  # noqa: E402
+from iclca_cli.patch import patched_copy  # noqa: E402
 from iclca_cli.tasks import RecallTask  # noqa: E402
 
 # (method, taylor order or compressed budget as a fraction of the prompt's tokens)
@@ -53,8 +52,7 @@ def table(models: list[str], n_prompts: int, log=lambda *a: None) -> list[dict]:
                 key = name_of(method, order)
                 budget = max(2, round(order * len(ids))) if method == "compressed" else 0
                 patch = convert_prompt(model, ids, "-", method, int(order) if method == "taylor" else 2, budget=budget)
-                patched = copy.deepcopy(model)
-                apply_patch(patched, patch)
+                patched = patched_copy(model, patch)
                 r = evaluate(model, patched, tokenizer, prompt, queries, method, patch.nbytes, 4)
                 acc[key].append(r["accuracy"]["patched"])
                 kl[key].append(r["kl_prompted_patched"])

@@ -14,7 +14,7 @@ import iclca_cli  # noqa: F401  (registers iclca_linear with the Auto classes)
 from iclca_cli.cli import app
 from iclca_cli.convert import convert_exact
 from iclca_cli.models import IclcaLinearConfig, IclcaLinearForCausalLM
-from iclca_cli.patch import apply_patch
+from iclca_cli import patch as patch_lib
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE_PROMPT = ROOT / "configs/examples/recall-prompt.txt"
@@ -48,11 +48,9 @@ def logits(model, ids):
 
 
 def patched_copy(model, prompt_ids, chunk_size=512, base_patch=None):
-    """(patched deep copy of model, patch) after converting prompt_ids with the library."""
+    """(patched copy of model sharing its weights, patch) after converting prompt_ids with the library."""
     patch = convert_exact(copy.deepcopy(model), prompt_ids, "0" * 64, base_patch=base_patch, chunk_size=chunk_size)
-    patched = copy.deepcopy(model)
-    apply_patch(patched, patch)
-    return patched, patch
+    return patch_lib.patched_copy(model, patch), patch
 
 
 def tree_digest(folder: Path) -> dict[str, str]:

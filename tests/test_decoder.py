@@ -1,7 +1,6 @@
 """Rotary / grouped-query decoders (a tiny random Llama): prefix patches equal the prompted model,
 compressed patches with a budget >= P are the prefix, and their size does not grow with P."""
 
-import copy
 import importlib.util
 import os
 
@@ -12,7 +11,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from iclca_cli.convert import convert_prompt
 from iclca_cli.decoder import summarise
 from iclca_cli.errors import IclcaError
-from iclca_cli.patch import apply_patch
+from iclca_cli.patch import patched_copy
 
 
 def make_llama(dtype=torch.float64, seed=0, init=0.2):
@@ -37,9 +36,7 @@ def make_decoder(kind, seed=0):
 
 def patched(model, prompt, method="prefix", budget=0, order=2):
     patch = convert_prompt(model, prompt, "-", method, order, budget=budget)
-    m = copy.deepcopy(model)
-    apply_patch(m, patch)
-    return m, patch
+    return patched_copy(model, patch), patch
 
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-10), (torch.float32, 1e-4)])
@@ -217,3 +214,24 @@ def test_gpt2_compressed_is_the_prefix_at_full_budget_and_merges(tmp_path):
     folder = merge_patch(model, tok, patch, tmp_path / "merged")
     res = run_fresh_process([{"folder": str(folder), "dtype": "float64", "query": query}], tmp_path)[0]
     assert (torch.tensor(res["logits"], dtype=torch.float64) - want).abs().max() <= 1e-10
+
+
+@pytest.mark.parametrize("family", ["iclca_linear", "gpt2", "llama"])
+def test_patched_copy_shares_weights_and_leaves_the_base_as_it_was(family):
+    """`iclca eval` holds the base and the patched model at once: the patched one must not copy the
+    weights, and patching it must not change the base (its buffers, positions or attention)."""
+    from conftest import make_gpt2_model, make_linear_model
+
+    model = {"iclca_linear": make_linear_model, "gpt2": lambda: make_gpt2_model(vocab_size=97), "llama": make_llama}[family]()
+    method = "exact" if family == "iclca_linear" else "prefix"
+    prompt, query = torch.randint(0, 50, (12,)).tolist(), torch.tensor([[3, 7, 9]])
+    before_state = {k: v.clone() for k, v in model.state_dict().items()}
+    before = model(input_ids=query).logits
+    m = patched_copy(model, convert_prompt(model, prompt, "-", method))
+    shared = {p.data_ptr() for p in model.parameters()}
+    own = {name for name, p in m.named_parameters() if p.data_ptr() not in shared}
+    assert own <= {"transformer.wpe.weight"}, own  # GPT-2's position table is shifted: a new, small one
+    assert not torch.allclose(m(input_ids=query).logits, before)  # the copy is patched
+    torch.testing.assert_close(model(input_ids=query).logits, before, rtol=0, atol=0)  # the base is not
+    assert model.state_dict().keys() == before_state.keys()
+    assert all(torch.equal(v, before_state[k]) for k, v in model.state_dict().items())

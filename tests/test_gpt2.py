@@ -12,7 +12,7 @@ from iclca_cli.errors import IclcaError
 from iclca_cli.loading import load_model
 from iclca_cli.merge import merge_patch
 from iclca_cli.models.modeling_iclca_gpt2 import taylor_feature_dim, taylor_features
-from iclca_cli.patch import apply_patch
+from iclca_cli.patch import patched_copy
 from test_merge import run_fresh_process
 
 V = 50257
@@ -20,9 +20,7 @@ V = 50257
 
 def patched(model, prompt, method="prefix", order=2):
     patch = convert_prompt(copy.deepcopy(model), prompt, "0" * 64, method, order)
-    m = copy.deepcopy(model)
-    apply_patch(m, patch)
-    return m, patch
+    return patched_copy(model, patch), patch
 
 
 def test_real_gpt2_tokenizer_offline(gpt2_tokenizer):
