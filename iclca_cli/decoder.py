@@ -24,6 +24,7 @@ from .models.modeling_iclca_gpt2 import ATTENTION_NAME, register_patch_buffers, 
 from .models.modeling_iclca_llama import shift_rotary
 
 ROPE_FAMILIES = ("llama", "qwen2", "mistral")
+CHUNK_TOKENS = 4096  # prompt tokens (or sample queries) per step of the Taylor and compressed fits: bounded memory
 SOFTMAX_METHODS = ("prefix", "compressed", "taylor")
 
 
@@ -54,22 +55,28 @@ def kv_shape(model) -> tuple[int, int]:
 
 
 @contextmanager
-def capture_prompt_kv(model) -> Iterator[dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]]:
-    """Yield {attention module path: (keys, values (B, Hkv, T, D), queries (B, H, T, D))}, filled by
-    the next forward pass (keys and queries after the rotary embedding)."""
+def capture_prompt_kv(model, with_queries: bool = True) -> Iterator[dict[str, tuple]]:
+    """Yield {attention module path: (keys, values (B, Hkv, T, D), queries (B, H, T, D) or None)},
+    filled by the next forward pass (keys and queries after the rotary embedding). Queries are kept
+    only `with_queries` (the compressed fit needs them; they outweigh the keys and values)."""
     modules = attention_modules(model)
     before = model.config._attn_implementation
-    captured: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
-    for m in modules.values():
-        m._iclca_capture = []
+    captured: dict[str, tuple] = {}
+
+    def keeper(name):
+        def keep(key, value, query):
+            captured[name] = (key, value, query if with_queries else None)
+
+        return keep
+
+    for name, m in modules.items():
+        m._iclca_capture = keeper(name)
     model.set_attn_implementation(ATTENTION_NAME)
     try:
         yield captured
     finally:
         model.set_attn_implementation(before)
-        for name, m in modules.items():
-            if m._iclca_capture:
-                captured[name] = m._iclca_capture[-1]
+        for m in modules.values():
             del m._iclca_capture
 
 
@@ -109,7 +116,8 @@ def summarise(k: torch.Tensor, v: torch.Tensor, q: torch.Tensor, scaling: float,
     mean = lambda x: torch.zeros(C, x.shape[-1], dtype=x.dtype, device=x.device).index_add_(0, assign, x[1:]) / counts.clamp_min(1)[:, None]  # noqa: E731
     keys, values = torch.cat([k[:1], mean(k)]), torch.cat([v[:1], mean(v)])  # (R, D)
     bias = torch.cat([counts.new_zeros(1), torch.where(counts > 0, counts.clamp_min(1).log(), -math.inf)])  # (R,) empty: never attended
-    target = torch.softmax(q @ k.T * scaling, -1) @ v  # (N, D): attention over the whole prompt
+    # (N, D): attention over the whole prompt, CHUNK_TOKENS queries at a time ((N, P) scores at once would not fit for long prompts)
+    target = torch.cat([torch.softmax(c @ k.T * scaling, -1) @ v for c in q.split(CHUNK_TOKENS)])
     w = torch.softmax(q @ keys.T * scaling + bias, -1)  # (N, R): attention over the summary
     gram = w.T @ w  # (R, R)
     lam = ridge * gram.diagonal().mean() * torch.eye(len(bias), dtype=w.dtype, device=w.device)
@@ -131,21 +139,26 @@ def convert_softmax(model, prompt_ids: list[int], method: str, budget: int = 0, 
         raise IclcaError("method compressed needs a budget of at least 2 (the first token is kept apart)",
                          "pass --budget R, the entries per layer and key/value head (e.g. a third of the prompt's tokens)")
     device = next(model.parameters()).device
-    with capture_prompt_kv(model) as captured:
+    with capture_prompt_kv(model, with_queries=method == "compressed") as captured:
         model.base_model(input_ids=torch.tensor([prompt_ids], device=device), use_cache=False)
     tensors = {}
     modules = attention_modules(model)
     for name, (k, v, q) in captured.items():
-        k, v, q = k[0], v[0], q[0]  # (Hkv, P, D), (Hkv, P, D), (H, P, D)
-        G = q.shape[0] // k.shape[0]
+        k, v = k[0], v[0]  # (Hkv, P, D)
         if method == "taylor":
-            phi = taylor_features(k, modules[name].scaling, order)  # (Hkv, P, F)
-            tensors[f"{name}.memory_kv"] = (phi.transpose(-1, -2) @ v).contiguous()  # (Hkv, F, D)
-            tensors[f"{name}.memory_k"] = phi.sum(-2).contiguous()  # (Hkv, F)
+            F = taylor_feature_dim(k.shape[-1], order)
+            S, z = k.new_zeros(k.shape[0], F, v.shape[-1]), k.new_zeros(k.shape[0], F)  # (Hkv, F, D), (Hkv, F)
+            for kc, vc in zip(k.split(CHUNK_TOKENS, dim=1), v.split(CHUNK_TOKENS, dim=1)):
+                phi = taylor_features(kc, modules[name].scaling, order)  # (Hkv, C, F): never (Hkv, P, F)
+                S += phi.transpose(-1, -2) @ vc
+                z += phi.sum(-2)
+            tensors[f"{name}.memory_kv"], tensors[f"{name}.memory_k"] = S, z
             continue
         if method == "prefix":
             tensors[f"{name}.prefix_keys"], tensors[f"{name}.prefix_values"] = k.contiguous(), v.contiguous()
             continue
+        q = q[0]  # (H, P, D)
+        G = q.shape[0] // k.shape[0]
         scaling = modules[name].scaling
         heads = [summarise(k[h], v[h], q[h * G:(h + 1) * G].reshape(-1, q.shape[-1]), scaling, budget)
                  for h in range(k.shape[0])]

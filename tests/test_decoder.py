@@ -235,3 +235,30 @@ def test_patched_copy_shares_weights_and_leaves_the_base_as_it_was(family):
     torch.testing.assert_close(model(input_ids=query).logits, before, rtol=0, atol=0)  # the base is not
     assert model.state_dict().keys() == before_state.keys()
     assert all(torch.equal(v, before_state[k]) for k, v in model.state_dict().items())
+
+
+@pytest.mark.parametrize("method,budget,order", [("taylor", 0, 2), ("compressed", 8, 2), ("prefix", 0, 2)])
+def test_conversion_in_chunks_equals_one_pass(monkeypatch, method, budget, order):
+    """Taylor memories and the compressed fit run over the prompt in chunks of CHUNK_TOKENS (memory
+    bounded for long prompts): the patch equals the one-chunk patch."""
+    import iclca_cli.decoder as decoder
+
+    model, prompt = make_llama(), torch.randint(0, 97, (40,)).tolist()
+    one = decoder.convert_softmax(model, prompt, method, budget, order)
+    monkeypatch.setattr(decoder, "CHUNK_TOKENS", 7)
+    chunked = decoder.convert_softmax(model, prompt, method, budget, order)
+    assert one.keys() == chunked.keys()
+    for name in one:
+        torch.testing.assert_close(chunked[name], one[name], rtol=0, atol=1e-10)
+
+
+def test_capture_keeps_queries_only_when_asked():
+    from iclca_cli.decoder import capture_prompt_kv
+
+    model = make_llama()
+    for with_queries in (False, True):
+        with capture_prompt_kv(model, with_queries) as captured:
+            model(input_ids=torch.tensor([[1, 2, 3]]))
+        k, v, q = captured["model.layers.0.self_attn"]
+        assert k.shape == v.shape == (1, 2, 3, 16) and (q is not None) == with_queries
+    assert not any(hasattr(m, "_iclca_capture") for m in model.modules())

@@ -85,10 +85,10 @@ def patched_attention(module, query, key, value, attention_mask, scaling=None, d
     (grouped-query attention), attention_mask boolean or additive (B,1,Tq,Tk), or None for plain causal
     attention (upper-left aligned, as sdpa's is_causal); returns (out (B,Tq,H,D), None).
     Adds the patch buffers' prompt part: prefix_keys/prefix_values (Hkv,R,D) with an optional score
-    bias prefix_bias (Hkv,R), or Taylor memories. A module with a `_iclca_capture` list records its
-    (key, value, query) there: that is how prompts are captured from any model using this interface."""
+    bias prefix_bias (Hkv,R), or Taylor memories. A module with an `_iclca_capture` callable hands it
+    (key, value, query): that is how prompts are captured from any model using this interface."""
     if getattr(module, "_iclca_capture", None) is not None:
-        module._iclca_capture.append((key.detach(), value.detach(), query.detach()))
+        module._iclca_capture(key.detach(), value.detach(), query.detach())
     scaling = query.size(-1) ** -0.5 if scaling is None else scaling
     H = query.shape[1]
     key, value = _heads(key, H), _heads(value, H)  # (B, H, Tk, D)
