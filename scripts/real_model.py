@@ -154,7 +154,7 @@ def run(folder: Path, tasks: list[str], n_prompts: int, log=print) -> list[dict]
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--prompts", type=int, default=4, help="fresh prompts per task (default 4)")
+    ap.add_argument("--prompts", type=int, default=6, help="fresh prompts per task (default 6, as in the README)")
     ap.add_argument("--tasks", nargs="+", default=["digits", "words", "labels"])
     ap.add_argument("--folder", type=Path, default=DEFAULT_FOLDER, help="where the safetensors copy lives")
     ap.add_argument("--json", action="store_true", help="print one JSON object")
