@@ -213,7 +213,6 @@ def check_patch_fits(patch: Patch, model: torch.nn.Module, fingerprint: str, pat
         )
 
 
-@torch.no_grad()
 def patched_copy(model: torch.nn.Module, patch: Patch) -> torch.nn.Module:
     """A patched model beside `model`, sharing its weights: modules, buffers and config are copied,
     parameters are not (patching never writes to them), so a 7B model is not held twice."""
@@ -222,6 +221,7 @@ def patched_copy(model: torch.nn.Module, patch: Patch) -> torch.nn.Module:
     return patched
 
 
+@torch.no_grad()
 def apply_patch(model: torch.nn.Module, patch: Patch) -> None:
     """Make the patch part of the model (in place): linear models take its memories as their bias
     buffers and its offset as theirs; GPT-2 models get prefix/Taylor buffers and a shifted position table."""

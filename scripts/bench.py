@@ -118,7 +118,7 @@ def query_latency(model, P: int, methods: list[tuple[str, int]], repeats: int, t
         t = best_of(fns, repeats)
         name = method if method != "taylor" else f"taylor{order}"
         rows.append({"model": model.config.model_type, "method": name, "P": P, **{f"{k}_s": v for k, v in t.items()},
-                     "patch_bytes": sum(x.numel() * x.element_size() for x in patch.tensors.values()),
+                     "patch_bytes": patch.nbytes,
                      "weight_bytes": sum(x.numel() * x.element_size() for x in model.parameters())})
     return rows
 
@@ -136,7 +136,7 @@ def patch_sizes(model, Ps: list[int], methods: list[tuple[str, int, int]]) -> li
                                    chunk_size=2048, budget=budget)
             name = {"taylor": f"taylor{order}", "compressed": f"compressed (R={budget})"}.get(method, method)
             rows.append({"model": model.config.model_type, "method": name, "P": P,
-                         "patch_bytes": sum(x.numel() * x.element_size() for x in patch.tensors.values()),
+                         "patch_bytes": patch.nbytes,
                          "prompt_kv_bytes": prompt_kv_bytes(model.config, P, 4)})
     return rows
 

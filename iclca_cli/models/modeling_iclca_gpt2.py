@@ -27,8 +27,6 @@ from transformers import AttentionInterface, GPT2Config, GPT2LMHeadModel
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 ATTENTION_NAME = "iclca_patch"
-PREFIX_NAMES = ("prefix_keys", "prefix_values")
-TAYLOR_NAMES = ("memory_kv", "memory_k")
 
 
 def taylor_feature_dim(head_dim: int, order: int) -> int:
