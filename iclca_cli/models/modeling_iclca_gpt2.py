@@ -89,15 +89,15 @@ def patched_attention(module, query, key, value, attention_mask, scaling=None, d
         module._iclca_capture(key.detach(), value.detach(), query.detach())
     scaling = query.size(-1) ** -0.5 if scaling is None else scaling
     H = query.shape[1]
-    key, value = _heads(key, H), _heads(value, H)  # (B, H, Tk, D)
     Tq, Tk = query.shape[-2], key.shape[-2]
     mask = None if attention_mask is None else attention_mask[..., :Tk]  # (B, 1, Tq, Tk), True/0 = attend
     if not hasattr(module, "prefix_keys") and not hasattr(module, "memory_kv"):  # no patch: capture, or a plain model
         out = nn.functional.scaled_dot_product_attention(
             query, key, value, attn_mask=mask, dropout_p=dropout if module.training else 0.0, scale=scaling,
-            is_causal=mask is None and Tq > 1,
-        )  # (B, H, Tq, D), without materialising the (Tq, Tk) weights
+            is_causal=mask is None and Tq > 1, enable_gqa=key.shape[1] != H,
+        )  # (B, H, Tq, D), without materialising the (Tq, Tk) weights or repeating key/value heads
         return out.transpose(1, 2).contiguous(), None
+    key, value = _heads(key, H), _heads(value, H)  # (B, H, Tk, D)
     scores = (query @ key.transpose(-1, -2)) * scaling  # (B, H, Tq, Tk)
     if mask is None and Tq > 1:  # no padding: transformers leaves causality to us (as sdpa's is_causal)
         mask = torch.ones(Tq, Tk, dtype=torch.bool, device=scores.device).tril()  # (Tq, Tk)
