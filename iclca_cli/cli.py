@@ -143,8 +143,9 @@ def convert(
     model: str = typer.Option(..., "--model", "-m", help="Checkpoint folder, hub id, or built-in name (demo-linear)."),
     out_path: Path = typer.Option(..., "--out", "-o", help="Patch file to write (.safetensors)."),
     method: Method = typer.Option(
-        None, "--method", help="exact (linear attention, exact), prefix (softmax models, exact), taylor (GPT-2, "
-        "approximate), compressed (Llama-style models, approximate). Default: exact for iclca_linear, else prefix."),
+        None, "--method", help="exact (linear-attention layers, exact), prefix (softmax attention, exact), compressed "
+        "(softmax, constant size, approximate), taylor (softmax, constant size, approximate). Default: exact for "
+        "linear-attention models, else prefix."),
     order: int = typer.Option(2, "--order", min=1, max=2, help="Taylor order (method taylor)."),
     budget: int = typer.Option(0, "--budget", min=0, help="Entries per layer and key/value head (method compressed)."),
     base_patch: Path = typer.Option(None, "--base-patch", help="Convert on top of this patch (stacking)."),
@@ -166,11 +167,10 @@ def convert(
     if not out_path.parent.is_dir():
         raise IclcaError(f"output folder does not exist: {out_path.parent}", "create it first, or choose another --out")
     m, tokenizer = load_model(model, dtype.value, device.value, allow_pickle)
-    if method is None:
-        method = Method.exact if m.config.model_type == "iclca_linear" else Method.prefix
     ids = encode_prompt(tokenizer, text)
     with _progress("converting") as progress:
-        patch = convert_prompt(m, ids, sha256_text(text), method.value, order, parent, chunk_size, progress, budget)
+        patch = convert_prompt(m, ids, sha256_text(text), method and method.value, order, parent, chunk_size, progress,
+                               budget)
     file_bytes = save_patch(patch, out_path)
     _emit(as_json, {
         "patch": str(out_path),
@@ -217,7 +217,7 @@ def merge(
 @app.command("export-peft")
 @handled
 def export_peft(
-    model: str = typer.Option(..., "--model", "-m", help="The GPT-2 checkpoint the prefix patch was made for."),
+    model: str = typer.Option(..., "--model", "-m", help="The checkpoint the prefix patch was made for."),
     patch_path: Path = typer.Option(..., "--patch", "-p", help="A prefix patch from `iclca convert --method prefix`."),
     out_dir: Path = typer.Option(..., "--out", "-o", help="Folder to write the PEFT adapter to."),
     force: bool = typer.Option(False, "--force", help="Replace an existing output folder."),

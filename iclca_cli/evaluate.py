@@ -11,9 +11,10 @@ from collections.abc import Callable
 
 import torch
 
-from .convert import check_positions
 from .errors import IclcaError
+from .families import family_of
 from .inputs import Query, encode_continuation, encode_prompt
+from .positions import check_positions
 
 
 @torch.inference_mode()
@@ -31,8 +32,8 @@ def greedy_continuation(model, ids: list[int], n: int, cache=None) -> list[int]:
     x = torch.tensor([ids], device=device)
     out = []
     for _ in range(n):
-        res = model(input_ids=x, past_key_values=cache, use_cache=True)
-        cache = res.past_key_values
+        res = model(input_ids=x, cache=cache, use_cache=True)
+        cache = res.cache
         nxt = int(res.logits[0, -1].argmax())
         out.append(nxt)
         x = torch.tensor([[nxt]], device=device)
@@ -70,13 +71,14 @@ def evaluate(
     if not prompt:
         raise IclcaError("the prompt has no tokens", "write the demonstrations into the prompt file")
     P = len(prompt)
+    family = family_of(base)
     encoded = []
     for n, q in enumerate(queries, start=1):
         q_ids = encode_continuation(tokenizer, q.input)
         t_ids = encode_continuation(tokenizer, q.target) if q.target is not None else None
         if not q_ids:
             raise IclcaError(f"query {n} has no tokens", "every query needs some text")
-        check_positions(base, P + len(q_ids) + len(t_ids or []), f"prompt + query {n} (+ target)")
+        check_positions(base, family, P + len(q_ids) + len(t_ids or []), f"prompt + query {n} (+ target)")
         encoded.append((q_ids, t_ids))
 
     max_diff, kl_patched, kl_base, agree, positions = 0.0, 0.0, 0.0, 0, 0

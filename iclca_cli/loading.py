@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
@@ -66,6 +67,17 @@ def torch_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def register_classes(folder: Path | None) -> None:
+    """Register with the Auto classes what this folder needs of iclca's (its family's classes), or everything for a
+    hub id, whose config is not read until transformers fetches it."""
+    from .models import merged
+
+    try:
+        merged.register_model_type(json.loads((folder / "config.json").read_text())["model_type"])
+    except (TypeError, OSError, ValueError, KeyError):  # no folder, or a config transformers will refuse itself
+        merged.register_auto_classes()
+
+
 def load_model(spec: str, dtype: str = "float32", device: str = "cpu", allow_pickle: bool = False):
     """(model in eval mode, tokenizer) for a model spec; never runs code from the checkpoint. Weights
     come from safetensors; pickled .bin weights only with allow_pickle (then with torch's weights_only)."""
@@ -74,6 +86,7 @@ def load_model(spec: str, dtype: str = "float32", device: str = "cpu", allow_pic
     path = resolve_model(spec, allow_pickle)
     dt, dev = torch_dtype(dtype), torch_device(device)
     local = Path(path).is_dir()
+    register_classes(Path(path) if local else None)
     use_safetensors = not (local and allow_pickle and not _has_safetensors(Path(path)))
     try:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dt, use_safetensors=use_safetensors,

@@ -15,15 +15,12 @@ from safetensors.torch import save
 
 from . import __version__
 from .errors import IclcaError
+from .families import KIND_METHODS, Family, family_of
+from .positions import check_positions
 
 FORMAT_VERSION = "1"
 METHODS = ("exact", "prefix", "taylor", "compressed")
-FAMILY_METHODS = {"iclca_linear": ("exact",), "gpt2": ("prefix", "taylor", "compressed"),
-                  **{f: ("prefix", "compressed", "taylor") for f in ("llama", "qwen2", "mistral")}}  # model_type -> methods
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
-# Tensor names end in one of these; the part before is the module path the tensor belongs to.
-TENSOR_NAMES = {"exact": ("memory_kv", "memory_k"), "prefix": ("prefix_keys", "prefix_values"),
-                "taylor": ("memory_kv", "memory_k"), "compressed": ("prefix_keys", "prefix_values", "prefix_bias")}
 _REQUIRED = (
     "format", "iclca.format_version", "iclca.method", "iclca.model_type", "iclca.base_fingerprint",
     "iclca.prompt_sha256", "iclca.prompt_tokens", "iclca.position_offset", "iclca.dtype", "iclca.version",
@@ -127,9 +124,8 @@ def load_patch(path: str | Path) -> Patch:
         prompt_tokens, offset = int(meta["iclca.prompt_tokens"]), int(meta["iclca.position_offset"])
     except ValueError as e:
         raise IclcaError(f"{path} has non-integer token counts in its metadata", "convert the prompt again") from e
-    suffixes = TENSOR_NAMES[method]
-    if not tensors or any(name.rsplit(".", 1)[-1] not in suffixes for name in tensors):
-        raise IclcaError(f"{path} holds tensors that a {method!r} patch does not have", "convert the prompt again")
+    if not tensors:
+        raise IclcaError(f"{path} holds no tensors", "convert the prompt again")
     if any(t.dtype not in DTYPES.values() for t in tensors.values()):
         raise IclcaError(f"{path} holds tensors of an unsupported dtype", f"patches are {' or '.join(DTYPES)}")
     known = {k.removeprefix("iclca.") for k in _REQUIRED} | {"format"}
@@ -146,35 +142,34 @@ def load_patch(path: str | Path) -> Patch:
     )
 
 
-def model_family(model) -> str:
-    """The model_type iclca knows this model as, or an IclcaError for an architecture it cannot patch."""
-    model_type = model.config.model_type
-    if model_type not in FAMILY_METHODS:
-        raise IclcaError(
-            f"model type {model_type!r} is not supported",
-            f"iclca patches {', '.join(FAMILY_METHODS)} models (a merged iclca folder is patched through its base model)",
-        )
-    return model_type
+def layers_for(method: str):
+    """The module that handles the layers a method acts on: linear_layers for `exact`, softmax_layers otherwise."""
+    from . import linear_layers, softmax_layers
+
+    return linear_layers if method == "exact" else softmax_layers
 
 
-def check_method(model, method: str) -> None:
-    family = model_family(model)
-    if method not in FAMILY_METHODS[family]:
-        raise IclcaError(
-            f"method {method!r} does not apply to {family!r} models",
-            f"use --method {' or '.join(FAMILY_METHODS[family])}",
-        )
+def check_method(model, method: str) -> Family:
+    """The model's family, or an IclcaError if the method does not apply to every layer of the model."""
+    family = family_of(model)
+    methods = family.methods(model.config)
+    if not methods:
+        kinds = sorted(set(family.layer_kinds(model.config)) - set(KIND_METHODS))
+        raise IclcaError(f"{family.model_type!r} models have layers of kind {', '.join(kinds)}, which iclca cannot patch yet",
+                         f"iclca patches layers of kind {', '.join(KIND_METHODS)}")
+    if method not in methods:
+        raise IclcaError(f"method {method!r} does not apply to {family.model_type!r} models",
+                         f"use --method {' or '.join(methods)}")
+    return family
 
 
-def expected_shapes(model, patch: Patch) -> dict[str, tuple[int, ...]]:
+def expected_shapes(model, family: Family, patch: Patch) -> dict[str, tuple[int, ...]]:
     """Tensor name -> shape that a patch of this method must have for this model."""
-    if model_family(model) == "iclca_linear":
-        names = TENSOR_NAMES[patch.method]
-        return {n: tuple(b.shape) for n, b in model.named_buffers() if n.rsplit(".", 1)[-1] in names}
-    from .decoder import expected_shapes as softmax_shapes
-
-    return softmax_shapes(model, patch.method, patch.prompt_tokens, int(patch.extra.get("budget", 0)),
-                          int(patch.extra.get("taylor_order", 0)))
+    if patch.method == "exact":
+        return layers_for("exact").expected_shapes(model, family)
+    return layers_for(patch.method).expected_shapes(model, family, patch.method, patch.prompt_tokens,
+                                                    int(patch.extra.get("budget", 0)),
+                                                    int(patch.extra.get("taylor_order", 0)))
 
 
 def check_patch_fits(patch: Patch, model: torch.nn.Module, fingerprint: str, patch_name: str = "patch") -> None:
@@ -184,7 +179,7 @@ def check_patch_fits(patch: Patch, model: torch.nn.Module, fingerprint: str, pat
             f"{patch_name} is for a {patch.model_type!r} model, this model is {model.config.model_type!r}",
             "use the model the patch was converted with",
         )
-    check_method(model, patch.method)
+    family = check_method(model, patch.method)
     if patch.base_fingerprint != fingerprint:
         raise IclcaError(
             f"{patch_name} was made for model {patch.base_fingerprint[:12]}, this model is {fingerprint[:12]}",
@@ -194,7 +189,7 @@ def check_patch_fits(patch: Patch, model: torch.nn.Module, fingerprint: str, pat
         raise IclcaError(f"{patch_name} is a taylor patch without a valid iclca.taylor_order", "convert the prompt again")
     if patch.method == "compressed" and not patch.extra.get("budget", "").isdigit():
         raise IclcaError(f"{patch_name} is a compressed patch without a valid iclca.budget", "convert the prompt again")
-    want = expected_shapes(model, patch)
+    want = expected_shapes(model, family, patch)
     for name in sorted(set(want) | set(patch.tensors)):
         if name not in want:
             raise IclcaError(f"{patch_name} tensor {name} has no place in this model", "convert the prompt again for this model")
@@ -205,12 +200,7 @@ def check_patch_fits(patch: Patch, model: torch.nn.Module, fingerprint: str, pat
                 f"{patch_name} tensor {name} has shape {tuple(patch.tensors[name].shape)}, the model expects {want[name]}",
                 "convert the prompt again for this model",
             )
-    max_pos = model.config.max_position_embeddings
-    if getattr(model.config, "position_embedding_type", "learned") == "learned" and patch.position_offset >= max_pos:
-        raise IclcaError(
-            f"{patch_name} needs position offset {patch.position_offset} but the model has {max_pos} positions",
-            "use a shorter prompt",
-        )
+    check_positions(model, family, patch.position_offset + 1, f"{patch_name}'s prompt and one query token")
 
 
 def patched_copy(model: torch.nn.Module, patch: Patch) -> torch.nn.Module:
@@ -223,19 +213,6 @@ def patched_copy(model: torch.nn.Module, patch: Patch) -> torch.nn.Module:
 
 @torch.no_grad()
 def apply_patch(model: torch.nn.Module, patch: Patch) -> None:
-    """Make the patch part of the model (in place): linear models take its memories as their bias
-    buffers and its offset as theirs; GPT-2 models get prefix/Taylor buffers and a shifted position table."""
-    if model_family(model) == "gpt2":
-        from .models.modeling_iclca_gpt2 import attach_patch
-
-        attach_patch(model, patch.tensors, patch.position_offset)
-        return
-    if model_family(model) != "iclca_linear":
-        from .decoder import attach_rope_patch
-
-        attach_rope_patch(model, patch.tensors, patch.position_offset)
-        return
-    for name, t in patch.tensors.items():
-        buf = model.get_buffer(name)
-        buf.copy_(t.to(device=buf.device, dtype=buf.dtype))
-    model.config.position_offset = patch.position_offset
+    """Make the patch part of the model (in place): the layers its method acts on take its tensors, and queries
+    start at its position offset."""
+    layers_for(patch.method).attach(model, family_of(model), patch.tensors, patch.position_offset)

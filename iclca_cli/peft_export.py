@@ -1,7 +1,7 @@
 """A `prefix` patch as a PEFT prefix-tuning adapter folder (adapter_config.json + adapter_model.safetensors).
 
-PEFT feeds the adapter's keys/values as `past_key_values`, so the query's positions start at P as
-in the prompted run: `PeftModel.from_pretrained(base, folder)` on a query gives the prompted logits.
+PEFT feeds the adapter's keys/values as the cache, so the query's positions start at P as in the prompted run:
+`PeftModel.from_pretrained(base, folder)` on a query gives the prompted logits.
 Needs the optional dependency `peft` (`pip install "iclca[peft]"`).
 """
 
@@ -11,6 +11,7 @@ import copy
 from pathlib import Path
 
 from .errors import IclcaError
+from .families import family_of
 from .merge import check_output_folder, write_folder
 from .patch import Patch
 
@@ -22,14 +23,20 @@ def write_peft_prefix_adapter(model, patch: Patch, base_model_name_or_path: str,
         from peft import PrefixTuningConfig, get_peft_model, initialize_kv_prefix_from_past_key_values
     except ImportError as e:
         raise IclcaError("writing a PEFT adapter needs the package peft", 'pip install "iclca[peft]"') from e
+    family = family_of(model)
+    if not family.peft:
+        raise IclcaError(f"PEFT prefix tuning does not reproduce {family.model_type!r} prefix patches",
+                         "use the patch itself, or `iclca merge`")
     if patch.method != "prefix":
         raise IclcaError(f"only prefix patches become PEFT adapters, this one is {patch.method!r}",
                          "convert with --method prefix")
+    past = [(patch.tensors[f"{path}.prefix_keys"][None],  # (1, Hkv, P, D)
+             patch.tensors[f"{path}.prefix_values"][None]) for path in family.layer_paths(model.config)]
+    if any(k.shape[-2] != patch.prompt_tokens for k, _ in past):
+        raise IclcaError("a PEFT prefix has one length for every layer, but this model's sliding-window layers keep "
+                         "only the last window-1 prompt tokens", "use a prompt shorter than the window, or `iclca merge`")
     out = Path(out_dir).absolute()
     check_output_folder(out, force)
-    layers = len(model.transformer.h)
-    past = [(patch.tensors[f"transformer.h.{i}.attn.prefix_keys"][None],  # (1, H, P, D)
-             patch.tensors[f"transformer.h.{i}.attn.prefix_values"][None]) for i in range(layers)]
     config = PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=patch.prompt_tokens,
                                 base_model_name_or_path=base_model_name_or_path)
     peft_model = get_peft_model(copy.deepcopy(model), config)

@@ -21,32 +21,24 @@ import time
 from pathlib import Path
 
 import torch
+from common import ROOT, markdown_table, patched_by, random_gpt2, random_ids, random_linear
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-import iclca_cli  # noqa: E402,F401
-from iclca_cli.convert import capture_prompt_states, convert_prompt  # noqa: E402
-from iclca_cli.evaluate import greedy_continuation as greedy  # noqa: E402
-from iclca_cli.models import IclcaLinearConfig, IclcaLinearForCausalLM  # noqa: E402
-from iclca_cli.patch import apply_patch  # noqa: E402
+from iclca_cli.evaluate import greedy_continuation as greedy
+from iclca_cli.patch import apply_patch
+from iclca_cli.families import family_of
+from iclca_cli.linear_layers import convert_linear
+from iclca_cli.softmax_layers import convert_softmax
 
 QUERY, NEW = 16, 32  # query tokens, greedy continuation tokens
 
 
 def linear_model():
-    torch.manual_seed(0)
-    cfg = IclcaLinearConfig(vocab_size=128, hidden_size=128, num_hidden_layers=2, num_attention_heads=4,
-                            position_embedding_type="none", chunk_size=256)
-    return IclcaLinearForCausalLM(cfg).eval()
+    """The demo's width without a position table, so prompts can be long."""
+    return random_linear(position_embedding_type="none", chunk_size=256)
 
 
 def gpt2_model(quick: bool):
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    torch.manual_seed(0)
-    return GPT2LMHeadModel(GPT2Config(n_layer=2 if quick else 12, resid_pdrop=0.0, embd_pdrop=0.0,
-                                      attn_pdrop=0.0)).eval()
+    return random_gpt2(2 if quick else 12)
 
 
 def best_of(fns: dict, repeats: int) -> dict:
@@ -60,24 +52,20 @@ def best_of(fns: dict, repeats: int) -> dict:
     return best
 
 
-def random_ids(n, vocab, seed=0):
-    return torch.randint(0, vocab, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
-
-
 @torch.no_grad()
 def conversion(model, P: int, repeats: int) -> dict:
-    """Conversion's pass over the prompt (hooks, chunks, patch tensors) vs one plain forward pass over
-    the same prompt. The model fingerprint (a sha256 over the weights, once per conversion, whatever P)
+    """Conversion's pass over the prompt (chunks through the cache, or capture; patch tensors) vs one plain forward
+    pass over the same prompt. The model fingerprint (a sha256 over the weights, once per conversion, whatever P)
     is timed apart."""
     from iclca_cli.fingerprint import model_fingerprint
-    from iclca_cli.decoder import convert_softmax
 
     ids = random_ids(P, model.config.vocab_size)
     x = torch.tensor([ids])
+    family = family_of(model)
     if model.config.model_type == "iclca_linear":
-        convert = lambda: capture_prompt_states(model, ids, chunk_size=2048)  # noqa: E731
+        convert = lambda: convert_linear(model, family, ids, chunk_size=2048)  # noqa: E731
     else:
-        convert = lambda: convert_softmax(model, ids, "prefix")  # noqa: E731
+        convert = lambda: convert_softmax(model, family, ids, "prefix")  # noqa: E731
     t = best_of({"convert": convert, "forward": lambda: model.base_model(input_ids=x, use_cache=False),
                  "fingerprint": lambda: model_fingerprint(model)}, repeats)
     return {"model": model.config.model_type, "P": P, "convert_s": t["convert"], "forward_s": t["forward"],
@@ -85,19 +73,19 @@ def conversion(model, P: int, repeats: int) -> dict:
 
 
 @torch.no_grad()
-def query_latency(model, P: int, methods: list[tuple[str, int]], repeats: int, tmp: Path) -> list[dict]:
+def query_latency(model, P: int, methods: list[str], repeats: int, tmp: Path) -> list[dict]:
     """A 16-token query plus 32 greedy tokens: patched, merged, re-reading the prompt, prompt KV cache, base."""
     from iclca_cli.merge import merge_patch
     from iclca_cli.loading import load_model
 
     prompt, query = random_ids(P, model.config.vocab_size, 1), random_ids(QUERY, model.config.vocab_size, 2)
-    prompt_cache = model(input_ids=torch.tensor([prompt]), use_cache=True).past_key_values
+    prompt_cache = model(input_ids=torch.tensor([prompt]), use_cache=True).cache
     rows = []
-    for method, order in methods:
-        patch = convert_prompt(copy.deepcopy(model), prompt, "-", method, order)
-        patched = copy.deepcopy(model)
+    for method in methods:
+        _, patch = patched_by(model, prompt, method)
+        patched = copy.deepcopy(model)  # its own weights: cache effects cannot favour the patched side
         apply_patch(patched, patch)
-        folder = tmp / f"merged-{model.config.model_type}-{method}{order}-{P}"
+        folder = tmp / f"merged-{model.config.model_type}-{method}-{P}"
         if not folder.exists():
             from transformers import PreTrainedTokenizerFast
             from tokenizers import Tokenizer, models
@@ -116,25 +104,23 @@ def query_latency(model, P: int, methods: list[tuple[str, int]], repeats: int, t
             "reread_first": lambda: greedy(model, prompt + query, 1),
         }
         t = best_of(fns, repeats)
-        name = method if method != "taylor" else f"taylor{order}"
-        rows.append({"model": model.config.model_type, "method": name, "P": P, **{f"{k}_s": v for k, v in t.items()},
+        rows.append({"model": model.config.model_type, "method": method, "P": P, **{f"{k}_s": v for k, v in t.items()},
                      "patch_bytes": patch.nbytes,
                      "weight_bytes": sum(x.numel() * x.element_size() for x in model.parameters())})
     return rows
 
 
 @torch.no_grad()
-def patch_sizes(model, Ps: list[int], methods: list[tuple[str, int, int]]) -> list[dict]:
-    """Bytes of real patches (method, order, budget) as the prompt grows, next to the keys and values
-    a softmax model of the same shape caches for the prompt (float32)."""
+def patch_sizes(model, Ps: list[int], methods: list[str]) -> list[dict]:
+    """Bytes of real patches as the prompt grows, next to the keys and values a softmax model of the same shape
+    caches for the prompt (float32)."""
     from iclca_cli.evaluate import prompt_kv_bytes
 
     rows = []
-    for method, order, budget in methods:
+    for method in methods:
         for P in Ps:
-            patch = convert_prompt(copy.deepcopy(model), random_ids(P, model.config.vocab_size, 3), "-", method, order,
-                                   chunk_size=2048, budget=budget)
-            name = {"taylor": f"taylor{order}", "compressed": f"compressed (R={budget})"}.get(method, method)
+            _, patch = patched_by(model, random_ids(P, model.config.vocab_size, 3), method, chunk_size=2048)
+            name = f"compressed (R={method.split('-')[1]})" if method.startswith("compressed") else method
             rows.append({"model": model.config.model_type, "method": name, "P": P,
                          "patch_bytes": patch.nbytes,
                          "prompt_kv_bytes": prompt_kv_bytes(model.config, P, 4)})
@@ -143,16 +129,17 @@ def patch_sizes(model, Ps: list[int], methods: list[tuple[str, int, int]]) -> li
 
 MEMORY_CHILD = r"""
 import resource, sys, time
-sys.path.insert(0, sys.argv[2])
+sys.path.insert(0, sys.argv[2] + "/scripts")
 import torch
 torch.set_num_threads(2)
-from scripts.bench import linear_model
-from iclca_cli.convert import capture_prompt_states
+from bench import linear_model
+from iclca_cli.families import family_of
+from iclca_cli.linear_layers import convert_linear
 model, P = linear_model(), int(sys.argv[1])
 ids = torch.randint(0, 128, (P,), generator=torch.Generator().manual_seed(0)).tolist()
-capture_prompt_states(model, ids[:4096], chunk_size=2048)  # warm-up: first-call allocations are not per token
+convert_linear(model, family_of(model), ids[:4096], chunk_size=2048)  # warm-up: first-call allocations are not per token
 t0 = time.perf_counter()
-capture_prompt_states(model, ids, chunk_size=2048)
+convert_linear(model, family_of(model), ids, chunk_size=2048)
 seconds = time.perf_counter() - t0
 # VmHWM belongs to this process image; ru_maxrss would keep the parent's peak across fork + exec on Linux.
 status = open("/proc/self/status").read() if sys.platform == "linux" else ""
@@ -178,14 +165,12 @@ def run(quick: bool, tmp: Path) -> dict:
     lin, gpt = linear_model(), gpt2_model(quick)
     conv = [conversion(lin, P, reps) for P in ((1024, 4096) if quick else (1024, 4096, 16384, 65536))]
     conv_gpt2 = [conversion(gpt, P, reps) for P in ((256,) if quick else (256, 1023))]
-    q_lin = [r for P in ((1024,) if quick else (1024, 4096)) for r in query_latency(lin, P, [("exact", 0)], reps, tmp)]
-    g_methods = [("prefix", 0), ("taylor", 1), ("taylor", 2)]
-    q_gpt2 = query_latency(gpt, 128 if quick else 960, g_methods, reps, tmp)
+    q_lin = [r for P in ((1024,) if quick else (1024, 4096)) for r in query_latency(lin, P, ["exact"], reps, tmp)]
+    q_gpt2 = query_latency(gpt, 128 if quick else 960, ["prefix", "taylor1", "taylor2"], reps, tmp)
     small, big = (16384, 131072) if quick else (65536, 1048576)
     mem = [conversion_memory(small), conversion_memory(big)]
-    sizes = patch_sizes(lin, [1024, 16384] if quick else [1024, 4096, 16384, 65536], [("exact", 0, 0)])
-    sizes += patch_sizes(gpt, [128, 512] if quick else [128, 512, 1023],
-                         [("prefix", 0, 0), ("taylor", 1, 0), ("taylor", 2, 0), ("compressed", 0, 64)])
+    sizes = patch_sizes(lin, [1024, 16384] if quick else [1024, 4096, 16384, 65536], ["exact"])
+    sizes += patch_sizes(gpt, [128, 512] if quick else [128, 512, 1023], ["prefix", "taylor1", "taylor2", "compressed-64"])
 
     targets = []
     for c in conv:
@@ -217,31 +202,35 @@ def run(quick: bool, tmp: Path) -> dict:
 
 def markdown(result: dict) -> str:
     """The README's Performance section from a --json result."""
-    lines = [f"Measured with `python scripts/bench.py{' --quick' if result['quick'] else ''} --json` on "
-             f"{result['machine']} (2 cores); ratios of timings taken in the same run.", "",
-             "| target | value | limit | holds |", "|---|---|---|---|"]
-    lines += [f"| {t['name']} | {t['value']:.3g} | {t['limit']:g} | {'yes' if t['holds'] else '**no**'} |"
-              for t in result["targets"]]
-    lines += ["", "Query latency (16 tokens + 32 greedy tokens, seconds); first token: the query's prefill alone "
-              "(re-read: prompt + query); patch bytes: the patch's tensors, as a share of the model's weights.", "",
-              "| model | method | P | patched | merged | re-read | prompt KV cache | base | first token: patched / re-read "
-              "| patch bytes |", "|---|---|---|---|---|---|---|---|---|---|"]
-    lines += [f"| {r['model']} | {r['method']} | {r['P']} | {r['patched_s']:.3g} | {r['merged_s']:.3g} | "
-              f"{r['reread_s']:.3g} | {r['kv_cache_s']:.3g} | {r['base_s']:.3g} | {r['patched_first_s']:.3g} / "
-              f"{r['reread_first_s']:.3g} ({r['reread_first_s'] / r['patched_first_s']:.0f}× faster) | "
-              f"{r['patch_bytes']:,} ({r['patch_bytes'] / r['weight_bytes']:.1%}) |" for r in result["query"]]
-    lines += ["", "| conversion | P | convert s | µs per prompt token | plain forward s | fingerprint s (once per conversion) |",
-              "|---|---|---|---|---|---|"]
-    lines += [f"| {c['model']} | {c['P']} | {c['convert_s']:.3g} | {1e6 * c['convert_s'] / c['P']:.3g} | "
-              f"{c['forward_s']:.3g} | {c['fingerprint_s']:.3g} |" for c in result["conversion"]]
-    lines += ["", "| converting | seconds | peak RSS MiB |", "|---|---|---|"]
-    lines += [f"| {m['P']:,} tokens | {m['seconds']:.3g} | {m['peak_rss_kib'] / 1024:.0f} |" for m in result["memory"]]
-    lines += ["", "Patch bytes as the prompt grows, against the prompt's keys and values (what a softmax model "
-              "of the same shape caches; float32):", "", "| model | method | P | patch bytes | prompt-KV bytes | ratio |",
-              "|---|---|---|---|---|---|"]
-    lines += [f"| {r['model']} | {r['method']} | {r['P']:,} | {r['patch_bytes']:,} | {r['prompt_kv_bytes']:,} | "
-              f"{r['patch_bytes'] / r['prompt_kv_bytes']:.3g} |" for r in result["patch_sizes"]]
-    return "\n".join(lines)
+    parts = [f"Measured with `python scripts/bench.py{' --quick' if result['quick'] else ''} --json` on "
+             f"{result['machine']} (2 cores); ratios of timings taken in the same run.",
+             markdown_table(["target", "value", "limit", "holds"],
+                            [[t["name"], f"{t['value']:.3g}", f"{t['limit']:g}", "yes" if t["holds"] else "**no**"]
+                             for t in result["targets"]]),
+             "Query latency (16 tokens + 32 greedy tokens, seconds); first token: the query's prefill alone "
+             "(re-read: prompt + query); patch bytes: the patch's tensors, as a share of the model's weights.",
+             markdown_table(["model", "method", "P", "patched", "merged", "re-read", "prompt KV cache", "base",
+                             "first token: patched / re-read", "patch bytes"],
+                            [[r["model"], r["method"], r["P"], f"{r['patched_s']:.3g}", f"{r['merged_s']:.3g}",
+                              f"{r['reread_s']:.3g}", f"{r['kv_cache_s']:.3g}", f"{r['base_s']:.3g}",
+                              f"{r['patched_first_s']:.3g} / {r['reread_first_s']:.3g} "
+                              f"({r['reread_first_s'] / r['patched_first_s']:.0f}× faster)",
+                              f"{r['patch_bytes']:,} ({r['patch_bytes'] / r['weight_bytes']:.1%})"]
+                             for r in result["query"]]),
+             markdown_table(["conversion", "P", "convert s", "µs per prompt token", "plain forward s",
+                             "fingerprint s (once per conversion)"],
+                            [[c["model"], c["P"], f"{c['convert_s']:.3g}", f"{1e6 * c['convert_s'] / c['P']:.3g}",
+                              f"{c['forward_s']:.3g}", f"{c['fingerprint_s']:.3g}"] for c in result["conversion"]]),
+             markdown_table(["converting", "seconds", "peak RSS MiB"],
+                            [[f"{m['P']:,} tokens", f"{m['seconds']:.3g}", f"{m['peak_rss_kib'] / 1024:.0f}"]
+                             for m in result["memory"]]),
+             "Patch bytes as the prompt grows, against the prompt's keys and values (what a softmax model "
+             "of the same shape caches; float32):",
+             markdown_table(["model", "method", "P", "patch bytes", "prompt-KV bytes", "ratio"],
+                            [[r["model"], r["method"], f"{r['P']:,}", f"{r['patch_bytes']:,}",
+                              f"{r['prompt_kv_bytes']:,}", f"{r['patch_bytes'] / r['prompt_kv_bytes']:.3g}"]
+                             for r in result["patch_sizes"]])]
+    return "\n\n".join(parts)
 
 
 def main() -> None:

@@ -3,23 +3,18 @@
     python scripts/exactness.py [--json]
 
 Models are random (seeded) with logits of real-LM scale; patches go through the library's
-convert (forward hooks, chunked), are applied, and the patched model's logits on the query are
-compared with the plain model's on prompt + query. Prints the worst max |Δlogit| per dtype.
+convert (the prompt run in chunks through the model's cache), are applied, and the patched model's logits on the
+query are compared with the plain model's on prompt + query. Prints the worst max |Δlogit| per dtype.
 """
 
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import time
 
 import torch
-
-import iclca_cli  # noqa: F401
-from iclca_cli.convert import convert_exact
-from iclca_cli.models import IclcaLinearConfig, IclcaLinearForCausalLM
-from iclca_cli.patch import patched_copy
+from common import patched_by, random_linear
 
 PROMPTS = [1, 16, 128, 512, 4096]
 QUERIES = [1, 64]
@@ -30,16 +25,13 @@ def sweep(dtype: torch.dtype, seeds=(0, 1, 2)) -> dict:
     for seed in seeds:
         for feature_map in ("elu+1", "relu"):
             for position in ("learned", "none"):
-                torch.manual_seed(seed)
-                cfg = IclcaLinearConfig(vocab_size=97, hidden_size=64, num_hidden_layers=3, num_attention_heads=4,
-                                        max_position_embeddings=4096 + 64, feature_map=feature_map,
-                                        position_embedding_type=position, initializer_range=0.5, chunk_size=256)
-                model = IclcaLinearForCausalLM(cfg).to(dtype).eval()
+                model = random_linear(seed, dtype, vocab_size=97, hidden_size=64, num_hidden_layers=3,
+                                      max_position_embeddings=4096 + 64, feature_map=feature_map,
+                                      position_embedding_type=position, initializer_range=0.5, chunk_size=256)
                 g = torch.Generator().manual_seed(seed)
                 for P in PROMPTS:
                     prompt = torch.randint(0, 97, (P,), generator=g).tolist()
-                    patch = convert_exact(copy.deepcopy(model), prompt, "-", chunk_size=512)
-                    patched = patched_copy(model, patch)
+                    patched, _ = patched_by(model, prompt, "exact")
                     for Q in QUERIES:
                         query = torch.randint(0, 97, (Q,), generator=g).tolist()
                         with torch.no_grad():

@@ -12,23 +12,15 @@ longest prompt that leaves room for one query token is 1023 tokens.
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import time
 
 import torch
+from common import patched_by, random_gpt2
 
-import iclca_cli  # noqa: F401
-from iclca_cli.convert import convert_prompt
 from iclca_cli.evaluate import greedy_continuation, kl_divergence
-from iclca_cli.patch import patched_copy
 
-
-def gpt2_small(dtype):
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    torch.manual_seed(0)
-    return GPT2LMHeadModel(GPT2Config(resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)).to(dtype).eval()
+METHODS = ("prefix", "taylor1", "taylor2")
 
 
 @torch.no_grad()
@@ -43,30 +35,23 @@ def main() -> None:
     result = {"parameters": None, "prompt_tokens": P, "query_tokens": Q, "rows": [], "sizes": []}
     t0 = time.perf_counter()
     for dtype in (torch.float64, torch.float32):
-        model = gpt2_small(dtype)
+        model = random_gpt2(dtype=dtype)
         result["parameters"] = sum(p.numel() for p in model.parameters())
         prompted = model(input_ids=torch.tensor([prompt + query])).logits[0, P:]
         base = model(input_ids=torch.tensor([query])).logits[0]
-        for method, order in (("prefix", 2), ("taylor", 1), ("taylor", 2)):
-            if dtype == torch.float32 and method != "prefix":
-                continue
-            patch = convert_prompt(copy.deepcopy(model), prompt, "-", method, order)
-            patched = patched_copy(model, patch)
+        for method in METHODS if dtype == torch.float64 else ("prefix",):
+            patched, _ = patched_by(model, prompt, method)
             out = patched(input_ids=torch.tensor([query])).logits[0]
-            row = {"dtype": str(dtype).removeprefix("torch."), "method": method if method == "prefix" else f"taylor{order}",
+            row = {"dtype": str(dtype).removeprefix("torch."), "method": method,
                    "max_abs_logit_diff": float((out - prompted).abs().max()), "kl_prompted_patched": float(kl_divergence(prompted, out).mean()),
                    "kl_prompted_base": float(kl_divergence(prompted, base).mean())}
             if method == "prefix":
                 row["greedy_32_identical"] = greedy_continuation(patched, query, 32) == greedy_continuation(model, prompt + query, 32)
             result["rows"].append(row)
             del patched
-    model = gpt2_small(torch.float32)
+    model = random_gpt2(dtype=torch.float32)
     for p in (256, 1023):
-        sizes = {"prompt_tokens": p}
-        for method, order in (("prefix", 2), ("taylor", 1), ("taylor", 2)):
-            patch = convert_prompt(copy.deepcopy(model), ids[:p], "-", method, order)
-            sizes[method if method == "prefix" else f"taylor{order}"] = patch.nbytes
-        result["sizes"].append(sizes)
+        result["sizes"].append({"prompt_tokens": p, **{m: patched_by(model, ids[:p], m)[1].nbytes for m in METHODS}})
     result["seconds"] = round(time.perf_counter() - t0, 1)
     if args.json:
         print(json.dumps(result))

@@ -11,34 +11,29 @@ from __future__ import annotations
 
 import argparse
 import copy
-import sys
 import time
-from pathlib import Path
 
 import torch
+from bench import QUERY, gpt2_model, linear_model
+from common import patched_by, random_ids
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from iclca_cli.convert import convert_prompt  # noqa: E402
-from iclca_cli.patch import apply_patch  # noqa: E402
-from scripts.bench import QUERY, gpt2_model, linear_model, random_ids  # noqa: E402
+from iclca_cli.patch import apply_patch
 
 
 @torch.inference_mode()
 def step_profile(model, query: list[int], repeats: int, rows: int) -> tuple[float, str]:
     """Seconds of one decode step after `query` (best of `repeats`) and the profiler's top `rows` operators."""
-    cache = model(input_ids=torch.tensor([query]), use_cache=True).past_key_values
+    cache = model(input_ids=torch.tensor([query]), use_cache=True).cache
     caches = [copy.deepcopy(cache) for _ in range(repeats + 10)]  # a step may grow its cache in place
     x = torch.tensor([[query[-1]]])
     best = float("inf")
     for c in caches[:repeats]:
         t0 = time.perf_counter()
-        model(input_ids=x, past_key_values=c, use_cache=True)
+        model(input_ids=x, cache=c, use_cache=True)
         best = min(best, time.perf_counter() - t0)
     with torch.profiler.profile() as prof:
         for c in caches[repeats:]:
-            model(input_ids=x, past_key_values=c, use_cache=True)
+            model(input_ids=x, cache=c, use_cache=True)
     table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows)
     return best, table
 
@@ -51,14 +46,14 @@ def main() -> None:
     torch.set_num_threads(2)
     lin, gpt = linear_model(), gpt2_model(args.quick)
     cases = []
-    for model, P, methods in ((lin, 4096, [("exact", 0)]), (gpt, 960, [("taylor", 1), ("taylor", 2)])):
+    for model, P, methods in ((lin, 4096, ["exact"]), (gpt, 960, ["taylor1", "taylor2"])):
         prompt = random_ids(P, model.config.vocab_size, 1)
         query = random_ids(QUERY, model.config.vocab_size, 2)
         cases.append((f"{model.config.model_type} base", model, query))
-        for method, order in methods:
-            patched = copy.deepcopy(model)
-            apply_patch(patched, convert_prompt(copy.deepcopy(model), prompt, "-", method, order))
-            cases.append((f"{model.config.model_type} {method}{order or ''} P={P}", patched, query))
+        for method in methods:
+            patched = copy.deepcopy(model)  # its own weights, as in bench.py
+            apply_patch(patched, patched_by(model, prompt, method)[1])
+            cases.append((f"{model.config.model_type} {method} P={P}", patched, query))
     for name, model, query in cases:
         seconds, table = step_profile(model, query, 200 if name.startswith("iclca_linear") else 20, args.rows)
         print(f"## {name}: one decode step {seconds * 1e3:.3f} ms\n{table}")

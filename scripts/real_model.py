@@ -30,15 +30,11 @@ import time
 from pathlib import Path
 
 import torch
+from common import markdown_table, number, patched_by
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from iclca_cli.convert import convert_prompt  # noqa: E402
-from iclca_cli.evaluate import greedy_continuation, kl_divergence  # noqa: E402
-from iclca_cli.inputs import encode_continuation, encode_prompt  # noqa: E402
-from iclca_cli.loading import load_model  # noqa: E402
-from iclca_cli.patch import patched_copy  # noqa: E402
+from iclca_cli.evaluate import greedy_continuation, kl_divergence
+from iclca_cli.inputs import encode_continuation, encode_prompt
+from iclca_cli.loading import load_model
 
 GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DEFAULT_FOLDER = Path.home() / ".cache/iclca/smollm2-135m-instruct"
@@ -98,10 +94,7 @@ def answer_logits(model, ids: list[int]) -> torch.Tensor:
         return model(input_ids=torch.tensor([ids])).logits[0, -1].double()  # (V,)
 
 
-def methods_for(P: int) -> list[tuple[str, str, dict]]:
-    out = [("prefix", "prefix", {}), ("taylor1", "taylor", {"order": 1}), ("taylor2", "taylor", {"order": 2})]
-    return out + [(f"compressed-{b}", "compressed", {"budget": b}) for b in (8, 16, 32)] + \
-        [("compressed-P/3", "compressed", {"budget": max(1, P // 3)})]
+METHODS = ["prefix", "taylor1", "taylor2", "compressed-8", "compressed-16", "compressed-32", "compressed-P/3"]
 
 
 def run(folder: Path, tasks: list[str], n_prompts: int, log=print) -> list[dict]:
@@ -129,16 +122,15 @@ def run(folder: Path, tasks: list[str], n_prompts: int, log=print) -> list[dict]
                 add("prompted", int(ref.argmax() == target), 0.0)
                 alone = answer_logits(model, q)
                 add("none", int(alone.argmax() == target), float(kl_divergence(ref[None], alone[None])))
-            for name, method, kw in methods_for(P):
-                patch = convert_prompt(model, prompt, "-", method, kw.get("order", 2), budget=kw.get("budget", 0))
-                patched = patched_copy(model, patch)
+            for name in METHODS:
+                patched, patch = patched_by(model, prompt, name)
                 for (q, target), ref in zip(encoded, prompted):
                     got = answer_logits(patched, q)
                     add(name, int(got.argmax() == target), float(kl_divergence(ref[None], got[None])), patch.nbytes,
                         float((got - ref).abs().max()))
                 if name == "compressed-P/3":
-                    stats[name]["budget"] = kw["budget"]
-                if method == "prefix":  # greedy 8-token continuations of the first query: patched vs prompted
+                    stats[name]["budget"] = int(patch.extra["budget"])
+                if name == "prefix":  # greedy 8-token continuations of the first query: patched vs prompted
                     q = encoded[0][0]
                     same = greedy_continuation(patched, q, 8) == greedy_continuation(model, prompt + q, 8)
                     stats[name]["greedy_same"] = stats[name].get("greedy_same", 0) + int(same)
@@ -167,15 +159,13 @@ def main() -> None:
                           "rows": rows}))
         return
     print(f"SmolLM2-135M-Instruct, float32, {args.prompts} fresh prompts per task ({time.perf_counter() - t0:.0f} s)\n")
-    print("| task | method | accuracy | KL(prompted‖x) | max abs Δlogit | patch bytes |")
-    print("|---|---|---|---|---|---|")
+    rows_md = []
     for r in rows:
-        d = "—" if r["max_abs_logit_diff"] is None else f"{r['max_abs_logit_diff']:.3g}"
-        b = f"{r['patch_bytes']:,}" if r["patch_bytes"] else "—"
         m = r["method"] + (f" (R={r['budget']})" if "budget" in r else "")
         m += f" (greedy 8 tokens identical: {r['greedy_identical']:.0%})" if "greedy_identical" in r else ""
-        print(f"| {r['task']} (P={r['prompt_tokens']}) | {m} | {r['accuracy']:.3f} | {r['kl']:.3g} | {d} | {b} |")
-
+        rows_md.append([f"{r['task']} (P={r['prompt_tokens']})", m, f"{r['accuracy']:.3f}", number(r["kl"]),
+                        number(r["max_abs_logit_diff"]), f"{r['patch_bytes']:,}" if r["patch_bytes"] else "—"])
+    print(markdown_table(["task", "method", "accuracy", "KL(prompted‖x)", "max abs Δlogit", "patch bytes"], rows_md))
 
 if __name__ == "__main__":
     main()

@@ -16,20 +16,15 @@ import argparse
 import json
 import random
 import sys
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from common import ROOT, markdown_table, number, patched_by
 
-from iclca_cli.convert import convert_prompt  # noqa: E402
-from iclca_cli.evaluate import evaluate  # noqa: E402
-from iclca_cli.inputs import encode_prompt  # noqa: E402
-from iclca_cli.loading import builtin_models, load_model  # noqa: E402
-from iclca_cli.patch import patched_copy  # noqa: E402
-from iclca_cli.tasks import RecallTask  # noqa: E402
+from iclca_cli.evaluate import evaluate
+from iclca_cli.inputs import encode_prompt
+from iclca_cli.loading import builtin_models, load_model
+from iclca_cli.tasks import RecallTask
 
-# (method, taylor order or compressed budget as a fraction of the prompt's tokens)
-METHODS = {"iclca_linear": [("exact", 0)], "gpt2": [("prefix", 0), ("taylor", 1), ("taylor", 2), ("compressed", 1 / 3)]}
+METHODS = {"iclca_linear": ["exact"], "gpt2": ["prefix", "taylor1", "taylor2", "compressed-P/3"]}
 EVAL_SEED = 2024  # training samples from torch generators seeded 1 and 10_000; these prompts are text drawn apart
 
 
@@ -41,19 +36,17 @@ def table(models: list[str], n_prompts: int, log=lambda *a: None) -> list[dict]:
         rng = random.Random(EVAL_SEED)
         prompts = [task.sample(rng) for _ in range(n_prompts)]
         methods = METHODS[model.config.model_type]
-        name_of = lambda m, o: m if m in ("compressed", "prefix", "exact") else f"{m}{o}"  # noqa: E731
-        acc = {"none": [], "prompted": [], **{name_of(m, o): [] for m, o in methods}}
+        label = lambda m: m.removesuffix("-P/3")  # noqa: E731  (the table says compressed; its budget is P/3)
+        acc = {"none": [], "prompted": [], **{label(m): [] for m in methods}}
         kl = {k: [] for k in acc}
         diff = dict.fromkeys(acc, 0.0)
         patch_bytes, kv_bytes = {}, 0
         for i, (prompt, queries) in enumerate(prompts):
             ids = encode_prompt(tokenizer, prompt)
-            for method, order in methods:
-                key = name_of(method, order)
-                budget = max(2, round(order * len(ids))) if method == "compressed" else 0
-                patch = convert_prompt(model, ids, "-", method, int(order) if method == "taylor" else 2, budget=budget)
-                patched = patched_copy(model, patch)
-                r = evaluate(model, patched, tokenizer, prompt, queries, method, patch.nbytes, 4)
+            for method in methods:
+                key = label(method)
+                patched, patch = patched_by(model, ids, method)
+                r = evaluate(model, patched, tokenizer, prompt, queries, patch.method, patch.nbytes, 4)
                 acc[key].append(r["accuracy"]["patched"])
                 kl[key].append(r["kl_prompted_patched"])
                 diff[key] = max(diff[key], r["max_abs_logit_diff"])
@@ -84,13 +77,10 @@ def main() -> None:
         print(json.dumps({"prompts": args.prompts, "rows": rows}))
         return
     print(f"{args.prompts} fresh recall prompts per model, 8 pairs each, one query per key (float32)\n")
-    print("| model | method | accuracy | KL(prompted‖x) | max abs Δlogit | patch bytes | prompt-KV bytes |")
-    print("|---|---|---|---|---|---|---|")
-    for r in rows:
-        d = "—" if r["max_abs_logit_diff"] is None else f"{r['max_abs_logit_diff']:.3g}"
-        pb = f"{r['patch_bytes']:,}" if r["patch_bytes"] else "—"
-        print(f"| {r['model']} | {r['method']} | {r['accuracy']:.3f} | {r['kl']:.3g} | {d} | {pb} | {r['prompt_kv_bytes']:,} |")
-
+    print(markdown_table(
+        ["model", "method", "accuracy", "KL(prompted‖x)", "max abs Δlogit", "patch bytes", "prompt-KV bytes"],
+        [[r["model"], r["method"], f"{r['accuracy']:.3f}", number(r["kl"]), number(r["max_abs_logit_diff"]),
+          f"{r['patch_bytes']:,}" if r["patch_bytes"] else "—", f"{r['prompt_kv_bytes']:,}"] for r in rows]))
 
 if __name__ == "__main__":
     main()

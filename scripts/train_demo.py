@@ -16,17 +16,14 @@ import argparse
 import hashlib
 import json
 import math
-import sys
 import time
 from pathlib import Path
 
 import torch
+from common import ROOT
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from iclca_cli.tasks import RecallTask  # noqa: E402
-from iclca_cli.word_tokenizer import build_word_tokenizer  # noqa: E402
+from iclca_cli.tasks import RecallTask
+from iclca_cli.word_tokenizer import build_word_tokenizer
 
 TASK = ROOT / "configs/tasks/recall.json"
 
@@ -80,7 +77,6 @@ class RecallBatches:
 
 
 def build_model(name: str, spec: dict, tokenizer):
-    import iclca_cli  # noqa: F401
     from transformers import GPT2Config, GPT2LMHeadModel
 
     from iclca_cli.models import IclcaLinearConfig, IclcaLinearForCausalLM

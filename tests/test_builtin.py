@@ -2,15 +2,13 @@
 
 import hashlib
 import json
-import os
 
 import pytest
 
-from conftest import ROOT
+from helpers import ROOT, load_script
 from iclca_cli.loading import BUILTIN_DIR, builtin_models, load_model
 from iclca_cli.tasks import RecallTask
 from iclca_cli.word_tokenizer import build_word_tokenizer
-from test_demo_training import load_script
 
 
 @pytest.mark.parametrize("name", builtin_models())
@@ -34,7 +32,7 @@ def test_training_is_deterministic_and_recorded(tmp_path):
         records[0]["model_safetensors_sha256"]
 
 
-@pytest.mark.skipif(not os.environ.get("ICLCA_SLOW"), reason="retrains a demo model for minutes; set ICLCA_SLOW=1")
+@pytest.mark.slow  # retrains a demo model: minutes
 @pytest.mark.parametrize("name", builtin_models())
 def test_shipped_checkpoint_is_what_the_recipe_trains(name, tmp_path):
     train = load_script("train_demo")

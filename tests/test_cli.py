@@ -7,29 +7,12 @@ import sys
 import pytest
 from safetensors import safe_open
 
-from conftest import EXAMPLE_PROMPT, EXAMPLE_QUERIES, make_linear_model, save_checkpoint, tree_digest
+from helpers import (EXAMPLE_PROMPT, EXAMPLE_QUERIES, assert_one_line_error, make_linear_model, one_json,
+                     save_checkpoint, tree_digest)
 from iclca_cli.loading import BUILTIN_DIR
 
 EVAL_KEYS = {"queries", "prompt_tokens", "method", "max_abs_logit_diff", "kl_prompted_patched", "kl_prompted_base",
              "top1_agreement", "accuracy", "timing", "sizes"}
-
-
-def one_json(result):
-    """stdout must be exactly one JSON object."""
-    lines = [line for line in result.stdout.splitlines() if line.strip()]
-    assert len(lines) == 1, result.stdout
-    obj = json.loads(lines[0])
-    assert isinstance(obj, dict)
-    return obj
-
-
-def assert_one_line_error(result, *fragments):
-    assert result.exit_code == 2, (result.exit_code, result.stdout, result.stderr)
-    lines = result.stderr.strip().splitlines()
-    assert lines[0].startswith("error: ") and lines[1].startswith("hint: ") and len(lines) == 2, result.stderr
-    assert "Traceback" not in result.stderr and result.stdout == ""
-    for f in fragments:
-        assert f in lines[0], lines[0]
 
 
 @pytest.fixture(scope="module")

@@ -1,20 +1,12 @@
 """The demo training data: what the trainer feeds is the task's text, as the tokenizer encodes it."""
 
-import importlib.util
 import random
 
 import torch
 
-from conftest import ROOT
+from helpers import ROOT, load_script
 from iclca_cli.tasks import RecallTask
 from iclca_cli.word_tokenizer import build_word_tokenizer
-
-
-def load_script(name):
-    spec = importlib.util.spec_from_file_location(name, ROOT / f"scripts/{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def test_training_batches_are_the_tasks_text_and_labels_are_the_query_values():

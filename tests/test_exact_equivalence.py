@@ -5,7 +5,7 @@ import copy
 import pytest
 import torch
 
-from conftest import logits, make_linear_model, patched_copy, random_ids
+from helpers import logits, make_linear_model, convert, random_ids
 from iclca_cli.errors import IclcaError
 from iclca_cli.evaluate import greedy_continuation
 
@@ -29,7 +29,7 @@ IDS = [f"seed{s}-{fm}-{pos}-P{p}-Q{q}" for s, fm, pos, p, q in CASES]
 def test_patched_equals_prompted(seed, feature_map, position_type, P, Q, dtype, bound):
     model = make_linear_model(seed, dtype, feature_map, position_type)
     prompt, query = random_ids(P, seed=seed), random_ids(Q, seed=seed + 100)
-    patched, patch = patched_copy(model, prompt, chunk_size=128)  # chunked conversion for P > 128
+    patched, patch = convert(model, prompt, chunk_size=128)  # chunked conversion for P > 128
     assert patch.position_offset == P and patch.prompt_tokens == P
     diff = (logits(patched, query) - logits(model, prompt + query)[P:]).abs().max().item()
     assert diff <= bound
@@ -38,7 +38,7 @@ def test_patched_equals_prompted(seed, feature_map, position_type, P, Q, dtype, 
 def test_generate_on_patched_equals_generate_on_prompt_plus_query():
     model = make_linear_model(11)
     prompt, query = random_ids(40, seed=11), random_ids(6, seed=12)
-    patched, _ = patched_copy(model, prompt)
+    patched, _ = convert(model, prompt)
     out_patched = patched.generate(torch.tensor([query]), max_new_tokens=12, do_sample=False)[0, len(query):]
     out_prompted = model.generate(torch.tensor([prompt + query]), max_new_tokens=12, do_sample=False)[0, len(prompt + query):]
     assert out_patched.tolist() == out_prompted.tolist()
@@ -49,7 +49,7 @@ def test_position_offset_matters():
     """Without the offset, a learned-position model on the query differs by O(1) from the prompted model."""
     model = make_linear_model(12)
     prompt, query = random_ids(64, seed=12), random_ids(16, seed=13)
-    patched, _ = patched_copy(model, prompt)
+    patched, _ = convert(model, prompt)
     prompted = logits(model, prompt + query)[64:]
     assert (logits(patched, query) - prompted).abs().max() <= 1e-10
     patched.config.position_offset = 0
@@ -60,9 +60,9 @@ def test_position_offset_matters():
 def test_stacking_equals_converting_the_concatenation(position_type):
     model = make_linear_model(13, position_embedding_type=position_type)
     a, b = random_ids(70, seed=13), random_ids(130, seed=14)
-    _, patch_a = patched_copy(model, a)
-    _, stacked = patched_copy(model, b, base_patch=patch_a)
-    _, joint = patched_copy(model, a + b)
+    _, patch_a = convert(model, a)
+    _, stacked = convert(model, b, base_patch=patch_a)
+    _, joint = convert(model, a + b)
     assert stacked.position_offset == joint.position_offset == 200
     assert stacked.prompt_tokens == joint.prompt_tokens == 200
     assert stacked.base_fingerprint == joint.base_fingerprint
@@ -75,31 +75,35 @@ def test_stacking_equals_converting_the_concatenation(position_type):
 def test_chunked_conversion_equals_one_shot(chunk_size):
     model = make_linear_model(14, chunk_size=4096)  # the attention itself runs in parallel form
     prompt = random_ids(300, seed=14)
-    _, one_shot = patched_copy(model, prompt, chunk_size=len(prompt))
-    _, chunked = patched_copy(model, prompt, chunk_size=chunk_size)
+    _, one_shot = convert(model, prompt, chunk_size=len(prompt))
+    _, chunked = convert(model, prompt, chunk_size=chunk_size)
     for name in one_shot.tensors:
         assert (chunked.tensors[name] - one_shot.tensors[name]).abs().max() <= 1e-10, name
 
 
-def test_conversion_leaves_the_model_and_its_hooks_as_they_were():
+def test_conversion_leaves_the_model_as_it_was():
     model = make_linear_model(15)
     before = copy.deepcopy(model.state_dict())
-    patched_copy(model, random_ids(10, seed=15))
+    convert(model, random_ids(10, seed=15))
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     assert all(not m._forward_hooks for m in model.modules())
 
 
-def test_hooks_are_removed_when_the_run_fails():
-    from iclca_cli.convert import capture_prompt_states
+def test_a_capture_that_fails_leaves_the_model_as_it_was():
+    """Softmax capture switches the attention implementation and marks the attention modules; a forward that fails
+    half-way (a token id outside the vocabulary) restores both."""
+    from helpers import make_llama
+    from iclca_cli.convert import convert_prompt
 
-    model = make_linear_model(16)
+    model = make_llama()
     with pytest.raises(IndexError):
-        capture_prompt_states(model, [10_000])  # token id outside the vocabulary fails inside forward
-    assert all(not m._forward_hooks for m in model.modules())
+        convert_prompt(model, [10_000], "-", "prefix")
+    assert model.config._attn_implementation != "iclca_patch"
+    assert not any(hasattr(m, "_iclca_capture") for m in model.modules())
 
 
 def test_prompt_longer_than_the_positions_is_refused():
     model = make_linear_model(17, max_position_embeddings=50)
     with pytest.raises(IclcaError, match="needs 51 positions but the model has 50"):
-        patched_copy(model, random_ids(50, seed=17))  # a prompt that fills every position leaves none for a query
-    patched_copy(model, random_ids(49, seed=17))
+        convert(model, random_ids(50, seed=17))  # a prompt that fills every position leaves none for a query
+    convert(model, random_ids(49, seed=17))

@@ -6,21 +6,16 @@ import json
 import pytest
 import torch
 
-from conftest import (EXAMPLE_PROMPT, EXAMPLE_QUERIES, logits, make_gpt2_model, random_ids, tree_digest)
-from iclca_cli.convert import convert_prompt
+from helpers import EXAMPLE_PROMPT, EXAMPLE_QUERIES, convert, logits, make_gpt2_model, random_ids, tree_digest
 from iclca_cli.errors import IclcaError
 from iclca_cli.loading import load_model
 from iclca_cli.merge import merge_patch
-from iclca_cli.models.modeling_iclca_gpt2 import taylor_feature_dim, taylor_features
-from iclca_cli.patch import patched_copy
-from test_merge import run_fresh_process
 
 V = 50257
 
 
 def patched(model, prompt, method="prefix", order=2):
-    patch = convert_prompt(copy.deepcopy(model), prompt, "0" * 64, method, order)
-    return patched_copy(model, patch), patch
+    return convert(model, prompt, method, order=order)
 
 
 def test_real_gpt2_tokenizer_offline(gpt2_tokenizer):
@@ -41,15 +36,6 @@ def test_prefix_patch_equals_prompted(seed, P, Q, dtype, bound):
     assert (logits(m, query) - logits(model, prompt + query)[P:]).abs().max().item() <= bound
 
 
-def test_prefix_generate_is_identical():
-    model = make_gpt2_model(4)
-    prompt, query = random_ids(60, V, 4), random_ids(5, V, 5)
-    m, _ = patched(model, prompt)
-    got = m.generate(torch.tensor([query]), max_new_tokens=10, do_sample=False)[0, 5:]
-    want = model.generate(torch.tensor([prompt + query]), max_new_tokens=10, do_sample=False)[0, 65:]
-    assert got.tolist() == want.tolist()
-
-
 @pytest.mark.parametrize("method", ["prefix", "taylor"])
 def test_left_padded_batch_equals_single_sequences(method):
     """The mask function registered with AttentionMaskInterface brings padding masks to the patched attention."""
@@ -61,17 +47,6 @@ def test_left_padded_batch_equals_single_sequences(method):
     out = m(input_ids=batch, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp_min(0)).logits
     assert (out[0] - logits(m, a)).abs().max() <= 1e-10
     assert (out[1, 3:] - logits(m, b)).abs().max() <= 1e-10
-
-
-def test_taylor_features_are_the_taylor_polynomial():
-    torch.manual_seed(0)
-    q, k = torch.randn(5, 16, dtype=torch.float64), torch.randn(5, 16, dtype=torch.float64)
-    s = 0.25
-    x = s * (q * k).sum(-1)
-    for order, poly in ((1, 1 + x), (2, 1 + x + x**2 / 2)):
-        fq, fk = taylor_features(q, s, order), taylor_features(k, s, order)
-        assert fq.shape[-1] == taylor_feature_dim(16, order)
-        torch.testing.assert_close((fq * fk).sum(-1), poly, rtol=0, atol=1e-12)
 
 
 def test_taylor_converges_where_scores_are_small():
@@ -115,26 +90,16 @@ def gpt2_folder(tmp_path_factory, gpt2_tokenizer):
     return folder
 
 
-def test_merged_gpt2_folders_in_a_fresh_process(tmp_path, gpt2_folder):
-    """prefix: merged == prompted (float64, ≤ 1e-9) with identical greedy generations; taylor: merged == patched."""
-    cases, expected = [], []
-    prompt, query = random_ids(40, V, 21), random_ids(6, V, 22)
-    for method, order in (("prefix", 2), ("taylor", 1), ("taylor", 2)):
-        base, tok = load_model(str(gpt2_folder), "float64")
-        ref = copy.deepcopy(base)
-        m, patch = patched(base, prompt, method, order)
-        want = logits(ref, prompt + query)[40:] if method == "prefix" else logits(m, query)
-        gen = (ref.generate(torch.tensor([prompt + query]), max_new_tokens=8, do_sample=False)[0, 46:]
-               if method == "prefix" else m.generate(torch.tensor([query]), max_new_tokens=8, do_sample=False)[0, 6:])
-        folder = merge_patch(base, tok, patch, tmp_path / f"merged-{method}{order}")
-        cases.append({"folder": str(folder), "dtype": "float64", "query": query})
-        expected.append((want, gen.tolist()))
-    for res, (want, gen), case in zip(run_fresh_process(cases, tmp_path), expected, cases):
-        assert res["class"].startswith("transformers_modules.") and not res["iclca_imported"]
-        assert (torch.tensor(res["logits"], dtype=torch.float64) - want).abs().max().item() <= 1e-9, case
-        assert res["generated"] == gen, case
-    merged, _ = load_model(cases[0]["folder"], "float64")  # and through iclca, without remote code
+def test_a_merged_gpt2_carries_its_shifted_position_table(tmp_path, gpt2_folder):
+    """GPT-2's learned positions: the merged checkpoint's table is the base table from row P on, and its config
+    says so (n_positions = 256 - P); merged == patched is the contract test's."""
+    base, tok = load_model(str(gpt2_folder), "float64")
+    m, patch = patched(base, random_ids(40, V, 21))
+    folder = merge_patch(base, tok, patch, tmp_path / "merged")
+    merged, _ = load_model(str(folder), "float64")
     assert type(merged).__name__ == "IclcaGPT2LMHeadModel" and merged.config.n_positions == 256 - 40
+    assert torch.equal(merged.transformer.wpe.weight, base.transformer.wpe.weight[40:])
+    assert base.transformer.wpe.num_embeddings == 256  # the base model is left as it was
 
 
 def test_cli_on_gpt2_every_method(cli, tmp_path, gpt2_folder):
@@ -190,7 +155,24 @@ def test_prefix_patch_as_a_peft_adapter_reproduces_prompted_logits(cli, tmp_path
         got = peft_model(input_ids=torch.tensor([query])).logits[0]
     # PEFT stores prompt embeddings in float32 whatever the model's dtype: the float32 bound applies.
     assert (got - want).abs().max().item() <= 1e-4
-    assert peft_model.generate(input_ids=torch.tensor([query]), max_new_tokens=6, do_sample=False)[0, -6:].tolist() == \
-        base.generate(torch.tensor([prompt + query]), max_new_tokens=6, do_sample=False)[0, -6:].tolist()
     res = cli("export-peft", "-m", gpt2_folder, "-p", patch, "-o", tmp_path / "adapter")
     assert res.exit_code == 2 and "already exists" in res.stderr
+
+
+@pytest.mark.xfail(strict=True, reason="upstream: PEFT 0.21.2's prepare_inputs_for_generation looks for the prefix "
+                   "under past_key_values, which transformers 5.24's generate() passes as cache, so it injects the "
+                   "prefix again at every step; strict, so a fixed PEFT turns this into a failure to notice")
+def test_generate_through_a_peft_prefix_adapter_equals_prompted(cli, tmp_path, gpt2_folder):
+    from peft import PeftModel
+
+    prompt_file = tmp_path / "prompt.txt"
+    prompt_file.write_text(EXAMPLE_PROMPT.read_text())
+    patch = tmp_path / "prefix.safetensors"
+    assert cli("convert", prompt_file, "-m", gpt2_folder, "-o", patch, "--method", "prefix", "--dtype", "float64").exit_code == 0
+    assert cli("export-peft", "-m", gpt2_folder, "-p", patch, "-o", tmp_path / "adapter").exit_code == 0
+    base, tok = load_model(str(gpt2_folder), "float64")
+    prompt = tok(prompt_file.read_text()).input_ids
+    query = tok("river:", add_special_tokens=False).input_ids
+    peft_model = PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "adapter").eval()
+    got = peft_model.generate(input_ids=torch.tensor([query]), max_new_tokens=6, do_sample=False)[0, -6:].tolist()
+    assert got == base.generate(torch.tensor([prompt + query]), max_new_tokens=6, do_sample=False)[0, -6:].tolist()

@@ -1,54 +1,25 @@
 """Merged folders: exact, loadable both ways (fresh process with plain transformers, and iclca), and safe to write."""
 
 import json
-import subprocess
-import sys
 
 import pytest
 import torch
 
-from conftest import ROOT, logits, make_linear_model, patched_copy, random_ids, save_checkpoint, tree_digest
+from helpers import (convert, greedy, logits, make_linear_model, random_ids, run_fresh_process, save_checkpoint,
+                     tree_digest)
 from iclca_cli.errors import IclcaError
+from iclca_cli.families import family_named
 from iclca_cli.loading import load_model
 from iclca_cli.merge import merge_patch, read_provenance
-
-# A fresh interpreter in which importing iclca_cli fails: the folder must carry everything it needs.
-FRESH_PROCESS = r"""
-import importlib.abc, json, sys
-class NoIclca(importlib.abc.MetaPathFinder):
-    def find_spec(self, name, path=None, target=None):
-        if name.split(".")[0] == "iclca_cli":
-            raise ImportError("iclca_cli is blocked in this process")
-sys.meta_path.insert(0, NoIclca())
-import torch
-from transformers import AutoModelForCausalLM
-from transformers.utils import logging
-logging.disable_progress_bar()
-result = []
-for case in json.loads(sys.argv[1]):
-    model = AutoModelForCausalLM.from_pretrained(case["folder"], trust_remote_code=True, dtype=getattr(torch, case["dtype"]))
-    with torch.no_grad():
-        out = model(input_ids=torch.tensor([case["query"]])).logits[0]
-    gen = model.generate(torch.tensor([case["query"]]), max_new_tokens=8, do_sample=False)[0, len(case["query"]):]
-    result.append({"logits": out.tolist(), "generated": gen.tolist(), "class": type(model).__module__,
-                   "iclca_imported": "iclca_cli" in sys.modules})
-print(json.dumps(result))
-"""
-
-def run_fresh_process(cases: list[dict], cwd) -> list[dict]:
-    """Load each case's merged folder in a fresh process (iclca blocked): its logits, greedy tokens, class."""
-    proc = subprocess.run([sys.executable, "-c", FRESH_PROCESS, json.dumps(cases)], capture_output=True, text=True,
-                          cwd=cwd, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    return json.loads(proc.stdout.strip().splitlines()[-1])
-
+from iclca_cli.models.merged import modeling_file
 
 CASES = [(30, "elu+1", "learned", 120, 16), (31, "relu", "none", 300, 8), (32, "relu", "learned", 1, 30),
          (33, "elu+1", "none", 64, 1)]
 
 
 def test_merged_folder_in_a_fresh_process_equals_prompted(tmp_path):
-    """Golden test for merge, float64 (≤ 1e-10) and float32 (≤ 1e-4), both feature maps and position types."""
+    """Golden test for merge, float64 (≤ 1e-10) and float32 (≤ 1e-4), both feature maps and position types,
+    16 greedy tokens."""
     cases, expected = [], []
     for seed, fm, pos, P, Q in CASES:
         for dtype, bound in ((torch.float64, 1e-10), (torch.float32, 1e-4)):
@@ -56,11 +27,10 @@ def test_merged_folder_in_a_fresh_process_equals_prompted(tmp_path):
             prompt, query = random_ids(P, seed=seed), random_ids(Q, seed=seed + 1)
             base = save_checkpoint(model, tmp_path / f"base-{seed}-{dtype}")
             m, tok = load_model(str(base), str(dtype).removeprefix("torch."))
-            _, patch = patched_copy(m, prompt, chunk_size=50)
+            _, patch = convert(m, prompt, chunk_size=50)
             folder = merge_patch(m, tok, patch, tmp_path / f"merged-{seed}-{dtype}")
             cases.append({"folder": str(folder), "dtype": str(dtype).removeprefix("torch."), "query": query})
-            gen = model.generate(torch.tensor([prompt + query]), max_new_tokens=8, do_sample=False)[0, P + Q:]
-            expected.append((logits(model, prompt + query)[P:], gen.tolist(), bound))
+            expected.append((logits(model, prompt + query)[P:], greedy(model, prompt + query, 16), bound))
     results = run_fresh_process(cases, tmp_path)
     for res, (want, want_gen, bound), case in zip(results, expected, cases):
         assert res["class"].startswith("transformers_modules.") and not res["iclca_imported"]
@@ -74,7 +44,7 @@ def test_merged_folder_loads_through_iclca_without_remote_code(tmp_path):
     prompt, query = random_ids(50, seed=34), random_ids(10, seed=35)
     base = save_checkpoint(model, tmp_path / "base")
     m, tok = load_model(str(base), "float64")
-    _, patch = patched_copy(m, prompt)
+    _, patch = convert(m, prompt)
     folder = merge_patch(m, tok, patch, tmp_path / "merged")
     merged, _ = load_model(str(folder), "float64")  # trust_remote_code=False: the registered class is used
     assert type(merged).__module__ == "iclca_cli.models.modeling_iclca_linear"
@@ -83,14 +53,16 @@ def test_merged_folder_loads_through_iclca_without_remote_code(tmp_path):
     assert read_provenance(folder)["iclca.position_offset"] == "50"
     config = json.loads((folder / "config.json").read_text())
     assert config["auto_map"]["AutoModelForCausalLM"] == "modeling_iclca_linear.IclcaLinearForCausalLM"
-    assert (folder / "modeling_iclca_linear.py").read_text() == (ROOT / "iclca_cli/models/modeling_iclca_linear.py").read_text()
+    carried = (folder / "modeling_iclca_linear.py").read_text()  # the model file with the ops it imports, inlined
+    assert carried == modeling_file(family_named("iclca_linear"))[1] and "def linear_attention_chunked" in carried
+    assert not any(line.startswith(("import iclca", "from iclca", "from .")) for line in carried.splitlines())
 
 
 def _merge_setup(tmp_path, seed=36):
     model = make_linear_model(seed)
     base = save_checkpoint(model, tmp_path / "base")
     m, tok = load_model(str(base), "float64")
-    _, patch = patched_copy(m, random_ids(20, seed=seed))
+    _, patch = convert(m, random_ids(20, seed=seed))
     return base, m, tok, patch
 
 

@@ -5,7 +5,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from conftest import make_linear_model, patched_copy, random_ids
+from helpers import make_linear_model, convert, random_ids
 from iclca_cli.errors import IclcaError
 from iclca_cli.fingerprint import model_fingerprint
 from iclca_cli.patch import check_patch_fits, load_patch, save_patch
@@ -16,7 +16,7 @@ DESIGN_KEYS = {"format", "iclca.format_version", "iclca.method", "iclca.model_ty
 
 @pytest.fixture
 def patch():
-    _, p = patched_copy(make_linear_model(20), random_ids(25, seed=20))
+    _, p = convert(make_linear_model(20), random_ids(25, seed=20))
     return p
 
 
@@ -37,7 +37,7 @@ def test_round_trip_is_bit_exact_and_carries_the_metadata(tmp_path, patch):
 def test_same_inputs_give_a_byte_identical_file(tmp_path):
     model, prompt = make_linear_model(21), random_ids(40, seed=21)
     for name in ("a", "b"):
-        _, p = patched_copy(model, prompt)
+        _, p = convert(model, prompt)
         save_patch(p, tmp_path / f"{name}.safetensors")
     assert (tmp_path / "a.safetensors").read_bytes() == (tmp_path / "b.safetensors").read_bytes()
 

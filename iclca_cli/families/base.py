@@ -1,0 +1,70 @@
+"""What a model family is to iclca: where its token-mixing layers are, what kind each layer is, how a query's
+positions start at P, and which transformers classes its merged folders subclass. Pure data: no torch here.
+
+Layer kinds are transformers' own names (`config.layer_types`). A method is an operation on a layer kind:
+softmax layers (full or sliding-window attention) take `prefix`, `compressed`, `taylor`; a linear-attention layer
+takes `exact`. A sliding-window layer always keeps the prompt's last window-1 tokens exactly (bounded by the
+window, and nothing else can expire entries as the query moves on).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+SOFTMAX_KINDS = ("full_attention", "sliding_attention")
+LINEAR_KINDS = ("linear_attention",)
+KIND_METHODS = {
+    "full_attention": ("prefix", "compressed", "taylor"),
+    "sliding_attention": ("prefix", "compressed", "taylor"),
+    "linear_attention": ("exact",),
+}
+# How a query's positions start at P:
+#   rotary  - a forward pre-hook adds P to the position ids every rotary embedding module receives;
+#   learned - the learned position table (`position_table`) is shifted by P rows (row i = position P + i);
+#   config  - the model's own config.position_offset (iclca_linear);
+#   none    - no positions (NoPE, recurrent layers): nothing to do.
+POSITION_POLICIES = ("rotary", "learned", "config", "none")
+
+
+@dataclass(frozen=True)
+class Family:
+    model_type: str  # config.model_type of the base models
+    layers: str  # path of layer i's token-mixing module, e.g. "model.layers.{i}.self_attn"
+    positions: str  # one of POSITION_POLICIES
+    position_table: str | None = None  # the embedding whose rows are positions, if any: "learned" shifts it; its
+    #                                    rows are a hard limit on prompt + query
+    merged: tuple[str, str] | None = None  # transformers (config, model) classes that merged folders subclass
+    modeling: str | None = None  # or: a module of iclca_cli.models with the family's own classes (AUTO_CLASSES),
+    #                              which carry a patch themselves; merged folders carry it, bundled
+    peft: bool = False  # `iclca export-peft`: PEFT prefix tuning reproduces this family's prefix patches exactly
+    state_names: tuple[str, ...] = ()  # linear layers: patch tensor name of each recurrent state in the cache
+
+    def __post_init__(self):
+        if self.positions not in POSITION_POLICIES:
+            raise ValueError(f"{self.model_type}: positions must be one of {POSITION_POLICIES}")
+        if (self.merged is None) == (self.modeling is None):
+            raise ValueError(f"{self.model_type}: name either the stock classes to subclass or an own modeling module")
+        if self.positions == "learned" and self.position_table is None:
+            raise ValueError(f"{self.model_type}: a learned position policy names its position_table")
+
+    def layer_kinds(self, config) -> list[str]:
+        """Each layer's kind: config.layer_types where the model has it, else transformers' own rule (a model with
+        a sliding_window slides in every layer)."""
+        kinds = getattr(config, "layer_types", None)
+        if kinds is None:
+            kind = "sliding_attention" if getattr(config, "sliding_window", None) else "full_attention"
+            kinds = [kind] * config.num_hidden_layers
+        return list(kinds)
+
+    def layer_paths(self, config) -> list[str]:
+        return [self.layers.format(i=i) for i in range(config.num_hidden_layers)]
+
+    def methods(self, config) -> tuple[str, ...]:
+        """The methods every layer of this model takes, in order of preference (the first is the default)."""
+        kinds = set(self.layer_kinds(config))
+        order = ("exact", "prefix", "compressed", "taylor")
+        return tuple(m for m in order if all(m in KIND_METHODS.get(k, ()) for k in kinds))
+
+    @property
+    def merged_model_type(self) -> str:
+        return self.model_type if self.merged is None else f"iclca_{self.model_type}"

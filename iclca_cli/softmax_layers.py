@@ -1,0 +1,168 @@
+"""Softmax-attention layers (full or sliding-window) of any family whose attention calls transformers' attention
+interface: capture a prompt's keys and values, turn them into patch tensors by method, the shapes a patch must
+have, and putting a patch on a model.
+
+- Capture: the model runs the prompt with its attention implementation switched to iclca's (ops/softmax_attention),
+  which hands each attention module's post-rotary keys, values (and queries) and how the layer attends.
+- Per layer: a sliding-window layer keeps the prompt's last window-1 tokens exactly, whatever the method (nothing
+  else could let entries expire as the query moves on); a full layer takes `prefix` (keys and values, exact),
+  `compressed` (R entries per key/value head, ops/compress.py) or `taylor` (memories, ops/taylor.py).
+- Grouped-query attention: patch tensors are per key/value head, (Hkv, R, D).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .errors import IclcaError
+from .families import SOFTMAX_KINDS, Family
+from .ops import compress
+from .ops.softmax_attention import ATTENTION_NAME
+from .ops.taylor import taylor_feature_dim, taylor_features
+from .positions import start_queries_at
+
+SUMMARY_NAMES = ("prefix_keys", "prefix_values", "prefix_bias")  # a compressed layer's buffers
+
+
+@dataclass
+class Captured:
+    """One attention layer's view of the prompt."""
+
+    keys: torch.Tensor  # (Hkv, P, D), after the rotary embedding
+    values: torch.Tensor  # (Hkv, P, D)
+    queries: torch.Tensor | None  # (H, P, D), kept only when asked (they outweigh keys and values)
+    scaling: float
+    sliding_window: int | None
+    softcap: float | None
+
+
+def attention_modules(model: nn.Module, family: Family) -> dict[str, nn.Module]:
+    """Module path -> attention module of every softmax layer (by config.layer_types, or the family's rule)."""
+    kinds = family.layer_kinds(model.config)
+    return {path: model.get_submodule(path) for path, kind in zip(family.layer_paths(model.config), kinds)
+            if kind in SOFTMAX_KINDS}
+
+
+def kv_shape(config) -> tuple[int, int]:
+    """(key/value heads, head size)."""
+    kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+    return kv_heads, getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+
+
+@contextmanager
+def capture_prompt_kv(model, family: Family, with_queries: bool = True) -> Iterator[dict[str, Captured]]:
+    """Yield {attention module path: Captured}, filled by the next forward pass of the model (batch 1)."""
+    modules = attention_modules(model, family)
+    before = model.config._attn_implementation
+    captured: dict[str, Captured] = {}
+
+    def keeper(name):
+        def keep(key, value, query, scaling, sliding_window, softcap):
+            captured[name] = Captured(key[0], value[0], query[0] if with_queries else None, scaling, sliding_window,
+                                      softcap)
+
+        return keep
+
+    for name, m in modules.items():
+        m._iclca_capture = keeper(name)
+    model.set_attn_implementation(ATTENTION_NAME)
+    try:
+        yield captured
+    finally:
+        model.set_attn_implementation(before)
+        for m in modules.values():
+            del m._iclca_capture
+
+
+def window_entries(prompt_tokens: int, sliding_window: int) -> int:
+    """Prompt tokens a sliding-window layer can still show a query: the last window-1."""
+    return min(prompt_tokens, sliding_window - 1)
+
+
+def layer_tensors(c: Captured, method: str, budget: int, order: int) -> dict[str, torch.Tensor]:
+    """Patch tensors of one layer, by buffer name."""
+    k, v = c.keys, c.values  # (Hkv, P, D)
+    if c.sliding_window is not None:
+        R = window_entries(k.shape[-2], c.sliding_window)
+        return {"prefix_keys": k[:, -R:].contiguous(), "prefix_values": v[:, -R:].contiguous()}
+    if method == "prefix":
+        return {"prefix_keys": k.contiguous(), "prefix_values": v.contiguous()}
+    if method == "taylor":
+        if c.softcap is not None:
+            raise IclcaError("Taylor memories cannot express soft-capped attention scores",
+                             "use --method prefix or --method compressed for this model")
+        F = taylor_feature_dim(k.shape[-1], order)
+        S, z = k.new_zeros(k.shape[0], F, v.shape[-1]), k.new_zeros(k.shape[0], F)  # (Hkv, F, D), (Hkv, F)
+        for kc, vc in zip(k.split(compress.CHUNK_TOKENS, dim=1), v.split(compress.CHUNK_TOKENS, dim=1)):
+            phi = taylor_features(kc, c.scaling, order)  # (Hkv, C, F): never (Hkv, P, F)
+            S += phi.transpose(-1, -2) @ vc
+            z += phi.sum(-2)
+        return {"memory_kv": S, "memory_k": z}
+    q = c.queries  # (H, P, D)
+    G = q.shape[0] // k.shape[0]
+    heads = [compress.summarise(k[h], v[h], q[h * G:(h + 1) * G].reshape(-1, q.shape[-1]), c.scaling, budget, c.softcap)
+             for h in range(k.shape[0])]
+    return {name: torch.stack([h[i] for h in heads]).contiguous()  # (Hkv, R, D), (Hkv, R, D), (Hkv, R)
+            for i, name in enumerate(SUMMARY_NAMES)}
+
+
+def check_method_arguments(method: str, budget: int, order: int) -> None:
+    if method == "taylor" and order not in (1, 2):
+        raise IclcaError(f"Taylor order {order} is not supported", "use --order 1 or --order 2")
+    if method == "compressed" and budget < 2:
+        raise IclcaError("method compressed needs a budget of at least 2 (the first token is kept apart)",
+                         "pass --budget R, the entries per layer and key/value head (e.g. a third of the prompt's tokens)")
+
+
+@torch.no_grad()
+def convert_softmax(model, family: Family, prompt_ids: list[int], method: str, budget: int = 0,
+                    order: int = 2) -> dict[str, torch.Tensor]:
+    """Patch tensors '<attention module path>.<buffer>' of the prompt for every softmax layer."""
+    check_method_arguments(method, budget, order)
+    device = next(model.parameters()).device
+    with capture_prompt_kv(model, family, with_queries=method == "compressed") as captured:
+        model.base_model(input_ids=torch.tensor([prompt_ids], device=device), use_cache=False)
+    return {f"{name}.{buffer}": t for name, c in captured.items()
+            for buffer, t in layer_tensors(c, method, budget, order).items()}
+
+
+def expected_shapes(model, family: Family, method: str, prompt_tokens: int, budget: int,
+                    order: int) -> dict[str, tuple[int, ...]]:
+    """Tensor name -> shape a patch of this method must have for this model."""
+    Hkv, D = kv_shape(model.config)
+    shapes = {}
+    kinds = family.layer_kinds(model.config)
+    for path, kind in zip(family.layer_paths(model.config), kinds):
+        if kind == "sliding_attention":
+            R = window_entries(prompt_tokens, model.config.sliding_window)
+            shapes[f"{path}.prefix_keys"] = shapes[f"{path}.prefix_values"] = (Hkv, R, D)
+        elif method == "taylor":
+            F = taylor_feature_dim(D, order)
+            shapes[f"{path}.memory_kv"], shapes[f"{path}.memory_k"] = (Hkv, F, D), (Hkv, F)
+        elif kind == "full_attention":
+            R = prompt_tokens if method == "prefix" else min(budget, prompt_tokens)
+            shapes[f"{path}.prefix_keys"] = shapes[f"{path}.prefix_values"] = (Hkv, R, D)
+            if method == "compressed":
+                shapes[f"{path}.prefix_bias"] = (Hkv, R)
+    return shapes
+
+
+@torch.no_grad()
+def register_patch_buffers(model: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
+    """Put patch tensors ('<module path>.<buffer>') on their modules as buffers, in the model's dtype."""
+    dtype = next(model.parameters()).dtype
+    for name, t in tensors.items():
+        path, buffer = name.rsplit(".", 1)
+        model.get_submodule(path).register_buffer(buffer, t.to(dtype).clone())
+
+
+def attach(model, family: Family, tensors: dict[str, torch.Tensor], offset: int) -> None:
+    """Buffers on the attention modules, queries starting at `offset`, attention switched to iclca's."""
+    register_patch_buffers(model, tensors)
+    start_queries_at(model, family, offset)
+    model.set_attn_implementation(ATTENTION_NAME)

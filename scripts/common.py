@@ -1,0 +1,71 @@
+"""What the scripts share: the repository on the import path, the random models they build, the methods they name,
+and markdown tables. (Importing this puts the repository first on sys.path, so a checkout runs without install.)"""
+
+from __future__ import annotations
+
+import copy
+import sys
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from iclca_cli.convert import convert_prompt  # noqa: E402
+from iclca_cli.patch import patched_copy  # noqa: E402
+
+
+def random_ids(n: int, vocab: int, seed: int = 0) -> list[int]:
+    return torch.randint(0, vocab, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
+
+
+def random_linear(seed: int = 0, dtype=torch.float32, **config):
+    """An iclca_linear model with random weights (seeded); `config` overrides the demo's width (128, 4 heads, 2
+    layers)."""
+    from iclca_cli.models import IclcaLinearConfig, IclcaLinearForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = dict(vocab_size=128, hidden_size=128, num_hidden_layers=2, num_attention_heads=4)
+    return IclcaLinearForCausalLM(IclcaLinearConfig(**{**cfg, **config})).to(dtype).eval()
+
+
+def random_gpt2(layers: int = 12, dtype=torch.float32, seed: int = 0):
+    """GPT-2 small's shape (124M parameters with 12 layers), GPT-2's initialisation, no dropout."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(seed)
+    config = GPT2Config(n_layer=layers, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    return GPT2LMHeadModel(config).to(dtype).eval()
+
+
+def method_arguments(name: str, prompt_tokens: int) -> tuple[str, dict]:
+    """A method as the tables name it -> (method, convert_prompt keywords): exact, prefix, taylor1, taylor2,
+    compressed-R (R entries) and compressed-P/3 (a third of the prompt's tokens)."""
+    if name.startswith("taylor"):
+        return "taylor", {"order": int(name.removeprefix("taylor"))}
+    if name.startswith("compressed-"):
+        budget = name.removeprefix("compressed-")
+        return "compressed", {"budget": max(2, prompt_tokens // 3) if budget == "P/3" else int(budget)}
+    return name, {}
+
+
+def patched_by(model, prompt_ids: list[int], name: str, chunk_size: int = 512):
+    """(patched copy of model sharing its weights, patch) for a method named as in the tables."""
+    method, kw = method_arguments(name, len(prompt_ids))
+    patch = convert_prompt(copy.deepcopy(model), prompt_ids, "-", method, kw.get("order", 2), chunk_size=chunk_size,
+                           budget=kw.get("budget", 0))
+    return patched_copy(model, patch), patch
+
+
+def markdown_table(header: list[str], rows: list[list]) -> str:
+    """A GitHub markdown table; cells are printed as given (format them first)."""
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def number(x: float | None, digits: int = 3) -> str:
+    """'—' for a missing number, else `digits` significant digits."""
+    return "—" if x is None else f"{x:.{digits}g}"

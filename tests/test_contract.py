@@ -1,0 +1,169 @@
+"""The contract every registered family keeps (DESIGN.md), on a tiny random model of each, in float64:
+- convert + apply == the model on prompt + query (<= 1e-10), while dropping the prompt changes the logits by far
+  more than that;
+- greedy generate() of 16 tokens on the patched model == generate() on prompt + query;
+- the merged folder, loaded in a fresh process where iclca cannot be imported, == the patched model (logits, 16
+  greedy tokens) for every method the family takes; loaded through iclca without remote code, too;
+- a PEFT prefix adapter (export-peft) on the query == prompted, for the families PEFT reproduces.
+
+Adding a family is its file in iclca_cli/families/ plus its entry in FAMILIES below.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import pytest
+import torch
+
+from helpers import (convert, greedy, logits, make_decoder, make_gpt2_model, make_linear_model, random_ids,
+                     run_fresh_process, save_checkpoint)
+from iclca_cli.families import all_families, family_named
+from iclca_cli.loading import load_model
+from iclca_cli.merge import merge_patch
+
+P, Q, NEW_TOKENS = 30, 6, 16  # prompt longer than the sliding windows below (8), so windows bind
+WINDOW = dict(sliding_window=8)
+
+
+@dataclass(frozen=True)
+class Case:
+    make: object  # dtype -> tiny random model of the family
+    vocab: int = 97
+    methods_kw: dict = field(default_factory=lambda: {"compressed": {"budget": 8}, "taylor": {"order": 2}})
+    reference_attention: str | None = None  # run prompt + query with this attention implementation (see gemma2)
+
+
+FAMILIES = {
+    "iclca_linear": Case(lambda dtype: make_linear_model(70, dtype), vocab=61),
+    "gpt2": Case(lambda dtype: make_gpt2_model(71, dtype, vocab_size=97)),
+    "llama": Case(lambda dtype: make_decoder("Llama", dtype, 72)),
+    "qwen2": Case(lambda dtype: make_decoder("Qwen2", dtype, 73, layer_types=["sliding_attention", "full_attention"],
+                                             use_sliding_window=True, **WINDOW)),
+    "mistral": Case(lambda dtype: make_decoder("Mistral", dtype, 74, **WINDOW)),  # every layer slides
+    "qwen3": Case(lambda dtype: make_decoder("Qwen3", dtype, 75, head_dim=16)),
+    # Gemma 2's stock eager attention takes its softmax in float32: prompted is compared through iclca's attention
+    # without a patch (float64 throughout); against the stock model the difference is that float32 softmax (~1e-6).
+    "gemma2": Case(lambda dtype: make_decoder("Gemma2", dtype, 76, head_dim=16, attn_logit_softcapping=3.0,
+                                              query_pre_attn_scalar=16, **WINDOW), reference_attention="iclca_patch"),
+    "gemma3_text": Case(lambda dtype: make_decoder("Gemma3Text", dtype, 77, head_dim=16, model_class="Gemma3ForCausalLM",
+                                                   layer_types=["sliding_attention", "full_attention"], **WINDOW)),
+    # prompts never hold the pad token (generate() would mask it)
+    "phi3": Case(lambda dtype: make_decoder("Phi3", dtype, 78, pad_token_id=96, partial_rotary_factor=0.5), vocab=96),
+}
+SOFTMAX = [name for name in FAMILIES if name != "iclca_linear"]
+
+
+def prompted_model(case: Case, dtype=torch.float64):
+    model = case.make(dtype)
+    if case.reference_attention:
+        model.set_attn_implementation(case.reference_attention)
+    return model
+
+
+def prompt_and_query(case: Case, seed: int = 0):
+    return random_ids(P, case.vocab, seed), random_ids(Q, case.vocab, seed + 1)
+
+
+def test_every_registered_family_has_a_contract_entry():
+    assert set(FAMILIES) == set(all_families())
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+@pytest.mark.parametrize("dtype,bound", [(torch.float64, 1e-10), (torch.float32, 1e-4)], ids=["float64", "float32"])
+def test_patched_equals_prompted(name, dtype, bound):
+    case = FAMILIES[name]
+    model = case.make(dtype)
+    prompt, query = prompt_and_query(case)
+    patched, patch = convert(model, prompt)
+    assert patch.method == all_families()[name].methods(model.config)[0]  # the default: exact or prefix
+    want = logits(prompted_model(case, dtype), prompt + query)[P:]
+    assert want.std() > 0.5
+    assert (logits(model, query) - want).abs().max() > 1e3 * bound  # the prompt matters far beyond the bound
+    assert (logits(patched, query) - want).abs().max() <= bound
+
+
+def test_stock_gemma2_differs_from_its_float64_reference_only_by_its_float32_softmax():
+    case = FAMILIES["gemma2"]
+    model, (prompt, query) = case.make(torch.float64), prompt_and_query(case)
+    patched, _ = convert(model, prompt)
+    assert (logits(patched, query) - logits(model, prompt + query)[P:]).abs().max() <= 1e-5
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_generate_on_patched_equals_generate_on_prompt_plus_query(name):
+    case = FAMILIES[name]
+    model = case.make(torch.float64)
+    prompt, query = prompt_and_query(case, seed=5)
+    patched, _ = convert(model, prompt)
+    assert greedy(patched, query, NEW_TOKENS) == greedy(prompted_model(case), prompt + query, NEW_TOKENS)
+
+
+@pytest.mark.parametrize("name", SOFTMAX)
+def test_compressed_at_full_budget_is_the_prefix(name):
+    case = FAMILIES[name]
+    model = case.make(torch.float64)
+    prompt, query = prompt_and_query(case, seed=7)
+    prefix, _ = convert(model, prompt, "prefix")
+    full, patch = convert(model, prompt, "compressed", budget=P)
+    assert (logits(full, query) - logits(prefix, query)).abs().max() <= 1e-10
+    assert all(t.abs().max() == 0 for n, t in patch.tensors.items() if n.endswith("prefix_bias"))
+
+
+def methods_of(name: str, model) -> list[tuple[str, dict]]:
+    case, family = FAMILIES[name], family_named(name)
+    out = []
+    for method in family.methods(model.config):
+        if name == "gemma2" and method == "taylor":
+            continue  # refused: Taylor memories cannot express a soft cap (test_softmax_decoders)
+        out.append((method, case.methods_kw.get(method, {})))
+    return out
+
+
+def test_merged_folders_in_a_fresh_process_equal_the_patched_models(tmp_path):
+    """Every family, every method it takes: the merged folder loaded with plain transformers (trust_remote_code,
+    iclca blocked) gives the patched model's logits (<= 1e-10) and greedy tokens; for the exact methods those are the
+    prompted model's. One process for all, to pay for its start once."""
+    cases, expected = [], []
+    for name, case in FAMILIES.items():
+        base = save_checkpoint(case.make(torch.float64), tmp_path / f"{name}-base")
+        model, tokenizer = load_model(str(base), "float64")
+        prompt, query = prompt_and_query(case, seed=9)
+        for method, kw in methods_of(name, model):
+            patched, patch = convert(model, prompt, method, **kw)
+            want = logits(patched, query)
+            want_gen = greedy(patched, query, NEW_TOKENS)
+            if method in ("exact", "prefix"):
+                assert want_gen == greedy(prompted_model(case), prompt + query, NEW_TOKENS), (name, method)
+            folder = merge_patch(model, tokenizer, patch, tmp_path / f"{name}-{method}")
+            through_iclca, _ = load_model(str(folder), "float64")  # registered classes, no remote code
+            assert (logits(through_iclca, query) - want).abs().max() <= 1e-10, (name, method)
+            cases.append({"folder": str(folder), "dtype": "float64", "query": query, "new_tokens": NEW_TOKENS})
+            expected.append((name, method, want, want_gen))
+    assert len(cases) >= 2 * len(FAMILIES)
+    for res, (name, method, want, want_gen) in zip(run_fresh_process(cases, tmp_path), expected):
+        assert res["class"].startswith("transformers_modules.") and not res["iclca_imported"], (name, method)
+        assert (torch.tensor(res["logits"], dtype=torch.float64) - want).abs().max() <= 1e-10, (name, method)
+        assert res["generated"] == want_gen, (name, method)
+
+
+PEFT_FAMILIES = [name for name in FAMILIES if all_families()[name].peft]
+
+
+@pytest.mark.parametrize("name", PEFT_FAMILIES)
+def test_peft_prefix_adapter_on_the_query_equals_prompted(name, tmp_path):
+    """PEFT keeps its prefix in float32 whatever the model's dtype: the float32 bound applies. The prompt is
+    shorter than the windows (a PEFT prefix has one length for every layer)."""
+    from peft import PeftModel
+
+    from iclca_cli.peft_export import write_peft_prefix_adapter
+
+    case = FAMILIES[name]
+    model = case.make(torch.float64)
+    prompt, query = random_ids(6, case.vocab, 11), random_ids(Q, case.vocab, 12)
+    _, patch = convert(model, prompt, "prefix")
+    folder = write_peft_prefix_adapter(model, patch, "tiny", tmp_path / "adapter")
+    peft_model = PeftModel.from_pretrained(case.make(torch.float64), folder).eval()
+    with torch.no_grad():
+        got = peft_model(input_ids=torch.tensor([query])).logits[0]
+    assert (got - logits(prompted_model(case), prompt + query)[len(prompt):]).abs().max() <= 1e-4
