@@ -40,6 +40,19 @@ def random_gpt2(layers: int = 12, dtype=torch.float32, seed: int = 0):
     return GPT2LMHeadModel(config).to(dtype).eval()
 
 
+def random_decoder(kind: str = "Llama", dtype=torch.float64, seed: int = 0, **config):
+    """A tiny stock transformers decoder with random weights (`kind` names its classes: LlamaConfig /
+    LlamaForCausalLM): 2 layers, width 64, 4 query heads sharing 2 key/value heads, init 0.2 (logits with a real
+    LM's spread)."""
+    import transformers
+
+    tiny = dict(vocab_size=97, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=2, initializer_range=0.2, bos_token_id=None, eos_token_id=None, pad_token_id=None)
+    torch.manual_seed(seed)
+    config = getattr(transformers, f"{kind}Config")(**{**tiny, **config})
+    return getattr(transformers, f"{kind}ForCausalLM")(config).to(dtype).eval()
+
+
 def method_arguments(name: str, prompt_tokens: int) -> tuple[str, dict]:
     """A method as the tables name it -> (method, convert_prompt keywords): exact, prefix, taylor1, taylor2,
     compressed-R (R entries) and compressed-P/3 (a third of the prompt's tokens)."""

@@ -1,0 +1,77 @@
+"""The family registry and the self-contained modeling files: what a family file declares, methods as operations
+on layer kinds, no family named outside its file, and the bundler's rules."""
+
+import ast
+
+import pytest
+
+from helpers import ROOT, make_linear_model, make_llama
+from iclca_cli.bundle import standalone_source
+from iclca_cli.errors import IclcaError
+from iclca_cli.families import all_families, family_named
+from iclca_cli.models.merged import modeling_file
+from iclca_cli.patch import check_method
+
+PACKAGE = ROOT / "iclca_cli"
+
+
+def test_methods_are_operations_on_layer_kinds():
+    assert family_named("llama").methods(make_llama().config) == ("prefix", "compressed", "taylor")
+    assert family_named("iclca_linear").methods(make_linear_model().config) == ("exact",)
+    with pytest.raises(IclcaError, match="method 'exact' does not apply to 'llama' models"):
+        check_method(make_llama(), "exact")
+
+
+def test_a_layer_kind_iclca_cannot_patch_is_named_in_the_error():
+    model = make_llama()
+    model.config.layer_types = ["full_attention", "conv"]
+    with pytest.raises(IclcaError, match="layers of kind conv, which iclca cannot patch yet"):
+        check_method(model, "prefix")
+
+
+def test_no_family_is_named_outside_its_file():
+    """Per-family behaviour lives in iclca_cli/families/<family>.py: no other module holds a family's model type as
+    a string (the iclca_linear model's own modeling file declares its model_type, as every modeling file does)."""
+    names = set(all_families())
+    for path in PACKAGE.rglob("*.py"):
+        if path.parent.name == "families" or path.name == "modeling_iclca_linear.py":
+            continue
+        literals = {n.value for n in ast.walk(ast.parse(path.read_text())) if isinstance(n, ast.Constant)}
+        assert not literals & names, f"{path.relative_to(ROOT)} names {literals & names}"
+
+
+@pytest.mark.parametrize("name", sorted(all_families()))
+def test_every_modeling_file_stands_alone(name):
+    """It compiles, defines the classes its auto_map names, and imports nothing of iclca."""
+    filename, source, auto_map = modeling_file(family_named(name))
+    tree = ast.parse(source)
+    defined = {n.name for n in tree.body if isinstance(n, ast.ClassDef)}
+    assert {ref.split(".")[1] for ref in auto_map.values()} <= defined
+    assert {ref.split(".")[0] for ref in auto_map.values()} == {filename.removesuffix(".py")}
+    imported = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
+    imported |= {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+    assert {m.split(".")[0] for m in imported if m} <= {"__future__", "functools", "torch", "transformers",
+                                                        "huggingface_hub"}
+    assert all(n.level == 0 for n in ast.walk(tree) if isinstance(n, ast.ImportFrom))
+
+
+def test_the_bundler_refuses_what_it_cannot_inline(tmp_path):
+    pkg = tmp_path / "pkg"
+    pkg.mkdir()
+    (pkg / "a.py").write_text("from .b import f\n\n\ndef g():\n    return f()\n")
+    (pkg / "b.py").write_text("def f():\n    return 1\n\n\ndef g():\n    return 2\n")
+    with pytest.raises(ValueError, match="'g' is defined in both"):
+        standalone_source([pkg / "a.py"], "t")
+    (pkg / "b.py").write_text("def f():\n    from .a import g\n    return g\n")
+    with pytest.raises(ValueError, match="relative import inside a function"):
+        standalone_source([pkg / "a.py"], "t")
+    (pkg / "b.py").write_text("import math\n\n\ndef f():\n    return math.pi\n")
+    namespace = {}
+    exec(standalone_source([pkg / "a.py"], "t"), namespace)  # noqa: S102  (our own generated test source)
+    assert namespace["g"]() == pytest.approx(3.14159, abs=1e-5)
+
+
+def test_the_readme_family_table_is_the_registry():
+    from helpers import load_script
+
+    assert load_script("families").table() in (ROOT / "README.md").read_text()
