@@ -7,6 +7,7 @@ import hashlib
 from collections.abc import Callable
 
 from .errors import IclcaError
+from .families import family_of
 from .fingerprint import model_fingerprint
 from . import linear_layers, softmax_layers
 from .patch import Patch, apply_patch, check_method, check_patch_fits
@@ -17,8 +18,6 @@ Progress = Callable[[int, int], None]  # (tokens done, tokens in all)
 
 def default_method(model) -> str:
     """The family's preferred method: exact where every layer keeps a finite state, else prefix (exact)."""
-    from .families import family_of
-
     methods = family_of(model).methods(model.config)
     return methods[0] if methods else "exact"
 

@@ -12,7 +12,7 @@ from collections.abc import Callable
 import torch
 
 from .families import LINEAR_KINDS, Family
-from .positions import check_positions, start_queries_at
+from .positions import start_queries_at
 
 Progress = Callable[[int, int], None]  # (tokens done, tokens in all)
 
@@ -29,7 +29,6 @@ def convert_linear(model, family: Family, prompt_ids: list[int], chunk_size: int
     """Run the prompt from the model's current state (its bias buffers), chunk by chunk through its cache, and
     return the final states '<layer path>.<state name>' (batch dimension dropped). Memory does not grow with P."""
     P = len(prompt_ids)
-    check_positions(model, family, P, "the prompt")
     device = next(model.parameters()).device
     ids = torch.tensor([prompt_ids], dtype=torch.long, device=device)  # (1, P)
     cache = None

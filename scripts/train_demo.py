@@ -99,6 +99,17 @@ def in_context_accuracy(model, x, labels) -> float:
     return float((logits.argmax(-1)[mask] == target[mask]).float().mean())
 
 
+def environment() -> dict:
+    """What the weights' last bits depend on: the same recipe gives the same bytes only where these agree (CPU
+    kernels differ between instruction sets)."""
+    import platform
+
+    import transformers
+
+    return {"torch": torch.__version__, "transformers": transformers.__version__,
+            "cpu_capability": torch.backends.cpu.get_cpu_capability(), "machine": platform.machine()}
+
+
 def train(name: str, out_root: Path, steps: int | None = None, log=print) -> dict:
     spec = recipe(name)
     t = spec["train"]
@@ -152,7 +163,7 @@ def train(name: str, out_root: Path, steps: int | None = None, log=print) -> dic
     tokenizer.save_pretrained(out)
     weights = hashlib.sha256((out / "model.safetensors").read_bytes()).hexdigest()
     record = {"model": f"demo-{name}", "recipe": spec, "steps": steps, "seconds": seconds,
-              "torch": torch.__version__, "final_in_context_accuracy": round(final, 4), "curve": curve,
+              "environment": environment(), "final_in_context_accuracy": round(final, 4), "curve": curve,
               "model_safetensors_sha256": weights}
     (out / "training.json").write_text(json.dumps(record, indent=1) + "\n")
     return record

@@ -35,10 +35,12 @@ def test_training_is_deterministic_and_recorded(tmp_path):
 @pytest.mark.slow  # retrains a demo model: minutes
 @pytest.mark.parametrize("name", builtin_models())
 def test_shipped_checkpoint_is_what_the_recipe_trains(name, tmp_path):
+    """Bit for bit where the recorded environment (torch, transformers, CPU instruction set) is this one."""
     train = load_script("train_demo")
     record = train.train(name.removeprefix("demo-"), tmp_path, log=lambda *a: None)
     shipped = json.loads((BUILTIN_DIR / name / "training.json").read_text())
-    assert record["model_safetensors_sha256"] == shipped["model_safetensors_sha256"]
+    assert record["model_safetensors_sha256"] == shipped["model_safetensors_sha256"], \
+        f"trained here in {record['environment']}, shipped from {shipped['environment']}"
 
 
 @pytest.mark.parametrize("name", builtin_models())
