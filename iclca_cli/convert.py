@@ -6,10 +6,10 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Callable
 
+from . import linear_layers, softmax_layers
 from .errors import IclcaError
 from .families import family_of
 from .fingerprint import model_fingerprint
-from . import linear_layers, softmax_layers
 from .patch import Patch, apply_patch, check_method, check_patch_fits
 from .positions import check_positions
 

