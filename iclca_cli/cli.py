@@ -260,7 +260,7 @@ def eval_(
     from .inputs import read_prompt, read_queries
     from .loading import load_model
     from .merge import load_merged
-    from .patch import check_patch_fits, load_patch, patched_copy
+    from .patch import DTYPES, check_patch_fits, load_patch, patched_copy
 
     _quiet_transformers()
     if (patch_path is None) == (merged is None):
@@ -273,7 +273,7 @@ def eval_(
     if patch is not None:
         check_patch_fits(patch, base, fingerprint)
         patched = patched_copy(base, patch)
-        method, nbytes, element = patch.method, patch.nbytes, next(iter(patch.tensors.values())).element_size()
+        method, nbytes, element = patch.method, patch.nbytes, DTYPES[patch.dtype].itemsize
     else:
         patched, method, nbytes, element = load_merged(merged, fingerprint, dtype.value, device.value)
     with _progress("evaluating") as progress:
@@ -301,7 +301,8 @@ def inspect(
     patch = load_patch(patch_path)
     info = dict(patch.metadata())
     info["patch_bytes"] = patch.nbytes
-    info["tensors"] = {name: list(t.shape) for name, t in sorted(patch.tensors.items())}
+    info["patch_bytes_by_part"] = patch.bytes_by_part()
+    info["tensors"] = {name: [list(t.shape), str(t.dtype).removeprefix("torch.")] for name, t in sorted(patch.tensors.items())}
     _emit(as_json, info, f"iclca inspect {patch_path}")
 
 

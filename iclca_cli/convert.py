@@ -4,17 +4,13 @@ softmax_layers for prefix / compressed / taylor), and the patch records what it 
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable
-
-from . import linear_layers, softmax_layers
+from . import cache_layers, linear_layers, softmax_layers
 from .errors import IclcaError
 from .families import family_of
 from .fingerprint import model_fingerprint
+from .cache_layers import Progress
 from .patch import Patch, apply_patch, check_method, check_patch_fits
 from .positions import check_positions
-
-Progress = Callable[[int, int], None]  # (tokens done, tokens in all)
-
 
 def default_method(model) -> str:
     """The family's preferred method: exact where every layer keeps a finite state, else prefix (exact)."""
@@ -56,7 +52,9 @@ def convert_prompt(
         extra["parent_prompt_sha256"] = base_patch.prompt_sha256
         start = base_patch.position_offset
     check_positions(model, family, len(prompt_ids) + 1, "the prompt and at least one query token")
-    if method == "exact":
+    if family.positions == "cache":
+        tensors = cache_layers.convert_cache(model, family, prompt_ids, chunk_size, progress)
+    elif method == "exact":
         tensors = linear_layers.convert_linear(model, family, prompt_ids, chunk_size, progress)
     else:
         tensors = softmax_layers.convert_softmax(model, family, prompt_ids, method, budget, order)
@@ -72,6 +70,7 @@ def convert_prompt(
         prompt_tokens=start + len(prompt_ids),
         position_offset=start + len(prompt_ids),
         extra=extra,
+        model_dtype=str(next(model.parameters()).dtype).removeprefix("torch."),
     )
 
 

@@ -7,15 +7,11 @@ that layer's cache layer. Applying a patch sets the model's bias buffers of thos
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import torch
 
+from .cache_layers import Progress, run_prompt
 from .families import LINEAR_KINDS, Family
 from .positions import start_queries_at
-
-Progress = Callable[[int, int], None]  # (tokens done, tokens in all)
-
 
 def linear_layers(model, family: Family) -> dict[int, str]:
     """Layer index -> module path of every linear-attention layer."""
@@ -23,28 +19,24 @@ def linear_layers(model, family: Family) -> dict[int, str]:
     return {i: path for i, (path, kind) in enumerate(zip(family.layer_paths(model.config), kinds)) if kind in LINEAR_KINDS}
 
 
-@torch.no_grad()
 def convert_linear(model, family: Family, prompt_ids: list[int], chunk_size: int = 512,
                    progress: Progress | None = None) -> dict[str, torch.Tensor]:
-    """Run the prompt from the model's current state (its bias buffers), chunk by chunk through its cache, and
-    return the final states '<layer path>.<state name>' (batch dimension dropped). Memory does not grow with P."""
-    P = len(prompt_ids)
-    device = next(model.parameters()).device
-    ids = torch.tensor([prompt_ids], dtype=torch.long, device=device)  # (1, P)
-    cache = None
-    for start in range(0, P, chunk_size):
-        # base_model: hidden states only, no (P, vocab) logits
-        cache = model.base_model(input_ids=ids[:, start:start + chunk_size], cache=cache, use_cache=True).cache
-        if progress is not None:
-            progress(min(start + chunk_size, P), P)
+    """Run the prompt from the model's current state (its bias buffers) through its cache, and return the final
+    states '<layer path>.<state name>' (batch dimension dropped)."""
+    cache = run_prompt(model, prompt_ids, chunk_size, progress)
     return {f"{path}.{name}": cache.get_recurrent_state(i, j)[0].contiguous()
             for i, path in linear_layers(model, family).items() for j, name in enumerate(family.state_names)}
 
 
-def expected_shapes(model, family: Family) -> dict[str, tuple[int, ...]]:
+def expected_shapes(model, family: Family, patch=None) -> dict[str, tuple[int, ...]]:
     """The shapes of the model's state buffers: a patch must match them."""
     return {f"{path}.{name}": tuple(model.get_buffer(f"{path}.{name}").shape)
             for path in linear_layers(model, family).values() for name in family.state_names}
+
+
+def merged_config(model, family: Family, tensors: dict[str, torch.Tensor], offset: int) -> dict:
+    """Nothing: the family's own class carries the patch in its buffers and config.position_offset."""
+    return {}
 
 
 @torch.no_grad()

@@ -89,8 +89,10 @@ def load_model(spec: str, dtype: str = "float32", device: str = "cpu", allow_pic
     register_classes(Path(path) if local else None)
     use_safetensors = not (local and allow_pickle and not _has_safetensors(Path(path)))
     try:
+        # mixture-of-experts layers: torch's grouped matmul takes no float64, the eager loop over experts does
+        experts = {"experts_implementation": "eager"} if dt == torch.float64 else {}
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dt, use_safetensors=use_safetensors,
-                                                     trust_remote_code=False)
+                                                     trust_remote_code=False, **experts)
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
     except (OSError, ValueError, KeyError) as e:
         raise IclcaError(

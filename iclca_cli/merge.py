@@ -20,8 +20,8 @@ import torch
 from .errors import IclcaError
 from .families import Family, family_of
 from .models.merged import auto_classes, modeling_file
-from .patch import Patch, patched_copy
-from .positions import rotary_modules
+from .patch import Patch, layers_for, patched_copy
+from .patch_buffers import buffer_specs
 
 PROVENANCE_FILE = "iclca.json"
 
@@ -44,7 +44,7 @@ def merge_patch(model, tokenizer, patch: Patch, out_dir: str | Path, force: bool
     merged = merged_model(model, patch, family)
     filename, source, auto_map = modeling_file(family)
     merged.config.auto_map = auto_map
-    provenance = {**patch.metadata(), "tensors": {name: list(t.shape) for name, t in sorted(patch.tensors.items())}}
+    provenance = {**patch.metadata(), "tensors": buffer_specs(patch.tensors)}
 
     def write(tmp: Path) -> None:
         merged.save_pretrained(tmp)
@@ -59,22 +59,21 @@ def merge_patch(model, tokenizer, patch: Patch, out_dir: str | Path, force: bool
 @torch.no_grad()
 def merged_model(model, patch: Patch, family: Family):
     """The model with the patch folded in, as the family's merged class: a family's own class carries its patch
-    already; a stock decoder becomes its Iclca subclass, whose config records the patch buffers' shapes and the
-    rotary modules to offset (models/patched_decoder.py)."""
+    already; a stock model becomes its Iclca subclass, whose config records what the subclass needs to rebuild the
+    patched model (the patch buffers' shapes and dtypes, and where positions start)."""
     patched = patched_copy(model, patch)
     if family.modeling is not None:
         return patched
     classes = auto_classes(family)
     fields = {k: v for k, v in patched.config.to_dict().items()
               if k not in ("model_type", "architectures", "auto_map", "transformers_version") and not k.startswith("_")}
-    fields.update(
-        iclca_method=patch.method,
-        iclca_buffers={name: list(t.shape) for name, t in sorted(patch.tensors.items())},
-        iclca_position_offset=patch.position_offset,
-        iclca_rotary_modules=sorted(rotary_modules(patched)) if family.positions == "rotary" else [],
-    )
+    fields.update(iclca_method=patch.method,
+                  **layers_for(family, patch.method).merged_config(patched, family, patch.tensors, patch.position_offset))
     merged = classes["AutoModelForCausalLM"](classes["AutoConfig"](**fields)).to(patched.dtype)
     merged.load_state_dict(patched.state_dict(), strict=True)  # shifted position table, patch buffers included
+    for name in patch.tensors:  # each patch buffer in its own dtype again (the cast above gave them the model's)
+        path, buffer = name.rsplit(".", 1)
+        merged.get_submodule(path).register_buffer(buffer, patched.get_buffer(name).detach().clone())
     return merged.eval()
 
 
@@ -114,7 +113,7 @@ def read_provenance(folder: str | Path) -> dict[str, str] | None:
 
 
 def load_merged(folder: str | Path, base_fingerprint: str, dtype: str = "float32", device: str = "cpu"):
-    """(merged model, method, patch bytes, bytes per patch element) of a folder written by merge_patch,
+    """(merged model, method, patch bytes, bytes per element of the model's dtype) of a folder written by merge_patch,
     refused unless it was merged from the base model with `base_fingerprint`."""
     from .loading import load_model
     from .patch import DTYPES
@@ -123,11 +122,11 @@ def load_merged(folder: str | Path, base_fingerprint: str, dtype: str = "float32
         provenance = read_provenance(folder)
         method, element = provenance["iclca.method"], DTYPES[provenance["iclca.dtype"]].itemsize
         made_from = provenance["iclca.base_fingerprint"]
-        numel = sum(math.prod(shape) for shape in provenance["tensors"].values())
+        nbytes = sum(math.prod(shape) * DTYPES[dtype].itemsize for shape, dtype in provenance["tensors"].values())
     except (TypeError, KeyError, ValueError, AttributeError) as e:
         raise IclcaError(f"{folder} has no readable {PROVENANCE_FILE}: not a folder written by `iclca merge`",
                          "pass --merged DIR from `iclca merge`") from e
     if made_from != base_fingerprint:
         raise IclcaError(f"merged folder {folder} was made from another base model", "pass the --model it was merged from")
     model, _ = load_model(str(folder), dtype, device)
-    return model, method, numel * element, element
+    return model, method, nbytes, element

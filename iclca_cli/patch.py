@@ -39,14 +39,25 @@ class Patch:
     prompt_tokens: int  # tokens folded in, stacked prompts included
     position_offset: int  # position of the query's first token
     extra: dict[str, str] = field(default_factory=dict)  # more provenance, stored as iclca.<key>
+    model_dtype: str | None = None  # the dtype the model ran in (tensors may keep others: float32 SSM states)
 
     @property
     def dtype(self) -> str:
-        return str(next(iter(self.tensors.values())).dtype).removeprefix("torch.")
+        return self.model_dtype or str(next(iter(self.tensors.values())).dtype).removeprefix("torch.")
 
     @property
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.tensors.values())
+
+    def bytes_by_part(self) -> dict[str, int]:
+        """{"recurrent": bytes of states that do not grow with the prompt, "attention": bytes of keys, values or
+        summaries of attention layers}: what a hybrid's patch spends where."""
+        parts = {"recurrent": 0, "attention": 0}
+        for name, t in self.tensors.items():
+            buffer = name.rsplit(".", 1)[-1]
+            attention = self.method != "exact" or buffer.startswith(("prompt_", "prefix_"))
+            parts["attention" if attention else "recurrent"] += t.numel() * t.element_size()
+        return parts
 
     def metadata(self) -> dict[str, str]:
         meta = {
@@ -139,13 +150,18 @@ def load_patch(path: str | Path) -> Patch:
         prompt_tokens=prompt_tokens,
         position_offset=offset,
         extra=extra,
+        model_dtype=meta["iclca.dtype"],
     )
 
 
-def layers_for(method: str):
-    """The module that handles the layers a method acts on: linear_layers for `exact`, softmax_layers otherwise."""
-    from . import linear_layers, softmax_layers
+def layers_for(family: Family, method: str):
+    """The module that handles the layers a method acts on in this family: cache_layers where every layer keeps its
+    state in a transformers cache, linear_layers for `exact` on a model's own bias buffers, softmax_layers for
+    prefix / compressed / taylor."""
+    from . import cache_layers, linear_layers, softmax_layers
 
+    if family.positions == "cache":
+        return cache_layers
     return linear_layers if method == "exact" else softmax_layers
 
 
@@ -165,11 +181,7 @@ def check_method(model, method: str) -> Family:
 
 def expected_shapes(model, family: Family, patch: Patch) -> dict[str, tuple[int, ...]]:
     """Tensor name -> shape that a patch of this method must have for this model."""
-    if patch.method == "exact":
-        return layers_for("exact").expected_shapes(model, family)
-    return layers_for(patch.method).expected_shapes(model, family, patch.method, patch.prompt_tokens,
-                                                    int(patch.extra.get("budget", 0)),
-                                                    int(patch.extra.get("taylor_order", 0)))
+    return layers_for(family, patch.method).expected_shapes(model, family, patch)
 
 
 def check_patch_fits(patch: Patch, model: torch.nn.Module, fingerprint: str, patch_name: str = "patch") -> None:
@@ -215,4 +227,5 @@ def patched_copy(model: torch.nn.Module, patch: Patch) -> torch.nn.Module:
 def apply_patch(model: torch.nn.Module, patch: Patch) -> None:
     """Make the patch part of the model (in place): the layers its method acts on take its tensors, and queries
     start at its position offset."""
-    layers_for(patch.method).attach(model, family_of(model), patch.tensors, patch.position_offset)
+    family = family_of(model)
+    layers_for(family, patch.method).attach(model, family, patch.tensors, patch.position_offset)

@@ -24,7 +24,8 @@ from .families import SOFTMAX_KINDS, Family
 from .ops import compress
 from .ops.softmax_attention import ATTENTION_NAME
 from .ops.taylor import taylor_feature_dim, taylor_features
-from .positions import start_queries_at
+from .patch_buffers import buffer_specs
+from .positions import rotary_modules, start_queries_at
 
 SUMMARY_NAMES = ("prefix_keys", "prefix_values", "prefix_bias")  # a compressed layer's buffers
 
@@ -131,9 +132,10 @@ def convert_softmax(model, family: Family, prompt_ids: list[int], method: str, b
             for buffer, t in layer_tensors(c, method, budget, order).items()}
 
 
-def expected_shapes(model, family: Family, method: str, prompt_tokens: int, budget: int,
-                    order: int) -> dict[str, tuple[int, ...]]:
+def expected_shapes(model, family: Family, patch) -> dict[str, tuple[int, ...]]:
     """Tensor name -> shape a patch of this method must have for this model."""
+    method, prompt_tokens = patch.method, patch.prompt_tokens
+    budget, order = int(patch.extra.get("budget", 0)), int(patch.extra.get("taylor_order", 0))
     Hkv, D = kv_shape(model.config)
     shapes = {}
     kinds = family.layer_kinds(model.config)
@@ -159,6 +161,12 @@ def register_patch_buffers(model: nn.Module, tensors: dict[str, torch.Tensor]) -
     for name, t in tensors.items():
         path, buffer = name.rsplit(".", 1)
         model.get_submodule(path).register_buffer(buffer, t.to(dtype).clone())
+
+
+def merged_config(model, family: Family, tensors: dict[str, torch.Tensor], offset: int) -> dict:
+    """What models/patched_decoder.PatchedDecoder reads from a merged folder's config."""
+    rotary = sorted(rotary_modules(model)) if family.positions == "rotary" else []
+    return {"iclca_buffers": buffer_specs(tensors), "iclca_position_offset": offset, "iclca_rotary_modules": rotary}
 
 
 def attach(model, family: Family, tensors: dict[str, torch.Tensor], offset: int) -> None:

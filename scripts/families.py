@@ -13,7 +13,7 @@ from iclca_cli.families import all_families
 from iclca_cli.models.merged import auto_classes
 
 POSITIONS = {"rotary": "rotary, offset by P", "learned": "learned table, shifted by P rows",
-             "config": "config.position_offset", "none": "none"}
+             "config": "config.position_offset", "cache": "the cache holds the prompt's P tokens", "none": "none"}
 
 
 def table() -> str:

@@ -88,7 +88,8 @@ def test_inspect_shows_fingerprint_and_tensors(cli, demo_patch):
     assert res.exit_code == 0
     info = one_json(res)
     assert len(info["iclca.base_fingerprint"]) == 64 and info["iclca.method"] == "exact"
-    assert info["tensors"]["transformer.h.0.attn.memory_kv"] == [4, 32, 32]
+    assert info["tensors"]["transformer.h.0.attn.memory_kv"] == [[4, 32, 32], "float64"]
+    assert info["patch_bytes_by_part"] == {"recurrent": info["patch_bytes"], "attention": 0}
 
 
 def test_stacking_through_the_cli(cli, tmp_path):

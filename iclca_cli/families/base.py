@@ -13,6 +13,9 @@ from dataclasses import dataclass
 
 SOFTMAX_KINDS = ("full_attention", "sliding_attention")
 LINEAR_KINDS = ("linear_attention",)
+# A family whose every layer keeps its state in a transformers cache takes `exact` on these kinds (mlp/moe layers
+# keep none): the patch is the whole cache after the prompt.
+CACHE_KINDS = ("linear_attention", "conv", "hybrid", "full_attention", "sliding_attention", "mlp", "moe")
 KIND_METHODS = {
     "full_attention": ("prefix", "compressed", "taylor"),
     "sliding_attention": ("prefix", "compressed", "taylor"),
@@ -22,8 +25,10 @@ KIND_METHODS = {
 #   rotary  - a forward pre-hook adds P to the position ids every rotary embedding module receives;
 #   learned - the learned position table (`position_table`) is shifted by P rows (row i = position P + i);
 #   config  - the model's own config.position_offset (iclca_linear);
+#   cache   - the prompt's tokens are in the cache every sequence starts from, so the model counts from P itself
+#             (models/patched_cache.py; caller's position ids and masks are shifted by P);
 #   none    - no positions (NoPE, recurrent layers): nothing to do.
-POSITION_POLICIES = ("rotary", "learned", "config", "none")
+POSITION_POLICIES = ("rotary", "learned", "config", "cache", "none")
 
 
 @dataclass(frozen=True)
@@ -62,6 +67,8 @@ class Family:
     def methods(self, config) -> tuple[str, ...]:
         """The methods every layer of this model takes, in order of preference (the first is the default)."""
         kinds = set(self.layer_kinds(config))
+        if self.positions == "cache":
+            return ("exact",) if kinds <= set(CACHE_KINDS) else ()
         order = ("exact", "prefix", "compressed", "taylor")
         return tuple(m for m in order if all(m in KIND_METHODS.get(k, ()) for k in kinds))
 

@@ -15,6 +15,7 @@ import importlib
 
 from ..bundle import PACKAGE_DIR, standalone_source
 from ..families import Family, all_families
+from .patched_cache import PatchedCacheModel
 from .patched_decoder import PatchedDecoder
 
 CLASSES = '''
@@ -24,9 +25,13 @@ class {config}({base_config}):
     model_type = "{model_type}"
 
 
-class {model}(PatchedDecoder, {base_model}):
+class {model}({mixin}, {base_model}):
     config_class = {config}
 '''
+# The mixin a stock family's merged class adds, by how its queries start at P, and the module that defines it.
+MIXINS = {"cache": (PatchedCacheModel, "models/patched_cache.py", "every sequence starts from the cache the prompt left")}
+DEFAULT_MIXIN = (PatchedDecoder, "models/patched_decoder.py",
+                 "prefix, compressed or Taylor patch buffers on its attention modules")
 
 
 @functools.cache
@@ -40,8 +45,8 @@ def auto_classes(family: Family) -> dict[str, type]:
     config = type(f"Iclca{base_config.__name__}", (base_config,), {
         "model_type": family.merged_model_type, "__module__": __name__,
         "__doc__": f"A {base_config.__name__} whose model carries a folded-in prompt."})
-    model = type(f"Iclca{base_model.__name__}", (PatchedDecoder, base_model),
-                 {"config_class": config, "__module__": __name__})
+    mixin = MIXINS.get(family.positions, DEFAULT_MIXIN)[0]
+    model = type(f"Iclca{base_model.__name__}", (mixin, base_model), {"config_class": config, "__module__": __name__})
     return {"AutoConfig": config, "AutoModelForCausalLM": model}
 
 
@@ -54,12 +59,11 @@ def modeling_file(family: Family) -> tuple[str, str, dict[str, str]]:
         source = standalone_source([PACKAGE_DIR / "models" / f"{family.modeling}.py"], module.__doc__.splitlines()[0])
         return f"{name}.py", source, auto_map
     classes = auto_classes(family)
+    mixin, module, what = MIXINS.get(family.positions, DEFAULT_MIXIN)
     tail = CLASSES.format(config=classes["AutoConfig"].__name__, base_config=family.merged[0],
-                          model=classes["AutoModelForCausalLM"].__name__, base_model=family.merged[1],
-                          model_type=family.merged_model_type)
-    source = standalone_source([PACKAGE_DIR / "models/patched_decoder.py"],
-                               f"{family.merged[1]} with a prompt folded in by iclca (prefix, compressed or Taylor "
-                               f"patch buffers on its attention modules).",
+                          model=classes["AutoModelForCausalLM"].__name__, mixin=mixin.__name__,
+                          base_model=family.merged[1], model_type=family.merged_model_type)
+    source = standalone_source([PACKAGE_DIR / module], f"{family.merged[1]} with a prompt folded in by iclca: {what}.",
                                tail_imports=(f"from transformers import {', '.join(family.merged)}",), tail=tail)
     return f"{name}.py", source, auto_map
 

@@ -1,0 +1,90 @@
+"""Families whose every layer keeps its state in a transformers cache (`Family.positions == "cache"`: state-space,
+linear-attention, short-convolution and hybrid models). Method `exact`: the prompt runs through the model chunk by
+chunk, carrying its cache, and the cache it leaves is the patch: per decoder layer its convolution and recurrent
+states, and an attention layer's keys and values (models/patched_cache.py puts them back for every sequence)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from transformers import DynamicCache
+from transformers.cache_utils import LinearAttentionCacheLayerMixin
+
+from .families import Family
+from .patch_buffers import buffer_specs
+from .models.patched_cache import start_backbone_from_prompt
+
+Progress = Callable[[int, int], None]  # (tokens done, tokens in all)
+
+
+def cache_tensors(cache, paths: list[str]) -> dict[str, torch.Tensor]:
+    """'<layer path>.<state>' -> tensor without its batch dimension, for every state the cache holds."""
+    tensors = {}
+    for path, layer in zip(paths, cache.layers):
+        if isinstance(layer, LinearAttentionCacheLayerMixin):
+            for kind, states in (("conv_state", layer.conv_states), ("recurrent_state", layer.recurrent_states)):
+                for j, t in states.items():
+                    if t is not None and layer.has_previous_state[j]:
+                        tensors[f"{path}.{kind}_{j}"] = t[0].contiguous()
+        if getattr(layer, "keys", None) is not None and layer.keys.numel():
+            tensors[f"{path}.prompt_keys"] = layer.keys[0].contiguous()  # (Hkv, P, D)
+            tensors[f"{path}.prompt_values"] = layer.values[0].contiguous()
+    return tensors
+
+
+@torch.no_grad()
+def run_prompt(model, prompt_ids: list[int], chunk_size: int = 512, progress: Progress | None = None):
+    """The model's cache after the prompt, run from the model's current state (a patched model starts from its
+    patch) chunk by chunk: memory does not grow with P. The backbone alone: no (P, vocab) logits."""
+    P = len(prompt_ids)
+    ids = torch.tensor([prompt_ids], dtype=torch.long, device=next(model.parameters()).device)  # (1, P)
+    cache = None
+    for start in range(0, P, chunk_size):
+        cache = model.base_model(input_ids=ids[:, start:start + chunk_size], cache=cache, use_cache=True).cache
+        if progress is not None:
+            progress(min(start + chunk_size, P), P)
+    return cache
+
+
+def convert_cache(model, family: Family, prompt_ids: list[int], chunk_size: int = 512,
+                  progress: Progress | None = None) -> dict[str, torch.Tensor]:
+    """The states the cache holds after the prompt, by '<layer path>.<state>'."""
+    return cache_tensors(run_prompt(model, prompt_ids, chunk_size, progress), family.layer_paths(model.config))
+
+
+@torch.no_grad()
+def expected_shapes(model, family: Family, patch) -> dict[str, tuple[int, ...]]:
+    """The shapes a patch must have: one token through the unpatched model shows every state's shape; keys and
+    values hold the prompt's tokens (a sliding-window layer at most its window - 1)."""
+    prompt_tokens = patch.prompt_tokens
+    device = next(model.parameters()).device
+    cache = model.base_model(input_ids=torch.zeros(1, 1, dtype=torch.long, device=device),
+                             cache=DynamicCache(config=model.config), use_cache=True).cache
+    shapes = {name: tuple(t.shape) for name, t in cache_tensors(cache, family.layer_paths(model.config)).items()}
+    for path, layer in zip(family.layer_paths(model.config), cache.layers):
+        window = getattr(layer, "sliding_window", None)
+        for name in (f"{path}.prompt_keys", f"{path}.prompt_values"):
+            if name in shapes:
+                H, _, D = shapes[name]
+                shapes[name] = (H, min(prompt_tokens, window - 1) if window else prompt_tokens, D)
+    return shapes
+
+
+def merged_config(model, family: Family, tensors: dict[str, torch.Tensor], offset: int) -> dict:
+    """What models/patched_cache.PatchedCacheModel reads from the config (a merged folder's, or a patched model's)."""
+    return {"iclca_buffers": buffer_specs(tensors), "iclca_layer_paths": family.layer_paths(model.config),
+            "iclca_position_offset": offset}
+
+
+@torch.no_grad()
+def attach(model, family: Family, tensors: dict[str, torch.Tensor], offset: int) -> None:
+    """The states become buffers on the decoder layers (each in its own dtype), and the backbone starts every
+    sequence from them."""
+    device = next(model.parameters()).device
+    for name, t in tensors.items():
+        path, buffer = name.rsplit(".", 1)
+        model.get_submodule(path).register_buffer(buffer, t.to(device).clone())
+    for key, value in merged_config(model, family, tensors, offset).items():
+        setattr(model.config, key, value)
+    start_backbone_from_prompt(model)

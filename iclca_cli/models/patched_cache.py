@@ -1,0 +1,111 @@
+"""A transformers model whose every layer keeps its state in a transformers cache (state-space, linear-attention,
+short-convolution and hybrid models: Mamba2, LFM2, Qwen3-Next, ...), with a prompt folded in: every sequence starts
+from the cache the prompt left behind.
+
+The patch is that cache, as buffers on the decoder layers (`<layer>.conv_state_<j>`, `<layer>.recurrent_state_<j>`,
+and for attention layers `<layer>.prompt_keys` / `<layer>.prompt_values`), each in its own dtype (Mamba2-style
+recurrent states stay float32 in a float64 or bfloat16 model), listed in config.iclca_buffers with the decoder
+layers in config.iclca_layer_paths and P in config.iclca_position_offset. A forward pre-hook on the backbone:
+- when a call brings no cache, or an empty one (a new sequence: `generate()` makes an empty DynamicCache), fills it
+  from the buffers, expanded to the batch, so that the call continues the prompt;
+- counts the caller's positions from the query's first token, as for the model on the query alone: position_ids
+  (which `generate()` passes) get P added, and a 2D attention mask gets P ones in front where attention layers
+  attend over the prompt's keys.
+Needs torch and transformers only: merged folders carry it inside their one modeling file.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers import DynamicCache
+from transformers.cache_utils import LinearAttentionCacheLayerMixin
+
+from .stock_init import StockInit
+
+STATE_KINDS = ("conv_state", "recurrent_state")
+
+
+def holds_tokens(cache) -> bool:
+    """Whether a cache already holds a sequence's past (then the prompt is in it, or it is not the patched run)."""
+    for layer in cache.layers:
+        if isinstance(layer, LinearAttentionCacheLayerMixin) and any(layer.has_previous_state.values()):
+            return True
+        if getattr(layer, "keys", None) is not None and layer.keys.numel():
+            return True
+    return False
+
+
+def prompt_states(model: torch.nn.Module) -> dict[int, dict[str, torch.Tensor]]:
+    """Layer index -> {buffer name: tensor} of the prompt's cache: the buffers config.iclca_buffers names, each in
+    the dtype recorded there (loading a checkpoint in another dtype may have cast the buffer)."""
+    states: dict[int, dict[str, torch.Tensor]] = {}
+    index = {path: i for i, path in enumerate(model.config.iclca_layer_paths)}
+    for name, (_, dtype) in model.config.iclca_buffers.items():
+        path, buffer = name.rsplit(".", 1)
+        states.setdefault(index[path], {})[buffer] = model.get_buffer(name).to(getattr(torch, dtype))
+    return states
+
+
+@torch.no_grad()
+def fill_cache(cache, states: dict[int, dict[str, torch.Tensor]], batch: int, prompt_tokens: int) -> None:
+    """Put the prompt's states (without batch dimension) into an empty cache, for `batch` sequences."""
+    for i, buffers in states.items():
+        layer = cache.layers[i]
+        for name, t in buffers.items():
+            if name.startswith(STATE_KINDS):
+                kind, j = name.rsplit("_", 1)
+                j = int(j)
+                state = t.unsqueeze(0).expand(batch, *t.shape)  # (B, ...)
+                if kind == "conv_state":
+                    layer.lazy_initialization(conv_states=state, state_idx=j, conv_kernel_size=t.shape[-1])
+                    layer.conv_states[j].copy_(state)
+                else:
+                    layer.lazy_initialization(recurrent_states=state, state_idx=j)
+                    layer.recurrent_states[j].copy_(state)
+                layer.has_previous_state[j] = True  # set by transformers only on conv updates
+        if "prompt_keys" in buffers:
+            keys, values = buffers["prompt_keys"], buffers["prompt_values"]  # (Hkv, P, D)
+            layer.update(keys.unsqueeze(0).expand(batch, *keys.shape), values.unsqueeze(0).expand(batch, *values.shape))
+            if hasattr(layer, "cumulative_length"):  # a sliding-window layer keeps fewer keys than tokens seen
+                layer.cumulative_length = prompt_tokens
+
+
+def start_from_prompt(backbone, args, kwargs):
+    """Forward pre-hook on the backbone (see the module docstring)."""
+    model = backbone.iclca_patched
+    x = kwargs.get("input_ids", args[0] if args else None)
+    x = kwargs.get("inputs_embeds") if x is None else x
+    batch = x.shape[0]
+    cache = kwargs.get("cache", kwargs.get("past_key_values"))
+    P = model.config.iclca_position_offset
+    if cache is None or not holds_tokens(cache):
+        cache = DynamicCache(config=model.config) if cache is None else cache
+        fill_cache(cache, prompt_states(model), batch, P)
+        kwargs.pop("past_key_values", None)
+        kwargs["cache"], kwargs["use_cache"] = cache, True
+    if kwargs.get("position_ids") is not None:
+        kwargs["position_ids"] = kwargs["position_ids"] + P
+    mask = kwargs.get("attention_mask")
+    if mask is not None and mask.dim() == 2 and not all(cache.is_linear):
+        kwargs["attention_mask"] = torch.cat([mask.new_ones(batch, P), mask], dim=-1)
+    return args, kwargs
+
+
+def start_backbone_from_prompt(model: torch.nn.Module) -> None:
+    """Register the pre-hook on the model's backbone (once)."""
+    backbone = model.base_model
+    if not hasattr(backbone, "iclca_patched"):
+        backbone.register_forward_pre_hook(start_from_prompt, with_kwargs=True)
+    object.__setattr__(backbone, "iclca_patched", model)  # not a submodule: the backbone is the model's own
+
+
+class PatchedCacheModel(StockInit):
+    """Mixin, listed before the stock class: `class IclcaMamba2ForCausalLM(PatchedCacheModel, Mamba2ForCausalLM)`:
+    zero buffers of the shapes and dtypes in config.iclca_buffers, which the checkpoint fills, and the hook."""
+
+    def __init__(self, config, *args, **kwargs):
+        super().__init__(config, *args, **kwargs)
+        for name, (shape, dtype) in config.iclca_buffers.items():
+            path, buffer = name.rsplit(".", 1)
+            self.get_submodule(path).register_buffer(buffer, torch.zeros(shape, dtype=getattr(torch, dtype)))
+        start_backbone_from_prompt(self)

@@ -1,0 +1,105 @@
+"""State-space, linear-attention and hybrid families of transformers beyond the contract (test_contract.py):
+stacking, chunked conversion, batches, each state's own dtype, the command line, and refusals."""
+
+import pytest
+import torch
+
+from helpers import (assert_one_line_error, convert, logits, make_recurrent, one_json, random_ids, save_checkpoint)
+from iclca_cli.errors import IclcaError
+
+HYBRIDS = ["lfm2", "falcon_h1", "granitemoehybrid", "zamba2"]
+FLOAT64_THROUGHOUT = {"lfm2"}  # the others keep Mamba2-style SSM states (and their arithmetic) in float32
+
+
+def ids(n, seed):
+    return [i + 3 for i in random_ids(n, 58, seed)]  # above the special tokens 0-2
+
+
+def assert_same_states(got: dict, want: dict, name: str) -> None:
+    """Equal to float64 precision where the family computes in float64 throughout; else to float32's (relative to
+    each tensor's scale: float32 SSM states perturb every later layer's states by as much)."""
+    assert got.keys() == want.keys()
+    for n, t in want.items():
+        bound = 1e-10 if name in FLOAT64_THROUGHOUT else 1e-6 * float(t.abs().max())
+        assert (got[n] - t).abs().max() <= bound, (n, t.dtype)
+
+
+@pytest.mark.parametrize("name", HYBRIDS)
+def test_stacking_equals_converting_the_concatenation(name):
+    model = make_recurrent(name, seed=1)
+    a, b = ids(17, 1), ids(23, 2)
+    _, patch_a = convert(model, a)
+    _, stacked = convert(model, b, base_patch=patch_a)
+    _, joint = convert(model, a + b)
+    assert stacked.prompt_tokens == stacked.position_offset == 40 == joint.position_offset
+    assert_same_states(stacked.tensors, joint.tensors, name)
+
+
+@pytest.mark.parametrize("name", HYBRIDS)
+def test_conversion_in_chunks_equals_one_pass(name):
+    model = make_recurrent(name, seed=2)
+    prompt = ids(40, 3)
+    _, one = convert(model, prompt, chunk_size=512)
+    _, chunked = convert(model, prompt, chunk_size=7)
+    assert_same_states(chunked.tensors, one.tensors, name)
+
+
+def test_every_sequence_of_a_batch_starts_from_the_prompt():
+    model = make_recurrent("lfm2", seed=3)
+    prompt, q1, q2 = ids(25, 4), ids(6, 5), ids(6, 6)
+    patched, _ = convert(model, prompt)
+    with torch.no_grad():
+        batch = patched(input_ids=torch.tensor([q1, q2])).logits
+    for row, q in zip(batch, (q1, q2)):
+        assert (row - logits(model, prompt + q)[25:]).abs().max() <= 1e-10
+
+
+def test_each_state_keeps_its_dtype():
+    """Mamba2 keeps its SSM state in float32 inside a float64 (or bfloat16) model: so does the patch."""
+    model = make_recurrent("mamba2", seed=4)
+    _, patch = convert(model, ids(20, 7))
+    dtypes = {n.rsplit(".", 1)[1]: t.dtype for n, t in patch.tensors.items()}
+    assert dtypes == {"conv_state_0": torch.float64, "recurrent_state_0": torch.float32}
+    assert patch.dtype == "float64"
+
+
+def test_a_method_that_does_not_apply_is_refused():
+    with pytest.raises(IclcaError, match="method 'prefix' does not apply to 'mamba2' models"):
+        convert(make_recurrent("mamba2"), ids(5, 8), "prefix")
+
+
+def test_cli_converts_inspects_evaluates_and_merges_a_hybrid(cli, tmp_path):
+    folder = save_checkpoint(make_recurrent("lfm2", torch.float32, seed=5), tmp_path / "lfm2")
+    prompt = tmp_path / "prompt.txt"
+    prompt.write_text("alpha: one\nbeta: two\ngamma: three\n")
+    queries = tmp_path / "q.jsonl"
+    queries.write_text('{"input": "beta:", "target": " two"}\n{"input": "gamma:", "target": " three"}\n')
+    res = cli("convert", prompt, "-m", folder, "-o", tmp_path / "p.st", "--dtype", "float64", "--json")
+    assert res.exit_code == 0, res.stderr
+    assert one_json(res)["method"] == "exact"
+    info = one_json(cli("inspect", tmp_path / "p.st", "--json"))
+    parts = info["patch_bytes_by_part"]
+    assert parts["recurrent"] > 0 and parts["attention"] > 0 and sum(parts.values()) == info["patch_bytes"]
+    assert info["iclca.layer_kinds"] == "conv,full_attention,conv,full_attention"
+    res = cli("eval", "-m", folder, "-p", tmp_path / "p.st", "--prompt", prompt, "--queries", queries, "--dtype",
+              "float64", "--max-abs-logit-diff", "1e-9", "--json")
+    assert res.exit_code == 0, res.stderr
+    report = one_json(res)
+    assert report["kl_prompted_base"] > 1e-3 and report["top1_agreement"] == 1.0
+    assert cli("merge", "-m", folder, "-p", tmp_path / "p.st", "-o", tmp_path / "merged").exit_code == 0
+    res = cli("eval", "-m", folder, "--merged", tmp_path / "merged", "--prompt", prompt, "--queries", queries,
+              "--dtype", "float64", "--max-abs-logit-diff", "1e-9", "--json")
+    assert res.exit_code == 0, res.stderr
+    assert one_json(res)["sizes"] == report["sizes"]
+
+
+def test_a_patch_for_one_hybrid_is_refused_by_another(cli, tmp_path):
+    lfm2 = save_checkpoint(make_recurrent("lfm2", torch.float32, seed=6), tmp_path / "lfm2")
+    granite = save_checkpoint(make_recurrent("granitemoehybrid", torch.float32, seed=6), tmp_path / "granite")
+    prompt = tmp_path / "prompt.txt"
+    prompt.write_text("alpha: one\n")
+    assert cli("convert", prompt, "-m", lfm2, "-o", tmp_path / "p.st").exit_code == 0
+    res = cli("merge", "-m", granite, "-p", tmp_path / "p.st", "-o", tmp_path / "merged")
+    assert_one_line_error(res, "is for a 'lfm2' model, this model is 'granitemoehybrid'")
+    res = cli("convert", prompt, "-m", lfm2, "-o", tmp_path / "q.st", "--method", "taylor")
+    assert_one_line_error(res, "method 'taylor' does not apply to 'lfm2' models")
