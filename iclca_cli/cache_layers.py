@@ -49,7 +49,9 @@ def run_prompt(model, prompt_ids: list[int], chunk_size: int = 512, progress: Pr
 
 def convert_cache(model, family: Family, prompt_ids: list[int], chunk_size: int = 512,
                   progress: Progress | None = None) -> dict[str, torch.Tensor]:
-    """The states the cache holds after the prompt, by '<layer path>.<state>'."""
+    """The states the cache holds after the prompt, by '<layer path>.<state>'. A family whose mixers cannot continue
+    a multi-token call from a cache (`step_modules`) runs the prompt in one pass (memory grows with P)."""
+    chunk_size = len(prompt_ids) if family.step_modules else chunk_size
     return cache_tensors(run_prompt(model, prompt_ids, chunk_size, progress), family.layer_paths(model.config))
 
 
@@ -74,7 +76,8 @@ def expected_shapes(model, family: Family, patch) -> dict[str, tuple[int, ...]]:
 def merged_config(model, family: Family, tensors: dict[str, torch.Tensor], offset: int) -> dict:
     """What models/patched_cache.PatchedCacheModel reads from the config (a merged folder's, or a patched model's)."""
     return {"iclca_buffers": buffer_specs(tensors), "iclca_layer_paths": family.layer_paths(model.config),
-            "iclca_position_offset": offset}
+            "iclca_position_offset": offset, "iclca_step_modules": family.step_modules,
+            "iclca_count_positions": family.count_positions}
 
 
 @torch.no_grad()

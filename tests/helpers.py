@@ -4,6 +4,7 @@ CLI result checks. Fixtures are in conftest.py; test modules import only from he
 from __future__ import annotations
 
 import copy
+import functools
 import hashlib
 import importlib.util
 import json
@@ -27,41 +28,6 @@ TINY_DECODER = dict(vocab_size=97, hidden_size=64, intermediate_size=128, num_hi
                     num_key_value_heads=2, max_position_embeddings=512, initializer_range=0.2, bos_token_id=None,
                     eos_token_id=None, pad_token_id=None)
 
-
-# Tiny state-space / linear-attention / hybrid configs (shared/notes/recurrent-families.md), by family: the
-# transformers class prefix and the config. Chunk sizes of 4 make a short prompt span several chunks.
-SPECIAL = dict(pad_token_id=0, bos_token_id=1, eos_token_id=2)
-MAMBA2 = dict(hidden_size=32, num_heads=4, head_dim=16, expand=2, n_groups=2, state_size=8, num_hidden_layers=2,
-              conv_kernel=4, chunk_size=4, time_step_rank=4, **SPECIAL)
-LFM2 = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
-            conv_L_cache=3, block_auto_adjust_ff_dim=False, layer_types=["conv", "full_attention", "conv", "full_attention"],
-            **SPECIAL)
-MAMBA_MIXER = dict(mamba_d_state=8, mamba_d_conv=4, mamba_expand=2)
-FALCON_H1 = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                 mamba_d_ssm=64, mamba_n_heads=4, mamba_d_head=16, mamba_n_groups=1, mamba_chunk_size=4, **MAMBA_MIXER,
-                 **SPECIAL)
-HYBRID = ["linear_attention", "full_attention", "linear_attention", "full_attention"]
-GRANITE = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
-               num_local_experts=4, num_experts_per_tok=2, shared_intermediate_size=32, mamba_n_heads=4, mamba_d_head=16,
-               mamba_n_groups=1, mamba_chunk_size=4, layer_types=HYBRID, **MAMBA_MIXER, **SPECIAL)
-NEMOTRON_H = dict(hidden_size=32, layers_block_type=["linear_attention", "mlp", "full_attention", "moe"],
-                  num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, head_dim=8, intermediate_size=64,
-                  ssm_state_size=8, mamba_num_heads=4, mamba_head_dim=16, n_groups=1, chunk_size=4, n_routed_experts=4,
-                  moe_intermediate_size=16, moe_shared_expert_intermediate_size=16, num_experts_per_tok=2, **SPECIAL)
-ZAMBA2 = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=4,
-              n_mamba_heads=4, mamba_ngroups=1, chunk_size=4, num_mem_blocks=1, adapter_rank=4,
-              layers_block_type=["linear_attention", "hybrid", "linear_attention", "hybrid"], **MAMBA_MIXER, **SPECIAL)
-QWEN3_NEXT = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
-                  head_dim=8, linear_conv_kernel_dim=4, linear_key_head_dim=8, linear_value_head_dim=8,
-                  linear_num_key_heads=2, linear_num_value_heads=4, num_experts=4, num_experts_per_tok=2,
-                  moe_intermediate_size=16, shared_expert_intermediate_size=16, layer_types=HYBRID, **SPECIAL)
-KIMI = dict(hidden_size=32, intermediate_size=64, moe_intermediate_size=16, num_hidden_layers=4, num_attention_heads=4,
-            num_key_value_heads=4, kv_lora_rank=16, q_lora_rank=None, qk_rope_head_dim=8, v_head_dim=8, qk_nope_head_dim=8,
-            num_local_experts=4, num_experts_per_tok=2, linear_head_dim=8, linear_num_heads=4, linear_conv_kernel_dim=4,
-            layer_types=HYBRID, **SPECIAL)
-TINY_RECURRENT = {"mamba2": ("Mamba2", MAMBA2), "lfm2": ("Lfm2", LFM2), "falcon_h1": ("FalconH1", FALCON_H1),
-                  "granitemoehybrid": ("GraniteMoeHybrid", GRANITE), "nemotron_h": ("NemotronH", NEMOTRON_H),
-                  "zamba2": ("Zamba2", ZAMBA2), "qwen3_next": ("Qwen3Next", QWEN3_NEXT), "kimi_linear": ("KimiLinear", KIMI)}
 
 
 def make_linear_model(seed=0, dtype=torch.float64, feature_map="elu+1", position_embedding_type="learned", **kw):
@@ -96,19 +62,15 @@ def make_decoder(kind="Llama", dtype=torch.float64, seed=0, model_class=None, **
     return stock_model(kind, dtype, seed, model_class, **{**TINY_DECODER, **config})
 
 
-def make_recurrent(family: str, dtype=torch.float64, seed=0, **config):
-    """A tiny random stock state-space / linear-attention / hybrid model of a family (TINY_RECURRENT, vocabulary 61)
-    whose state matters: with the default initialisation (std 0.02, small time steps) a lost state would hardly change
-    the logits, so projections are scaled by 4 and time-step biases set to 0 (shared/notes/recurrent-families.md)."""
-    kind, tiny = TINY_RECURRENT[family]
-    model = stock_model(kind, dtype, seed, **{"vocab_size": 61, **tiny, **config})
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "proj" in name and p.dim() == 2:
-                p.mul_(4)
-            if "dt_bias" in name:
-                p.zero_()
-    return model
+def make_recurrent(family: str, dtype=torch.float64, seed=0):
+    """A tiny random stock state-space / linear-attention / hybrid model of a family (configs/tiny/recurrent.json)
+    whose state matters: scripts/common.tiny_recurrent, so that the tests and the scripts measure the same models."""
+    return _common().tiny_recurrent(family, dtype, seed)
+
+
+@functools.cache
+def _common():
+    return load_script("common")
 
 
 def make_llama(dtype=torch.float64, seed=0, init=0.2):

@@ -43,6 +43,9 @@ class Family:
     #                              which carry a patch themselves; merged folders carry it, bundled
     peft: bool = False  # `iclca export-peft`: PEFT prefix tuning reproduces this family's prefix patches exactly
     state_names: tuple[str, ...] = ()  # linear layers: patch tensor name of each recurrent state in the cache
+    # Fixes for transformers models that do not continue from a cache as they should (models/patched_cache.py):
+    step_modules: str | None = None  # class-name suffix of mixers fed one token at a time when continuing
+    count_positions: bool = False  # give the backbone position ids counted from the cache
 
     def __post_init__(self):
         if self.positions not in POSITION_POLICIES:

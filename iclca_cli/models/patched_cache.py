@@ -75,7 +75,7 @@ def start_from_prompt(backbone, args, kwargs):
     model = backbone.iclca_patched
     x = kwargs.get("input_ids", args[0] if args else None)
     x = kwargs.get("inputs_embeds") if x is None else x
-    batch = x.shape[0]
+    batch, T = x.shape[:2]
     cache = kwargs.get("cache", kwargs.get("past_key_values"))
     P = model.config.iclca_position_offset
     if cache is None or not holds_tokens(cache):
@@ -85,18 +85,50 @@ def start_from_prompt(backbone, args, kwargs):
         kwargs["cache"], kwargs["use_cache"] = cache, True
     if kwargs.get("position_ids") is not None:
         kwargs["position_ids"] = kwargs["position_ids"] + P
+    elif getattr(model.config, "iclca_count_positions", False):
+        # upstream: BambaModel numbers a call's tokens from 0 whatever its cache holds; count them from the cache
+        past = cache.get_seq_length()
+        kwargs["position_ids"] = torch.arange(past, past + T, device=x.device).unsqueeze(0)
     mask = kwargs.get("attention_mask")
     if mask is not None and mask.dim() == 2 and not all(cache.is_linear):
         kwargs["attention_mask"] = torch.cat([mask.new_ones(batch, P), mask], dim=-1)
     return args, kwargs
 
 
+def stepwise_forward(self, hidden_states, cache=None, attention_mask=None, **kwargs):
+    """A mixer's forward that continues from its cache one token at a time (upstream: the Mamba (1) mixers' full-
+    sequence scan takes no initial state, so a multi-token call with a cache restarts the SSM from zero; the
+    one-token path reads and updates the state)."""
+    forward = super(type(self), self).forward
+    T = hidden_states.shape[1]
+    if cache is None or T == 1 or cache.get_recurrent_state(self.layer_idx) is None:
+        return forward(hidden_states, cache=cache, attention_mask=attention_mask, **kwargs)
+    outs = [forward(hidden_states[:, t:t + 1], cache=cache,
+                    attention_mask=None if attention_mask is None else attention_mask[:, t:t + 1], **kwargs)
+            for t in range(T)]
+    return torch.cat(outs, dim=1)
+
+
+_STEPWISE: dict[type, type] = {}
+
+
+def step_mixers(model: torch.nn.Module, suffix: str) -> None:
+    """Give every module whose class name ends with `suffix` the stepwise forward (a subclass, made once)."""
+    for module in model.modules():
+        cls = type(module)
+        if cls.__name__.endswith(suffix) and cls not in _STEPWISE.values():
+            module.__class__ = _STEPWISE.setdefault(cls, type(f"Stepwise{cls.__name__}", (cls,),
+                                                              {"forward": stepwise_forward}))
+
+
 def start_backbone_from_prompt(model: torch.nn.Module) -> None:
-    """Register the pre-hook on the model's backbone (once)."""
+    """Register the pre-hook on the model's backbone (once), and the fixes its family needs."""
     backbone = model.base_model
     if not hasattr(backbone, "iclca_patched"):
         backbone.register_forward_pre_hook(start_from_prompt, with_kwargs=True)
     object.__setattr__(backbone, "iclca_patched", model)  # not a submodule: the backbone is the model's own
+    if getattr(model.config, "iclca_step_modules", None):
+        step_mixers(model, model.config.iclca_step_modules)
 
 
 class PatchedCacheModel(StockInit):
