@@ -5,10 +5,10 @@ states, and an attention layer's keys and values (models/patched_cache.py puts t
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable
 
 import torch
-from transformers import DynamicCache
 from transformers.cache_utils import LinearAttentionCacheLayerMixin
 
 from .families import Family
@@ -20,6 +20,12 @@ Progress = Callable[[int, int], None]  # (tokens done, tokens in all)
 
 def cache_tensors(cache, paths: list[str]) -> dict[str, torch.Tensor]:
     """'<layer path>.<state>' -> tensor without its batch dimension, for every state the cache holds."""
+    if hasattr(cache, "rnn_state"):  # a model's own recurrent cache (xLSTM): per layer a tuple of states
+        return {f"{path}.recurrent_state_{j}": t[0].contiguous()
+                for path, states in zip(paths, cache.rnn_state.values()) for j, t in enumerate(states)}
+    if isinstance(cache, (list, tuple)):  # RWKV: state j is (B, hidden, layers)
+        return {f"{path}.recurrent_state_{j}": t[0, :, i].contiguous()
+                for i, path in enumerate(paths) for j, t in enumerate(cache)}
     tensors = {}
     for path, layer in zip(paths, cache.layers):
         if isinstance(layer, LinearAttentionCacheLayerMixin):
@@ -34,14 +40,16 @@ def cache_tensors(cache, paths: list[str]) -> dict[str, torch.Tensor]:
 
 
 @torch.no_grad()
-def run_prompt(model, prompt_ids: list[int], chunk_size: int = 512, progress: Progress | None = None):
+def run_prompt(model, prompt_ids: list[int], chunk_size: int = 512, progress: Progress | None = None,
+               cache_kwarg: str = "cache"):
     """The model's cache after the prompt, run from the model's current state (a patched model starts from its
     patch) chunk by chunk: memory does not grow with P. The backbone alone: no (P, vocab) logits."""
     P = len(prompt_ids)
     ids = torch.tensor([prompt_ids], dtype=torch.long, device=next(model.parameters()).device)  # (1, P)
     cache = None
     for start in range(0, P, chunk_size):
-        cache = model.base_model(input_ids=ids[:, start:start + chunk_size], cache=cache, use_cache=True).cache
+        out = model.base_model(input_ids=ids[:, start:start + chunk_size], use_cache=True, **{cache_kwarg: cache})
+        cache = getattr(out, cache_kwarg)
         if progress is not None:
             progress(min(start + chunk_size, P), P)
     return cache
@@ -52,7 +60,8 @@ def convert_cache(model, family: Family, prompt_ids: list[int], chunk_size: int 
     """The states the cache holds after the prompt, by '<layer path>.<state>'. A family whose mixers cannot continue
     a multi-token call from a cache (`step_modules`) runs the prompt in one pass (memory grows with P)."""
     chunk_size = len(prompt_ids) if family.step_modules else chunk_size
-    return cache_tensors(run_prompt(model, prompt_ids, chunk_size, progress), family.layer_paths(model.config))
+    cache = run_prompt(model, prompt_ids, chunk_size, progress, family.cache_kwarg)
+    return cache_tensors(cache, family.layer_paths(model.config))
 
 
 @torch.no_grad()
@@ -61,10 +70,11 @@ def expected_shapes(model, family: Family, patch) -> dict[str, tuple[int, ...]]:
     values hold the prompt's tokens (a sliding-window layer at most its window - 1)."""
     prompt_tokens = patch.prompt_tokens
     device = next(model.parameters()).device
-    cache = model.base_model(input_ids=torch.zeros(1, 1, dtype=torch.long, device=device),
-                             cache=DynamicCache(config=model.config), use_cache=True).cache
+    probe = model if family.shares_weights else copy.deepcopy(model)  # never run a self-changing model in place
+    out = probe.base_model(input_ids=torch.zeros(1, 1, dtype=torch.long, device=device), use_cache=True)
+    cache = getattr(out, family.cache_kwarg)
     shapes = {name: tuple(t.shape) for name, t in cache_tensors(cache, family.layer_paths(model.config)).items()}
-    for path, layer in zip(family.layer_paths(model.config), cache.layers):
+    for path, layer in zip(family.layer_paths(model.config), getattr(cache, "layers", ())):
         window = getattr(layer, "sliding_window", None)
         for name in (f"{path}.prompt_keys", f"{path}.prompt_values"):
             if name in shapes:
@@ -77,7 +87,8 @@ def merged_config(model, family: Family, tensors: dict[str, torch.Tensor], offse
     """What models/patched_cache.PatchedCacheModel reads from the config (a merged folder's, or a patched model's)."""
     return {"iclca_buffers": buffer_specs(tensors), "iclca_layer_paths": family.layer_paths(model.config),
             "iclca_position_offset": offset, "iclca_step_modules": family.step_modules,
-            "iclca_count_positions": family.count_positions}
+            "iclca_count_positions": family.count_positions, "iclca_cache_class": family.cache_class,
+            "iclca_cache_kwarg": family.cache_kwarg}
 
 
 @torch.no_grad()

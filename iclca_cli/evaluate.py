@@ -41,8 +41,9 @@ def greedy_continuation(model, ids: list[int], n: int, cache=None) -> list[int]:
 
 
 def prompt_kv_bytes(config, n_tokens: int, element_size: int) -> int:
-    """Bytes of the keys and values a softmax model would cache for n_tokens prompt tokens."""
-    heads = config.num_attention_heads
+    """Bytes of the keys and values a softmax model of this shape would cache for n_tokens prompt tokens (a model
+    without attention heads: one hidden_size-wide key and value per layer and token)."""
+    heads = getattr(config, "num_attention_heads", None) or 1
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
     kv_heads = getattr(config, "num_key_value_heads", None) or heads
     return 2 * config.num_hidden_layers * n_tokens * kv_heads * head_dim * element_size

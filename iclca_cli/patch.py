@@ -217,8 +217,10 @@ def check_patch_fits(patch: Patch, model: torch.nn.Module, fingerprint: str, pat
 
 def patched_copy(model: torch.nn.Module, patch: Patch) -> torch.nn.Module:
     """A patched model beside `model`, sharing its weights: modules, buffers and config are copied,
-    parameters are not (patching never writes to them), so a 7B model is not held twice."""
-    patched = copy.deepcopy(model, memo={id(p): p for p in model.parameters()})
+    parameters are not (patching never writes to them), so a 7B model is not held twice. A family whose model
+    changes its own weights in place (RWKV rescales them on its first forward in eval mode) gets a full copy."""
+    shared = family_of(model).shares_weights
+    patched = copy.deepcopy(model, memo={id(p): p for p in model.parameters()} if shared else None)
     apply_patch(patched, patch)
     return patched
 

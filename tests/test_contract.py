@@ -66,6 +66,8 @@ FAMILIES = {
     "falcon_mamba": Case(lambda dtype: make_recurrent("falcon_mamba", dtype, 89), vocab=61, noise=1e-6),
     "jamba": Case(lambda dtype: make_recurrent("jamba", dtype, 90), vocab=61, noise=1e-6),
     "bamba": Case(lambda dtype: make_recurrent("bamba", dtype, 91), vocab=61),
+    "xlstm": Case(lambda dtype: make_recurrent("xlstm", dtype, 92), vocab=61, noise=1e-6),
+    "rwkv": Case(lambda dtype: make_recurrent("rwkv", dtype, 93), vocab=61, noise=1e-6),
 }
 CACHE = [name for name in FAMILIES if all_families()[name].positions == "cache"]
 SOFTMAX = [name for name in FAMILIES if name != "iclca_linear" and name not in CACHE]
@@ -102,10 +104,11 @@ def test_patched_equals_prompted(name, dtype, bound):
 
 
 def stock_continuation(model, prompt, query):
-    """The stock model on the query, continuing from the cache the prompt left."""
+    """The stock model on the query, continuing from the cache (or RWKV's state) the prompt left."""
+    name = all_families()[model.config.model_type].cache_kwarg
     with torch.no_grad():
-        cache = model(input_ids=torch.tensor([prompt]), use_cache=True).cache
-        return model(input_ids=torch.tensor([query]), cache=cache).logits[0]
+        cache = getattr(model(input_ids=torch.tensor([prompt]), use_cache=True), name)
+        return model(input_ids=torch.tensor([query]), **{name: cache}).logits[0]
 
 
 NEEDS_FIX = [n for n in CACHE if all_families()[n].step_modules or all_families()[n].count_positions]

@@ -103,3 +103,23 @@ def test_a_patch_for_one_hybrid_is_refused_by_another(cli, tmp_path):
     assert_one_line_error(res, "is for a 'lfm2' model, this model is 'granitemoehybrid'")
     res = cli("convert", prompt, "-m", lfm2, "-o", tmp_path / "q.st", "--method", "taylor")
     assert_one_line_error(res, "method 'taylor' does not apply to 'lfm2' models")
+
+
+def test_rwkv_rescales_its_own_weights_so_iclca_never_runs_it_in_place(cli, tmp_path):
+    """RWKV divides some weights in place on its first forward in eval mode. A merged folder made after iclca ran the
+    base model (the shape check runs it) must still hold the weights as trained, and a patched copy must not
+    rescale the base's weights a second time: convert, merge and eval through the command line stay exact."""
+    model = make_recurrent("rwkv", torch.float32, seed=7)
+    assert model.config.rescale_every == 1  # every block's weights are rescaled
+    folder = save_checkpoint(model, tmp_path / "rwkv")
+    prompt = tmp_path / "prompt.txt"
+    prompt.write_text("alpha: one\nbeta: two\n")
+    queries = tmp_path / "q.txt"
+    queries.write_text("gamma: three\nalpha:\n")
+    assert cli("convert", prompt, "-m", folder, "-o", tmp_path / "p.st", "--dtype", "float64").exit_code == 0
+    assert cli("merge", "-m", folder, "-p", tmp_path / "p.st", "-o", tmp_path / "merged").exit_code == 0
+    for source in (("-p", tmp_path / "p.st"), ("--merged", tmp_path / "merged")):
+        res = cli("eval", "-m", folder, *source, "--prompt", prompt, "--queries", queries, "--dtype", "float64",
+                  "--max-abs-logit-diff", "1e-6", "--json")
+        assert res.exit_code == 0, (source, res.stderr)
+        assert one_json(res)["kl_prompted_base"] > 1e-3

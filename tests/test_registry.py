@@ -50,7 +50,7 @@ def test_every_modeling_file_stands_alone(name):
     assert {ref.split(".")[0] for ref in auto_map.values()} == {filename.removesuffix(".py")}
     imported = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
     imported |= {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
-    assert {m.split(".")[0] for m in imported if m} <= {"__future__", "functools", "torch", "transformers",
+    assert {m.split(".")[0] for m in imported if m} <= {"__future__", "functools", "sys", "torch", "transformers",
                                                         "huggingface_hub"}
     assert all(n.level == 0 for n in ast.walk(tree) if isinstance(n, ast.ImportFrom))
 

@@ -46,6 +46,10 @@ class Family:
     # Fixes for transformers models that do not continue from a cache as they should (models/patched_cache.py):
     step_modules: str | None = None  # class-name suffix of mixers fed one token at a time when continuing
     count_positions: bool = False  # give the backbone position ids counted from the cache
+    cache_class: str | None = None  # a model's own recurrent cache class (in its modeling module), if not a Cache
+    cache_kwarg: str = "cache"  # the forward argument (and output field) that carries the state ("state": RWKV)
+    shares_weights: bool = True  # False: the model changes its weights in place, so a patched copy gets its own
+    layer_kind: str | None = None  # every layer's kind, where the config does not say
 
     def __post_init__(self):
         if self.positions not in POSITION_POLICIES:
@@ -59,6 +63,8 @@ class Family:
         """Each layer's kind: config.layer_types where the model has it, else transformers' own rule (a model with
         a sliding_window slides in every layer)."""
         kinds = getattr(config, "layer_types", None)
+        if kinds is None and self.layer_kind is not None:
+            kinds = [self.layer_kind] * config.num_hidden_layers
         if kinds is None:
             kind = "sliding_attention" if getattr(config, "sliding_window", None) else "full_attention"
             kinds = [kind] * config.num_hidden_layers

@@ -16,6 +16,8 @@ Needs torch and transformers only: merged folders carry it inside their one mode
 
 from __future__ import annotations
 
+import sys
+
 import torch
 from transformers import DynamicCache
 from transformers.cache_utils import LinearAttentionCacheLayerMixin
@@ -25,8 +27,15 @@ from .stock_init import StockInit
 STATE_KINDS = ("conv_state", "recurrent_state")
 
 
+# Three forms of state: transformers' Cache (`.layers`: LinearAttentionLayer / DynamicLayer / ...); a model's own
+# recurrent cache (`.rnn_state`: {layer: (state, ...)} and `.seqlen_offset`; xLSTM), config.iclca_cache_class; and a
+# list of state tensors (B, hidden, layers) passed as `state=` (RWKV), config.iclca_cache_kwarg = "state".
+
+
 def holds_tokens(cache) -> bool:
     """Whether a cache already holds a sequence's past (then the prompt is in it, or it is not the patched run)."""
+    if hasattr(cache, "rnn_state"):
+        return int(cache.seqlen_offset.max()) > 0
     for layer in cache.layers:
         if isinstance(layer, LinearAttentionCacheLayerMixin) and any(layer.has_previous_state.values()):
             return True
@@ -46,9 +55,34 @@ def prompt_states(model: torch.nn.Module) -> dict[int, dict[str, torch.Tensor]]:
     return states
 
 
+def state_list(states: dict[int, dict[str, torch.Tensor]], batch: int) -> list[torch.Tensor]:
+    """RWKV's form: state j is (B, hidden, layers), layer i's recurrent_state_j in [:, :, i]; fresh tensors (the
+    model updates them in place)."""
+    layers = [states[i] for i in sorted(states)]
+    return [torch.stack([layer[f"recurrent_state_{j}"] for layer in layers], dim=-1).unsqueeze(0).repeat(batch, 1, 1)
+            for j in range(len(layers[0]))]
+
+
+def new_cache(model: torch.nn.Module, batch: int, like: torch.Tensor):
+    """An empty cache of the model's own kind for `batch` sequences (the first two forms)."""
+    name = getattr(model.config, "iclca_cache_class", None)
+    if name is None:
+        return DynamicCache(config=model.config)
+    cls = getattr(sys.modules[type(model.base_model).__module__], name)
+    return cls(config=model.config, max_batch_size=batch, dtype=like.dtype, device=like.device)
+
+
 @torch.no_grad()
 def fill_cache(cache, states: dict[int, dict[str, torch.Tensor]], batch: int, prompt_tokens: int) -> None:
     """Put the prompt's states (without batch dimension) into an empty cache, for `batch` sequences."""
+    if hasattr(cache, "rnn_state"):
+        for i, buffers in states.items():
+            for j, state in enumerate(cache.rnn_state[i]):
+                t = buffers[f"recurrent_state_{j}"]
+                state.copy_(t.unsqueeze(0).expand(batch, *t.shape))
+        cache.seqlen_offset += prompt_tokens
+        cache.rnn_state_initial = False
+        return
     for i, buffers in states.items():
         layer = cache.layers[i]
         for name, t in buffers.items():
@@ -76,10 +110,15 @@ def start_from_prompt(backbone, args, kwargs):
     x = kwargs.get("input_ids", args[0] if args else None)
     x = kwargs.get("inputs_embeds") if x is None else x
     batch, T = x.shape[:2]
-    cache = kwargs.get("cache", kwargs.get("past_key_values"))
     P = model.config.iclca_position_offset
+    if getattr(model.config, "iclca_cache_kwarg", "cache") == "state":  # RWKV: a given state holds the past
+        if kwargs.get("state") is None:
+            kwargs["state"], kwargs["use_cache"] = state_list(prompt_states(model), batch), True
+        return args, kwargs
+    cache = kwargs.get("cache", kwargs.get("past_key_values"))
     if cache is None or not holds_tokens(cache):
-        cache = DynamicCache(config=model.config) if cache is None else cache
+        like = model.get_buffer(next(iter(model.config.iclca_buffers)))
+        cache = new_cache(model, batch, like) if cache is None else cache
         fill_cache(cache, prompt_states(model), batch, P)
         kwargs.pop("past_key_values", None)
         kwargs["cache"], kwargs["use_cache"] = cache, True
@@ -90,7 +129,7 @@ def start_from_prompt(backbone, args, kwargs):
         past = cache.get_seq_length()
         kwargs["position_ids"] = torch.arange(past, past + T, device=x.device).unsqueeze(0)
     mask = kwargs.get("attention_mask")
-    if mask is not None and mask.dim() == 2 and not all(cache.is_linear):
+    if mask is not None and mask.dim() == 2 and hasattr(cache, "layers") and not all(cache.is_linear):
         kwargs["attention_mask"] = torch.cat([mask.new_ones(batch, P), mask], dim=-1)
     return args, kwargs
 
