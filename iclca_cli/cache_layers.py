@@ -5,7 +5,6 @@ states, and an attention layer's keys and values (models/patched_cache.py puts t
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Callable
 
 import torch
@@ -70,8 +69,7 @@ def expected_shapes(model, family: Family, patch) -> dict[str, tuple[int, ...]]:
     values hold the prompt's tokens (a sliding-window layer at most its window - 1)."""
     prompt_tokens = patch.prompt_tokens
     device = next(model.parameters()).device
-    probe = model if family.shares_weights else copy.deepcopy(model)  # never run a self-changing model in place
-    out = probe.base_model(input_ids=torch.zeros(1, 1, dtype=torch.long, device=device), use_cache=True)
+    out = model.base_model(input_ids=torch.zeros(1, 1, dtype=torch.long, device=device), use_cache=True)
     cache = getattr(out, family.cache_kwarg)
     shapes = {name: tuple(t.shape) for name, t in cache_tensors(cache, family.layer_paths(model.config)).items()}
     for path, layer in zip(family.layer_paths(model.config), getattr(cache, "layers", ())):

@@ -62,6 +62,10 @@ def merged_model(model, patch: Patch, family: Family):
     already; a stock model becomes its Iclca subclass, whose config records what the subclass needs to rebuild the
     patched model (the patch buffers' shapes and dtypes, and where positions start)."""
     patched = patched_copy(model, patch)
+    if family.restore_weights:  # weights the model changed in place (it may have run already) back as trained
+        backbone = patched.base_model.train()
+        getattr(backbone, family.restore_weights)()
+        backbone.eval()
     if family.modeling is not None:
         return patched
     classes = auto_classes(family)

@@ -105,10 +105,13 @@ def test_a_patch_for_one_hybrid_is_refused_by_another(cli, tmp_path):
     assert_one_line_error(res, "method 'taylor' does not apply to 'lfm2' models")
 
 
-def test_rwkv_rescales_its_own_weights_so_iclca_never_runs_it_in_place(cli, tmp_path):
-    """RWKV divides some weights in place on its first forward in eval mode. A merged folder made after iclca ran the
-    base model (the shape check runs it) must still hold the weights as trained, and a patched copy must not
-    rescale the base's weights a second time: convert, merge and eval through the command line stay exact."""
+def test_rwkv_rescales_its_own_weights_and_merged_folders_still_hold_them_as_trained(cli, tmp_path):
+    """RWKV divides some weights in place on its first forward in eval mode. A patched copy must not share them
+    (the base would be rescaled twice), and a merged folder made from a model that has run (the command line's
+    shape check runs it; so may a library user) must hold them as trained, or the folder rescales them again."""
+    from iclca_cli.loading import load_model
+    from iclca_cli.merge import merge_patch
+
     model = make_recurrent("rwkv", torch.float32, seed=7)
     assert model.config.rescale_every == 1  # every block's weights are rescaled
     folder = save_checkpoint(model, tmp_path / "rwkv")
@@ -123,3 +126,10 @@ def test_rwkv_rescales_its_own_weights_so_iclca_never_runs_it_in_place(cli, tmp_
                   "--max-abs-logit-diff", "1e-6", "--json")
         assert res.exit_code == 0, (source, res.stderr)
         assert one_json(res)["kl_prompted_base"] > 1e-3
+    base, tok = load_model(str(folder), "float64")
+    prompt_ids, query = ids(20, 9), ids(5, 10)
+    want = logits(base, prompt_ids + query)[20:]  # the base has run: its weights are rescaled now
+    patched, patch = convert(base, prompt_ids)
+    assert (logits(patched, query) - want).abs().max() <= 1e-6
+    merged, _ = load_model(str(merge_patch(base, tok, patch, tmp_path / "merged-after-a-run")), "float64")
+    assert (logits(merged, query) - want).abs().max() <= 1e-6

@@ -49,6 +49,7 @@ class Family:
     cache_class: str | None = None  # a model's own recurrent cache class (in its modeling module), if not a Cache
     cache_kwarg: str = "cache"  # the forward argument (and output field) that carries the state ("state": RWKV)
     shares_weights: bool = True  # False: the model changes its weights in place, so a patched copy gets its own
+    restore_weights: str | None = None  # backbone method that, in train mode, puts weights it changed in place back
     layer_kind: str | None = None  # every layer's kind, where the config does not say
 
     def __post_init__(self):
