@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 import torch
-from common import ROOT, markdown_table, patched_by, random_gpt2, random_ids, random_linear
+from common import ROOT, markdown_table, patched_by, random_gpt2, random_ids, random_linear, tiny_recurrent
 
 from iclca_cli.evaluate import greedy_continuation as greedy
 from iclca_cli.patch import apply_patch
@@ -132,14 +132,13 @@ import resource, sys, time
 sys.path.insert(0, sys.argv[2] + "/scripts")
 import torch
 torch.set_num_threads(2)
-from bench import linear_model
-from iclca_cli.families import family_of
-from iclca_cli.linear_layers import convert_linear
-model, P = linear_model(), int(sys.argv[1])
-ids = torch.randint(0, 128, (P,), generator=torch.Generator().manual_seed(0)).tolist()
-convert_linear(model, family_of(model), ids[:4096], chunk_size=2048)  # warm-up: first-call allocations are not per token
+from bench import MEMORY_MODELS
+from iclca_cli.convert import convert_prompt
+model, P = MEMORY_MODELS[sys.argv[3]](), int(sys.argv[1])
+ids = torch.randint(3, 61, (P,), generator=torch.Generator().manual_seed(0)).tolist()
+convert_prompt(model, ids[:4096], "-", chunk_size=2048)  # warm-up: first-call allocations are not per token
 t0 = time.perf_counter()
-convert_linear(model, family_of(model), ids, chunk_size=2048)
+convert_prompt(model, ids, "-", chunk_size=2048)
 seconds = time.perf_counter() - t0
 # VmHWM belongs to this process image; ru_maxrss would keep the parent's peak across fork + exec on Linux.
 status = open("/proc/self/status").read() if sys.platform == "linux" else ""
@@ -148,11 +147,24 @@ print(seconds, peak[0] if peak else resource.getrusage(resource.RUSAGE_SELF).ru_
 """
 
 
-def conversion_memory(P: int) -> dict:
+def mamba2_model():
+    """The tests' tiny Mamba2 (a pure state-space model), with the scan's chunks at Mamba2's default 256."""
+    model = tiny_recurrent("mamba2", torch.float32)
+    model.config.chunk_size = 256
+    for m in model.modules():
+        if hasattr(m, "chunk_size"):
+            m.chunk_size = 256
+    return model
+
+
+MEMORY_MODELS = {"iclca_linear": linear_model, "mamba2": mamba2_model}
+
+
+def conversion_memory(model: str, P: int) -> dict:
     """Peak resident memory (KiB) and seconds of converting P tokens, in a fresh process."""
-    out = subprocess.run([sys.executable, "-c", MEMORY_CHILD, str(P), str(ROOT)], capture_output=True, text=True,
-                         check=True, cwd=ROOT).stdout.split()
-    return {"P": P, "seconds": float(out[0]), "peak_rss_kib": int(out[1])}
+    out = subprocess.run([sys.executable, "-c", MEMORY_CHILD, str(P), str(ROOT), model], capture_output=True,
+                         text=True, check=True, cwd=ROOT).stdout.split()
+    return {"model": model, "P": P, "seconds": float(out[0]), "peak_rss_kib": int(out[1])}
 
 
 def target(name: str, value: float, limit: float, holds: bool) -> dict:
@@ -169,7 +181,7 @@ def run(quick: bool, tmp: Path) -> dict:
     q_lin = [r for P in ((1024,) if quick else (1024, 4096)) for r in query_latency(lin, P, ["exact"], 4 * reps, tmp)]
     q_gpt2 = query_latency(gpt, 128 if quick else 960, ["prefix", "taylor1", "taylor2"], reps, tmp)
     small, big = (16384, 131072) if quick else (65536, 1048576)
-    mem = [conversion_memory(small), conversion_memory(big)]
+    mem = [conversion_memory(model, P) for model in MEMORY_MODELS for P in (small, big)]
     sizes = patch_sizes(lin, [1024, 16384] if quick else [1024, 4096, 16384, 65536], ["exact"])
     sizes += patch_sizes(gpt, [128, 512] if quick else [128, 512, 1023], ["prefix", "taylor1", "taylor2", "compressed-64"])
 
@@ -192,10 +204,14 @@ def run(quick: bool, tmp: Path) -> dict:
         if r["P"] == 4096 or (quick and r["P"] == 1024):
             v = r["reread_s"] / r["patched_s"]
             targets.append(target(f"linear P={r['P']}: re-reading / patched (speed-up)", v, 20.0, v >= 20.0))
-    mem_ratio = mem[1]["peak_rss_kib"] / mem[0]["peak_rss_kib"]
-    targets.append(target(f"peak memory converting {big} / {small} tokens", mem_ratio, 1.10, mem_ratio <= 1.10))
-    time_ratio = (mem[1]["seconds"] / mem[0]["seconds"]) / (big / small)
-    targets.append(target(f"conversion time {small} -> {big} tokens / proportional", time_ratio, 1.3, time_ratio <= 1.3))
+    for m_small, m_big in zip(mem[::2], mem[1::2]):
+        name = m_small["model"]
+        mem_ratio = m_big["peak_rss_kib"] / m_small["peak_rss_kib"]
+        targets.append(target(f"{name}: peak memory converting {big} / {small} tokens", mem_ratio, 1.10,
+                              mem_ratio <= 1.10))
+        time_ratio = (m_big["seconds"] / m_small["seconds"]) / (big / small)
+        targets.append(target(f"{name}: conversion time {small} -> {big} tokens / proportional", time_ratio, 1.3,
+                              time_ratio <= 1.3))
     return {"machine": f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}",
             "quick": quick, "conversion": conv + conv_gpt2, "query": q_lin + q_gpt2, "memory": mem, "patch_sizes": sizes,
             "targets": targets}
@@ -223,8 +239,8 @@ def markdown(result: dict) -> str:
                             [[c["model"], c["P"], f"{c['convert_s']:.3g}", f"{1e6 * c['convert_s'] / c['P']:.3g}",
                               f"{c['forward_s']:.3g}", f"{c['fingerprint_s']:.3g}"] for c in result["conversion"]]),
              markdown_table(["converting", "seconds", "peak RSS MiB"],
-                            [[f"{m['P']:,} tokens", f"{m['seconds']:.3g}", f"{m['peak_rss_kib'] / 1024:.0f}"]
-                             for m in result["memory"]]),
+                            [[f"{m.get('model', 'iclca_linear')}: {m['P']:,} tokens", f"{m['seconds']:.3g}",
+                              f"{m['peak_rss_kib'] / 1024:.0f}"] for m in result["memory"]]),
              "Patch bytes as the prompt grows, against the prompt's keys and values (what a softmax model "
              "of the same shape caches; float32):",
              markdown_table(["model", "method", "P", "patch bytes", "prompt-KV bytes", "ratio"],
