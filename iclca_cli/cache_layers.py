@@ -11,6 +11,7 @@ import torch
 from transformers.cache_utils import LinearAttentionCacheLayerMixin
 
 from .families import Family
+from .softmax_layers import capture_prompt_kv, check_method_arguments, layer_tensors
 from .patch_buffers import buffer_specs
 from .models.patched_cache import start_backbone_from_prompt
 
@@ -54,24 +55,56 @@ def run_prompt(model, prompt_ids: list[int], chunk_size: int = 512, progress: Pr
     return cache
 
 
+def attention_modules(model, family: Family) -> dict[str, torch.nn.Module]:
+    """A hybrid's attention modules (Family.attention within each attention or hybrid layer), by path."""
+    if family.attention is None:
+        return {}
+    kinds = family.layer_kinds(model.config)
+    return {f"{path}.{family.attention}": model.get_submodule(f"{path}.{family.attention}")
+            for path, kind in zip(family.layer_paths(model.config), kinds) if kind in ("full_attention", "hybrid")}
+
+
 def convert_cache(model, family: Family, prompt_ids: list[int], chunk_size: int = 512,
-                  progress: Progress | None = None) -> dict[str, torch.Tensor]:
+                  progress: Progress | None = None, method: str = "exact", budget: int = 0) -> dict[str, torch.Tensor]:
     """The states the cache holds after the prompt, by '<layer path>.<state>'. A family whose mixers cannot continue
-    a multi-token call from a cache (`step_modules`) runs the prompt in one pass (memory grows with P)."""
-    chunk_size = len(prompt_ids) if family.step_modules else chunk_size
-    cache = run_prompt(model, prompt_ids, chunk_size, progress, family.cache_kwarg)
-    return cache_tensors(cache, family.layer_paths(model.config))
+    a multi-token call from a cache (`step_modules`) runs the prompt in one pass (memory grows with P).
+
+    `compressed`: the attention layers' keys and values are summarised into `budget` entries per key/value head
+    (softmax_layers, on the keys, values and queries captured through iclca's attention function, so in one pass),
+    buffers of the attention modules; the recurrent states stay exact."""
+    if method != "compressed":
+        chunk_size = len(prompt_ids) if family.step_modules else chunk_size
+        cache = run_prompt(model, prompt_ids, chunk_size, progress, family.cache_kwarg)
+        return cache_tensors(cache, family.layer_paths(model.config))
+    check_method_arguments(method, budget, 2)
+    with capture_prompt_kv(model, attention_modules(model, family)) as captured:
+        cache = run_prompt(model, prompt_ids, len(prompt_ids), progress, family.cache_kwarg)
+    tensors = {n: t for n, t in cache_tensors(cache, family.layer_paths(model.config)).items()
+               if not n.endswith(("prompt_keys", "prompt_values"))}
+    for name, c in captured.items():
+        tensors.update({f"{name}.{buffer}": t for buffer, t in layer_tensors(c, method, budget, 2).items()})
+    return tensors
 
 
 @torch.no_grad()
 def expected_shapes(model, family: Family, patch) -> dict[str, tuple[int, ...]]:
     """The shapes a patch must have: one token through the unpatched model shows every state's shape; keys and
-    values hold the prompt's tokens (a sliding-window layer at most its window - 1)."""
+    values hold the prompt's tokens (a sliding-window layer at most its window - 1), or a compressed patch's
+    attention modules min(budget, P) entries per key/value head."""
     prompt_tokens = patch.prompt_tokens
     device = next(model.parameters()).device
-    out = model.base_model(input_ids=torch.zeros(1, 1, dtype=torch.long, device=device), use_cache=True)
+    with capture_prompt_kv(model, attention_modules(model, family), with_queries=False) as captured:
+        out = model.base_model(input_ids=torch.zeros(1, 1, dtype=torch.long, device=device), use_cache=True)
     cache = getattr(out, family.cache_kwarg)
     shapes = {name: tuple(t.shape) for name, t in cache_tensors(cache, family.layer_paths(model.config)).items()}
+    if patch.method == "compressed":
+        R = min(int(patch.extra.get("budget", 0)), prompt_tokens)
+        shapes = {n: s for n, s in shapes.items() if not n.endswith(("prompt_keys", "prompt_values"))}
+        for name, c in captured.items():
+            shapes[f"{name}.prefix_keys"] = (c.keys.shape[0], R, c.keys.shape[-1])
+            shapes[f"{name}.prefix_values"] = (c.values.shape[0], R, c.values.shape[-1])
+            shapes[f"{name}.prefix_bias"] = (c.keys.shape[0], R)
+        return shapes
     for path, layer in zip(family.layer_paths(model.config), getattr(cache, "layers", ())):
         window = getattr(layer, "sliding_window", None)
         for name in (f"{path}.prompt_keys", f"{path}.prompt_values"):

@@ -53,14 +53,14 @@ def convert_prompt(
         start = base_patch.position_offset
     check_positions(model, family, len(prompt_ids) + 1, "the prompt and at least one query token")
     if family.positions == "cache":
-        tensors = cache_layers.convert_cache(model, family, prompt_ids, chunk_size, progress)
+        tensors = cache_layers.convert_cache(model, family, prompt_ids, chunk_size, progress, method, budget)
     elif method == "exact":
         tensors = linear_layers.convert_linear(model, family, prompt_ids, chunk_size, progress)
     else:
         tensors = softmax_layers.convert_softmax(model, family, prompt_ids, method, budget, order)
-        extra.update({"compressed": {"budget": str(budget)}, "taylor": {"taylor_order": str(order)}}.get(method, {}))
         if progress is not None:
             progress(len(prompt_ids), len(prompt_ids))
+    extra.update({"compressed": {"budget": str(budget)}, "taylor": {"taylor_order": str(order)}}.get(method, {}))
     return Patch(
         tensors=tensors,
         method=method,

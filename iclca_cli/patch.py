@@ -55,7 +55,7 @@ class Patch:
         parts = {"recurrent": 0, "attention": 0}
         for name, t in self.tensors.items():
             buffer = name.rsplit(".", 1)[-1]
-            attention = self.method != "exact" or buffer.startswith(("prompt_", "prefix_"))
+            attention = buffer.startswith(("prompt_", "prefix_")) or self.method == "taylor"  # Taylor memories
             parts["attention" if attention else "recurrent"] += t.numel() * t.element_size()
         return parts
 

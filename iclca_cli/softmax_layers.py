@@ -56,11 +56,14 @@ def kv_shape(config) -> tuple[int, int]:
 
 
 @contextmanager
-def capture_prompt_kv(model, family: Family, with_queries: bool = True) -> Iterator[dict[str, Captured]]:
-    """Yield {attention module path: Captured}, filled by the next forward pass of the model (batch 1)."""
-    modules = attention_modules(model, family)
-    before = model.config._attn_implementation
+def capture_prompt_kv(model, modules: dict[str, nn.Module], with_queries: bool = True) -> Iterator[dict[str, Captured]]:
+    """Yield {attention module path: Captured}, filled by the model's forward passes (batch 1; the last call
+    of each module wins)."""
     captured: dict[str, Captured] = {}
+    if not modules:  # nothing to capture (a model without attention layers): leave the model alone
+        yield captured
+        return
+    before = model.config._attn_implementation
 
     def keeper(name):
         def keep(key, value, query, scaling, sliding_window, softcap):
@@ -126,7 +129,7 @@ def convert_softmax(model, family: Family, prompt_ids: list[int], method: str, b
     """Patch tensors '<attention module path>.<buffer>' of the prompt for every softmax layer."""
     check_method_arguments(method, budget, order)
     device = next(model.parameters()).device
-    with capture_prompt_kv(model, family, with_queries=method == "compressed") as captured:
+    with capture_prompt_kv(model, attention_modules(model, family), with_queries=method == "compressed") as captured:
         model.base_model(input_ids=torch.tensor([prompt_ids], device=device), use_cache=False)
     return {f"{name}.{buffer}": t for name, c in captured.items()
             for buffer, t in layer_tensors(c, method, budget, order).items()}

@@ -158,14 +158,20 @@ def test_generate_on_patched_equals_generate_on_prompt_plus_query(name):
     assert greedy(patched, query, NEW_TOKENS) == greedy(prompted_model(case), prompt + query, NEW_TOKENS)
 
 
-@pytest.mark.parametrize("name", SOFTMAX)
-def test_compressed_at_full_budget_is_the_prefix(name):
+COMPRESSIBLE = [name for name in FAMILIES if "compressed" in all_families()[name].methods(FAMILIES[name].make(
+    torch.float32).config)]
+
+
+@pytest.mark.parametrize("name", COMPRESSIBLE)
+def test_compressed_at_full_budget_is_the_exact_patch(name):
+    """A budget of P entries keeps the prompt's keys and values themselves: the prefix of a softmax decoder, the
+    exact patch of a hybrid (whose recurrent layers are exact either way)."""
     case = FAMILIES[name]
     model = case.make(torch.float64)
     prompt, query = prompt_and_query(case, seed=7)
-    prefix, _ = convert(model, prompt, "prefix")
+    exact, _ = convert(model, prompt, all_families()[name].methods(model.config)[0])
     full, patch = convert(model, prompt, "compressed", budget=P)
-    assert (logits(full, query) - logits(prefix, query)).abs().max() <= 1e-10
+    assert (logits(full, query) - logits(exact, query)).abs().max() <= 1e-10
     assert all(t.abs().max() == 0 for n, t in patch.tensors.items() if n.endswith("prefix_bias"))
 
 

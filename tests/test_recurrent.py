@@ -133,3 +133,32 @@ def test_rwkv_rescales_its_own_weights_and_merged_folders_still_hold_them_as_tra
     assert (logits(patched, query) - want).abs().max() <= 1e-6
     merged, _ = load_model(str(merge_patch(base, tok, patch, tmp_path / "merged-after-a-run")), "float64")
     assert (logits(merged, query) - want).abs().max() <= 1e-6
+
+
+@pytest.mark.parametrize("name", [n for n in HYBRIDS if n != "zamba2"])  # zamba2: see the test below
+def test_a_compressed_hybrid_patch_has_a_constant_size_and_keeps_the_recurrent_states_exact(name):
+    """Recurrent layers exact, attention layers summarised into R entries per key/value head: the patch does not
+    grow with the prompt, its recurrent states are the exact patch's, and it is closer to prompted than nothing."""
+    model = make_recurrent(name, seed=8)
+    query = ids(6, 11)
+    sizes = []
+    for P in (20, 40):
+        prompt = ids(P, P)
+        patched, patch = convert(model, prompt, "compressed", budget=6)
+        _, exact = convert(model, prompt)
+        parts = patch.bytes_by_part()
+        assert parts["attention"] > 0 and parts["recurrent"] == exact.bytes_by_part()["recurrent"] > 0
+        for n, t in exact.tensors.items():
+            if not n.endswith(("prompt_keys", "prompt_values")):
+                assert torch.equal(patch.tensors[n], t), n
+        sizes.append(patch.nbytes)
+        want = torch.log_softmax(logits(model, prompt + query)[P:], -1)
+        kl = lambda x: (want.exp() * (want - torch.log_softmax(x, -1))).sum(-1).mean()  # noqa: E731
+        assert kl(logits(patched, query)) < kl(logits(model, query))
+    assert sizes[0] == sizes[1]
+
+
+def test_a_hybrid_without_a_named_attention_module_takes_only_exact():
+    """Zamba2's attention block is shared between layers: iclca does not name it, so `compressed` is refused."""
+    with pytest.raises(IclcaError, match="method 'compressed' does not apply to 'zamba2' models"):
+        convert(make_recurrent("zamba2"), ids(5, 12), "compressed", budget=4)

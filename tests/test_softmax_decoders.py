@@ -157,11 +157,11 @@ def test_conversion_in_chunks_equals_one_pass(monkeypatch, method, budget, order
 
 def test_capture_keeps_queries_only_when_asked():
     from iclca_cli.families import family_of
-    from iclca_cli.softmax_layers import capture_prompt_kv
+    from iclca_cli.softmax_layers import attention_modules, capture_prompt_kv
 
     model = make_llama()
     for with_queries in (False, True):
-        with capture_prompt_kv(model, family_of(model), with_queries) as captured:
+        with capture_prompt_kv(model, attention_modules(model, family_of(model)), with_queries) as captured:
             model(input_ids=torch.tensor([[1, 2, 3]]))
         c = captured["model.layers.0.self_attn"]
         assert c.keys.shape == c.values.shape == (2, 3, 16) and (c.queries is not None) == with_queries

@@ -4,4 +4,4 @@ cache holds, so iclca passes position ids counted from the cache."""
 from .base import Family
 
 FAMILY = Family(model_type="bamba", layers="model.layers.{i}", positions="cache",
-                merged=("BambaConfig", "BambaForCausalLM"), count_positions=True)
+                attention="self_attn", merged=("BambaConfig", "BambaForCausalLM"), count_positions=True)

@@ -50,6 +50,7 @@ class Family:
     cache_kwarg: str = "cache"  # the forward argument (and output field) that carries the state ("state": RWKV)
     shares_weights: bool = True  # False: the model changes its weights in place, so a patched copy gets its own
     restore_weights: str | None = None  # backbone method that, in train mode, puts weights it changed in place back
+    attention: str | None = None  # a hybrid's attention module within a layer ("self_attn"): takes `compressed`
     layer_kind: str | None = None  # every layer's kind, where the config does not say
 
     def __post_init__(self):
@@ -78,7 +79,10 @@ class Family:
         """The methods every layer of this model takes, in order of preference (the first is the default)."""
         kinds = set(self.layer_kinds(config))
         if self.positions == "cache":
-            return ("exact",) if kinds <= set(CACHE_KINDS) else ()
+            if not kinds <= set(CACHE_KINDS):
+                return ()
+            attention = self.attention is not None and kinds & {"full_attention", "hybrid"}
+            return ("exact", "compressed") if attention else ("exact",)
         order = ("exact", "prefix", "compressed", "taylor")
         return tuple(m for m in order if all(m in KIND_METHODS.get(k, ()) for k in kinds))
 

@@ -3,4 +3,4 @@
 from .base import Family
 
 FAMILY = Family(model_type="falcon_h1", layers="model.layers.{i}", positions="cache",
-                merged=("FalconH1Config", "FalconH1ForCausalLM"))
+                attention="self_attn", merged=("FalconH1Config", "FalconH1ForCausalLM"))

@@ -3,4 +3,4 @@
 from .base import Family
 
 FAMILY = Family(model_type="granitemoehybrid", layers="model.layers.{i}", positions="cache",
-                merged=("GraniteMoeHybridConfig", "GraniteMoeHybridForCausalLM"))
+                attention="self_attn", merged=("GraniteMoeHybridConfig", "GraniteMoeHybridForCausalLM"))

@@ -4,4 +4,4 @@ without positions, mixture-of-experts MLPs."""
 from .base import Family
 
 FAMILY = Family(model_type="jamba", layers="model.layers.{i}", positions="cache",
-                merged=("JambaConfig", "JambaForCausalLM"), step_modules="MambaMixer")
+                attention="self_attn", merged=("JambaConfig", "JambaForCausalLM"), step_modules="MambaMixer")

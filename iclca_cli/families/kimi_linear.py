@@ -4,4 +4,4 @@ holds a compressed latent; NoPE."""
 from .base import Family
 
 FAMILY = Family(model_type="kimi_linear", layers="model.layers.{i}", positions="cache",
-                merged=("KimiLinearConfig", "KimiLinearForCausalLM"))
+                attention="self_attn", merged=("KimiLinearConfig", "KimiLinearForCausalLM"))

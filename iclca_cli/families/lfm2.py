@@ -3,4 +3,4 @@
 from .base import Family
 
 FAMILY = Family(model_type="lfm2", layers="model.layers.{i}", positions="cache",
-                merged=("Lfm2Config", "Lfm2ForCausalLM"))
+                attention="self_attn", merged=("Lfm2Config", "Lfm2ForCausalLM"))

@@ -3,4 +3,4 @@
 from .base import Family
 
 FAMILY = Family(model_type="nemotron_h", layers="model.layers.{i}", positions="cache",
-                merged=("NemotronHConfig", "NemotronHForCausalLM"))
+                attention="mixer", merged=("NemotronHConfig", "NemotronHForCausalLM"))

@@ -4,4 +4,4 @@ partial-rotary attention layers; mixture-of-experts MLPs."""
 from .base import Family
 
 FAMILY = Family(model_type="qwen3_next", layers="model.layers.{i}", positions="cache",
-                merged=("Qwen3NextConfig", "Qwen3NextForCausalLM"))
+                attention="self_attn", merged=("Qwen3NextConfig", "Qwen3NextForCausalLM"))

@@ -22,6 +22,7 @@ import torch
 from transformers import DynamicCache
 from transformers.cache_utils import LinearAttentionCacheLayerMixin
 
+from ..ops.softmax_attention import ATTENTION_NAME
 from .stock_init import StockInit
 
 STATE_KINDS = ("conv_state", "recurrent_state")
@@ -51,8 +52,15 @@ def prompt_states(model: torch.nn.Module) -> dict[int, dict[str, torch.Tensor]]:
     index = {path: i for i, path in enumerate(model.config.iclca_layer_paths)}
     for name, (_, dtype) in model.config.iclca_buffers.items():
         path, buffer = name.rsplit(".", 1)
-        states.setdefault(index[path], {})[buffer] = model.get_buffer(name).to(getattr(torch, dtype))
+        if path in index:  # (a compressed hybrid's attention modules hold their summary themselves)
+            states.setdefault(index[path], {})[buffer] = model.get_buffer(name).to(getattr(torch, dtype))
     return states
+
+
+def prompt_in_cache(model: torch.nn.Module) -> bool:
+    """Whether the attention layers' cache starts with the prompt's keys (exact), or holds only the query's, the
+    prompt being a summary on the attention modules (compressed)."""
+    return any(name.endswith(".prompt_keys") for name in model.config.iclca_buffers)
 
 
 def state_list(states: dict[int, dict[str, torch.Tensor]], batch: int) -> list[torch.Tensor]:
@@ -122,14 +130,17 @@ def start_from_prompt(backbone, args, kwargs):
         fill_cache(cache, prompt_states(model), batch, P)
         kwargs.pop("past_key_values", None)
         kwargs["cache"], kwargs["use_cache"] = cache, True
+    attention = hasattr(cache, "layers") and not all(cache.is_linear)
+    in_cache = prompt_in_cache(model)
     if kwargs.get("position_ids") is not None:
         kwargs["position_ids"] = kwargs["position_ids"] + P
-    elif getattr(model.config, "iclca_count_positions", False):
-        # upstream: BambaModel numbers a call's tokens from 0 whatever its cache holds; count them from the cache
-        past = cache.get_seq_length()
+    elif attention and (getattr(model.config, "iclca_count_positions", False) or not in_cache):
+        # upstream: BambaModel numbers a call's tokens from 0 whatever its cache holds; and a compressed hybrid's
+        # cache holds only the query's tokens: count them from the cache, after the prompt's P
+        past = cache.get_seq_length() + (0 if in_cache else P)
         kwargs["position_ids"] = torch.arange(past, past + T, device=x.device).unsqueeze(0)
     mask = kwargs.get("attention_mask")
-    if mask is not None and mask.dim() == 2 and hasattr(cache, "layers") and not all(cache.is_linear):
+    if mask is not None and mask.dim() == 2 and attention and in_cache:
         kwargs["attention_mask"] = torch.cat([mask.new_ones(batch, P), mask], dim=-1)
     return args, kwargs
 
@@ -168,6 +179,8 @@ def start_backbone_from_prompt(model: torch.nn.Module) -> None:
     object.__setattr__(backbone, "iclca_patched", model)  # not a submodule: the backbone is the model's own
     if getattr(model.config, "iclca_step_modules", None):
         step_mixers(model, model.config.iclca_step_modules)
+    if any(name.endswith(".prefix_keys") for name in model.config.iclca_buffers):  # compressed attention layers
+        model.config._attn_implementation = ATTENTION_NAME
 
 
 class PatchedCacheModel(StockInit):
