@@ -43,7 +43,9 @@ def greedy_continuation(model, ids: list[int], n: int, cache=None) -> list[int]:
 def prompt_kv_bytes(config, n_tokens: int, element_size: int) -> int:
     """Bytes of the keys and values a softmax model of this shape would cache for n_tokens prompt tokens (a model
     without attention heads: one hidden_size-wide key and value per layer and token)."""
-    heads = getattr(config, "num_attention_heads", None) or 1
+    heads = getattr(config, "num_attention_heads", None)
+    if not heads:  # state-space heads (Mamba2's num_heads, head_dim) are not attention heads
+        return 2 * config.num_hidden_layers * n_tokens * config.hidden_size * element_size
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
     kv_heads = getattr(config, "num_key_value_heads", None) or heads
     return 2 * config.num_hidden_layers * n_tokens * kv_heads * head_dim * element_size

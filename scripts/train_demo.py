@@ -1,6 +1,6 @@
 """Train the built-in demo models on the in-context recall task, on CPU, deterministically.
 
-    python scripts/train_demo.py [--model linear|gpt2|all] [--steps N] [--out-root DIR]
+    python scripts/train_demo.py [--model linear|gpt2|mamba2|lfm2|all] [--steps N] [--out-root DIR]
 
 Each model reads sequences "k1: v1\\n ... kn: vn\\n" followed by query lines "kq: vq\\n" about the
 prompt's keys, with a fresh random mapping per sequence (configs/tasks/recall.json), and is
@@ -82,6 +82,13 @@ def build_model(name: str, spec: dict, tokenizer):
     from iclca_cli.models import IclcaLinearConfig, IclcaLinearForCausalLM
 
     torch.manual_seed(spec["seed"])
+    if "classes" in spec:  # a stock transformers architecture: (config class, model class)
+        import transformers
+
+        config_class, model_class = (getattr(transformers, c) for c in spec["classes"])
+        config = config_class(vocab_size=len(tokenizer), bos_token_id=None, eos_token_id=None,
+                              pad_token_id=tokenizer.pad_token_id, **spec["model"])
+        return model_class(config)
     if name == "linear":
         config = IclcaLinearConfig(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id, **spec["model"])
         return IclcaLinearForCausalLM(config)
@@ -171,11 +178,12 @@ def train(name: str, out_root: Path, steps: int | None = None, log=print) -> dic
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", choices=["linear", "gpt2", "all"], default="all")
+    names = sorted(p.stem.removeprefix("demo-") for p in (ROOT / "configs/models").glob("demo-*.json"))
+    ap.add_argument("--model", choices=[*names, "all"], default="all")
     ap.add_argument("--steps", type=int, default=None, help="override the recipe's number of steps (0: untrained)")
     ap.add_argument("--out-root", type=Path, default=ROOT / "iclca_cli/builtin")
     args = ap.parse_args()
-    for name in (["linear", "gpt2"] if args.model == "all" else [args.model]):
+    for name in (names if args.model == "all" else [args.model]):
         record = train(name, args.out_root, args.steps)
         print(f"demo-{name}: {record['steps']} steps in {record['seconds']} s, final in-context accuracy "
               f"{record['final_in_context_accuracy']}")

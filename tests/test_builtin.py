@@ -56,3 +56,17 @@ def test_demo_tokenizer_round_trips_the_example_prompt():
     assert tokenizer.unk_token_id not in ids and len(ids) == 24
     assert tokenizer.decode(ids) == text
     assert tokenizer.convert_ids_to_tokens(tokenizer("river: 3\n").input_ids) == ["river:", "Ġ3", "Ċ"]
+
+
+@pytest.mark.parametrize("name", builtin_models())
+def test_every_demo_model_answers_from_the_patch_as_from_the_prompt(cli, tmp_path, name):
+    """The example prompt through the command line with each demo's default method (exact for the linear, state-
+    space and hybrid demos, prefix for GPT-2): the patched model answers as the prompted one, which knows the
+    answers, and the base model does not."""
+    patch = tmp_path / "p.safetensors"
+    assert cli("convert", ROOT / "configs/examples/recall-prompt.txt", "-m", name, "-o", patch).exit_code == 0
+    res = cli("eval", "-m", name, "-p", patch, "--prompt", ROOT / "configs/examples/recall-prompt.txt", "--queries",
+              ROOT / "configs/examples/recall-queries.jsonl", "--max-abs-logit-diff", "1e-3", "--json")
+    assert res.exit_code == 0, res.stderr
+    accuracy = json.loads(res.stdout)["accuracy"]
+    assert accuracy["patched"] == accuracy["prompted"] == 1.0 and accuracy["base"] <= 0.5

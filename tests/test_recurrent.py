@@ -162,3 +162,13 @@ def test_a_hybrid_without_a_named_attention_module_takes_only_exact():
     """Zamba2's attention block is shared between layers: iclca does not name it, so `compressed` is refused."""
     with pytest.raises(IclcaError, match="method 'compressed' does not apply to 'zamba2' models"):
         convert(make_recurrent("zamba2"), ids(5, 12), "compressed", budget=4)
+
+
+def test_prompt_kv_bytes_of_a_state_space_model_is_that_of_a_softmax_model_of_its_width():
+    """Mamba2's num_heads and head_dim describe its state, not attention: the comparison is a softmax model with
+    hidden_size-wide keys and values."""
+    from iclca_cli.evaluate import prompt_kv_bytes
+
+    config = make_recurrent("mamba2").config
+    assert prompt_kv_bytes(config, 10, 4) == 2 * config.num_hidden_layers * 10 * config.hidden_size * 4
+    assert config.num_heads * config.head_dim != config.hidden_size  # so the test tells the two apart
