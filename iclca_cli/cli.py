@@ -139,9 +139,13 @@ def _fmt(v) -> str:
 @app.command()
 @handled
 def convert(
-    prompt_file: Path = typer.Argument(..., help="UTF-8 text: the demonstrations to fold into the weights."),
+    prompt_files: list[Path] = typer.Argument(..., help="UTF-8 text files: the demonstrations to fold into the weights "
+                                              "(several with --out-dir: the model is loaded once)."),
     model: str = typer.Option(..., "--model", "-m", help="Checkpoint folder, hub id, or built-in name (demo-linear)."),
-    out_path: Path = typer.Option(..., "--out", "-o", help="Patch file to write (.safetensors)."),
+    out_path: Path = typer.Option(None, "--out", "-o", help="Patch file to write (.safetensors), for one prompt file."),
+    out_dir: Path = typer.Option(None, "--out-dir", help="Folder for one <prompt file stem>.safetensors per prompt file "
+                                 "(created if missing); a patch already there with the same provenance is kept, so a "
+                                 "rerun resumes."),
     method: Method = typer.Option(
         None, "--method", help="exact (linear-attention layers, exact), prefix (softmax attention, exact), compressed "
         "(softmax, constant size, approximate), taylor (softmax, constant size, approximate). Default: exact for "
@@ -155,32 +159,100 @@ def convert(
     allow_pickle: bool = _allow_pickle_option(),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
 ):
-    """Run PROMPT_FILE through MODEL once and write its weight patch."""
-    from .convert import convert_prompt, sha256_text
-    from .inputs import encode_prompt, read_prompt
-    from .loading import load_model
-    from .patch import load_patch, save_patch
+    """Run each PROMPT_FILE through MODEL once and write its weight patch."""
+    from .loading import load_fingerprinted
+    from .patch import load_patch
 
     _quiet_transformers()
-    text = read_prompt(prompt_file)
+    targets = _convert_targets(prompt_files, out_path, out_dir)
     parent = load_patch(base_patch) if base_patch is not None else None
-    if not out_path.parent.is_dir():
-        raise IclcaError(f"output folder does not exist: {out_path.parent}", "create it first, or choose another --out")
-    m, tokenizer = load_model(model, dtype.value, device.value, allow_pickle)
+    m, tokenizer, fingerprint = load_fingerprinted(model, dtype.value, device.value, allow_pickle)
+    settings = dict(method=method and method.value, order=order, budget=budget, base_patch=parent,
+                    chunk_size=chunk_size, fingerprint=fingerprint)
+    if out_path is not None:  # one prompt, one patch: its errors are the command's
+        with _progress("converting") as progress:
+            row = _convert_one(m, tokenizer, prompt_files[0], out_path, progress=progress, **settings)
+        row.pop("status")
+        _emit(as_json, {"patch": str(out_path), **{k: v for k, v in row.items() if k != "prompt"}}, "iclca convert")
+        return
+    rows, failed = [], []
+    with _progress("prompts") as progress:
+        for n, (prompt_file, patch_file) in enumerate(targets, start=1):
+            try:
+                rows.append(_convert_one(m, tokenizer, prompt_file, patch_file, **settings))
+            except IclcaError as e:  # reported at the end; the other prompts still convert
+                failed.append({"prompt": str(prompt_file), "error": e.message})
+            if progress is not None:
+                progress(n, len(targets))
+    summary = {"out_dir": str(out_dir), "converted": sum(r["status"] == "converted" for r in rows),
+               "skipped": sum(r["status"] == "skipped" for r in rows), "failed": len(failed),
+               "base_fingerprint": fingerprint, "patches": rows, "errors": failed}
+    if as_json:
+        _emit(True, summary, "")
+    else:
+        table = Table(title=f"iclca convert -> {out_dir}")
+        for column in ("prompt", "patch", "status", "method", "prompt_tokens", "patch_bytes"):
+            table.add_column(column, overflow="fold")
+        for r in rows:
+            table.add_row(*(str(r[c]) for c in ("prompt", "patch", "status", "method", "prompt_tokens", "patch_bytes")))
+        for f in failed:
+            table.add_row(f["prompt"], "", "failed", "", "", "")
+        out.print(table)
+    if failed:
+        listed = "; ".join(f"{f['prompt']}: {f['error']}" for f in failed)
+        raise IclcaError(f"{len(failed)} of {len(targets)} prompt files failed ({listed})",
+                         "fix them and rerun the same command: the patches already written are kept")
+
+
+def _convert_targets(prompt_files: list[Path], out_path: Path | None, out_dir: Path | None) -> list[tuple[Path, Path]]:
+    """(prompt file, patch file) pairs, or an IclcaError for outputs that are missing, ambiguous or collide."""
+    if (out_path is None) == (out_dir is None):
+        raise IclcaError("pass exactly one of --out and --out-dir",
+                         "--out PATCH for one prompt file, --out-dir DIR for one patch per prompt file")
+    if out_path is not None:
+        if len(prompt_files) > 1:
+            raise IclcaError(f"--out names one patch, but {len(prompt_files)} prompt files were given",
+                             "use --out-dir DIR to write one patch per prompt file")
+        if not out_path.parent.is_dir():
+            raise IclcaError(f"output folder does not exist: {out_path.parent}", "create it first, or choose another --out")
+        return [(prompt_files[0], out_path)]
+    if out_dir.exists() and not out_dir.is_dir():
+        raise IclcaError(f"--out-dir {out_dir} is a file", "pass a folder (it is created if missing)")
+    targets, seen = [], {}
+    for p in prompt_files:
+        if p.stem in seen:
+            raise IclcaError(f"prompt files {seen[p.stem]} and {p} would both write {p.stem}.safetensors",
+                             "rename one of them, or convert them into different --out-dir folders")
+        seen[p.stem] = p
+        targets.append((p, out_dir / f"{p.stem}.safetensors"))
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise IclcaError(f"cannot create --out-dir {out_dir}: {e.strerror}", "choose a writable folder") from e
+    return targets
+
+
+def _convert_one(m, tokenizer, prompt_file: Path, out: Path, method, order, budget, base_patch, chunk_size, fingerprint,
+                 progress=None) -> dict:
+    """Convert one prompt file into `out`, or keep `out` if it already holds this patch; one row of the report."""
+    from .convert import convert_prompt, describe_patch, sha256_text
+    from .inputs import encode_prompt, read_prompt
+    from .patch import read_header, save_patch, shared_copy
+
+    text = read_prompt(prompt_file)
     ids = encode_prompt(tokenizer, text)
-    with _progress("converting") as progress:
-        patch = convert_prompt(m, ids, sha256_text(text), method and method.value, order, parent, chunk_size, progress,
-                               budget)
-    file_bytes = save_patch(patch, out_path)
-    _emit(as_json, {
-        "patch": str(out_path),
-        "method": patch.method,
-        "prompt_tokens": patch.prompt_tokens,
-        "position_offset": patch.position_offset,
-        "tensors": len(patch.tensors),
-        "patch_bytes": file_bytes,
-        "base_fingerprint": patch.base_fingerprint,
-    }, "iclca convert")
+    header = describe_patch(m, ids, sha256_text(text), method, order, base_patch, budget, fingerprint)
+    existing = read_header(out)
+    if existing is not None and existing[0] == header.metadata():
+        status, file_bytes, tensors = "skipped", out.stat().st_size, existing[1]
+    else:  # a base patch is applied in place: convert on a copy, so the next prompt starts from the plain model
+        model = shared_copy(m) if base_patch is not None else m
+        patch = convert_prompt(model, ids, header.prompt_sha256, method, order, base_patch, chunk_size, progress,
+                               budget, fingerprint)
+        status, file_bytes, tensors = "converted", save_patch(patch, out), len(patch.tensors)
+    return {"prompt": str(prompt_file), "patch": str(out), "status": status, "method": header.method,
+            "prompt_tokens": header.prompt_tokens, "position_offset": header.position_offset, "tensors": tensors,
+            "patch_bytes": file_bytes, "base_fingerprint": header.base_fingerprint}
 
 
 @app.command()
@@ -194,16 +266,16 @@ def merge(
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
 ):
     """Fold a patch into a new checkpoint folder that loads with Hugging Face tooling."""
-    from .fingerprint import model_fingerprint
-    from .loading import load_model
+    from .loading import load_fingerprinted
     from .merge import check_output_folder, merge_patch
     from .patch import check_patch_fits, load_patch
 
     _quiet_transformers()
     check_output_folder(out_dir.absolute(), force)
     patch = load_patch(patch_path)
-    m, tokenizer = load_model(model, patch.dtype, allow_pickle=allow_pickle)  # the merged checkpoint is stored in the patch's dtype
-    check_patch_fits(patch, m, model_fingerprint(m))
+    # the merged checkpoint is stored in the patch's dtype
+    m, tokenizer, fingerprint = load_fingerprinted(model, patch.dtype, allow_pickle=allow_pickle)
+    check_patch_fits(patch, m, fingerprint)
     folder = merge_patch(m, tokenizer, patch, out_dir, force)
     _emit(as_json, {
         "merged": str(folder),
@@ -225,15 +297,14 @@ def export_peft(
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
 ):
     """Write a prefix patch as a PEFT prefix-tuning adapter (load it with PeftModel.from_pretrained)."""
-    from .fingerprint import model_fingerprint
-    from .loading import load_model, resolve_model
+    from .loading import load_fingerprinted, resolve_model
     from .patch import check_patch_fits, load_patch
     from .peft_export import write_peft_prefix_adapter
 
     _quiet_transformers()
     patch = load_patch(patch_path)
-    m, _ = load_model(model, patch.dtype, allow_pickle=allow_pickle)
-    check_patch_fits(patch, m, model_fingerprint(m))
+    m, _, fingerprint = load_fingerprinted(model, patch.dtype, allow_pickle=allow_pickle)
+    check_patch_fits(patch, m, fingerprint)
     folder = write_peft_prefix_adapter(m, patch, resolve_model(model, allow_pickle), out_dir, force)
     _emit(as_json, {"adapter": str(folder), "num_virtual_tokens": patch.prompt_tokens}, "iclca export-peft")
 
@@ -256,9 +327,8 @@ def eval_(
     """Compare patched (or merged), prompted and plain outputs: fidelity, accuracy, speed, size."""
 
     from .evaluate import evaluate
-    from .fingerprint import model_fingerprint
     from .inputs import read_prompt, read_queries
-    from .loading import load_model
+    from .loading import load_fingerprinted
     from .merge import load_merged
     from .patch import DTYPES, check_patch_fits, load_patch, patched_copy
 
@@ -268,8 +338,7 @@ def eval_(
     prompt = read_prompt(prompt_file)
     queries = read_queries(queries_file)
     patch = load_patch(patch_path) if patch_path is not None else None
-    base, tokenizer = load_model(model, dtype.value, device.value, allow_pickle)
-    fingerprint = model_fingerprint(base)
+    base, tokenizer, fingerprint = load_fingerprinted(model, dtype.value, device.value, allow_pickle)
     if patch is not None:
         check_patch_fits(patch, base, fingerprint)
         patched = patched_copy(base, patch)

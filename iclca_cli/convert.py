@@ -4,13 +4,15 @@ softmax_layers for prefix / compressed / taylor), and the patch records what it 
 from __future__ import annotations
 
 import hashlib
+
 from . import cache_layers, linear_layers, softmax_layers
+from .cache_layers import Progress
 from .errors import IclcaError
 from .families import family_of
 from .fingerprint import model_fingerprint
-from .cache_layers import Progress
 from .patch import Patch, apply_patch, check_method, check_patch_fits
 from .positions import check_positions
+
 
 def default_method(model) -> str:
     """The family's preferred method: exact where every layer keeps a finite state, else prefix (exact)."""
@@ -28,6 +30,7 @@ def convert_prompt(
     chunk_size: int = 512,
     progress: Progress | None = None,
     budget: int = 0,
+    fingerprint: str | None = None,
 ) -> Patch:
     """The patch of `prompt_ids` for `model` by `method` (default: the family's): `exact` (linear attention; on top
     of `base_patch` if given), or for softmax decoders `prefix`, `taylor` (`order`) or `compressed` (`budget`
@@ -35,23 +38,11 @@ def convert_prompt(
 
     Stacking: with a base patch the prompt runs from the base patch's states and positions, so the result equals
     the patch of the concatenated prompts. The base patch is applied to `model` in place (pass a copy to keep it
-    plain)."""
-    method = method or default_method(model)
-    family = check_method(model, method)
-    if not prompt_ids:
-        raise IclcaError("the prompt has no tokens", "write the demonstrations into the prompt file")
-    fingerprint = model_fingerprint(model)
-    extra = {"layer_kinds": ",".join(family.layer_kinds(model.config))}
-    start = 0
+    plain). `fingerprint`: the model's, when the caller knows it (model_fingerprint reads every weight)."""
+    patch = describe_patch(model, prompt_ids, prompt_sha256, method, order, base_patch, budget, fingerprint)
+    method, family = patch.method, family_of(model)
     if base_patch is not None:
-        if method != "exact" or base_patch.method != "exact":
-            raise IclcaError(f"--base-patch needs exact patches, not {base_patch.method!r} under {method!r}",
-                             "stack exact patches on exact patches, or convert the concatenated prompt instead")
-        check_patch_fits(base_patch, model, fingerprint, "--base-patch")
         apply_patch(model, base_patch)
-        extra["parent_prompt_sha256"] = base_patch.prompt_sha256
-        start = base_patch.position_offset
-    check_positions(model, family, len(prompt_ids) + 1, "the prompt and at least one query token")
     if family.positions == "cache":
         tensors = cache_layers.convert_cache(model, family, prompt_ids, chunk_size, progress, method, budget)
     elif method == "exact":
@@ -60,9 +51,40 @@ def convert_prompt(
         tensors = softmax_layers.convert_softmax(model, family, prompt_ids, method, budget, order)
         if progress is not None:
             progress(len(prompt_ids), len(prompt_ids))
+    patch.tensors = tensors
+    return patch
+
+
+def describe_patch(
+    model,
+    prompt_ids: list[int],
+    prompt_sha256: str,
+    method: str | None = None,
+    order: int = 2,
+    base_patch: Patch | None = None,
+    budget: int = 0,
+    fingerprint: str | None = None,
+) -> Patch:
+    """The patch convert_prompt will make, without its tensors: its metadata (which tells an existing identical
+    output, so a rerun can skip it), after checking that the method, prompt and base patch fit the model."""
+    method = method or default_method(model)
+    family = check_method(model, method)
+    if not prompt_ids:
+        raise IclcaError("the prompt has no tokens", "write the demonstrations into the prompt file")
+    fingerprint = fingerprint or model_fingerprint(model)
+    extra = {"layer_kinds": ",".join(family.layer_kinds(model.config))}
+    start = 0
+    if base_patch is not None:
+        if method != "exact" or base_patch.method != "exact":
+            raise IclcaError(f"--base-patch needs exact patches, not {base_patch.method!r} under {method!r}",
+                             "stack exact patches on exact patches, or convert the concatenated prompt instead")
+        check_patch_fits(base_patch, model, fingerprint, "--base-patch")
+        extra["parent_prompt_sha256"] = base_patch.prompt_sha256
+        start = base_patch.position_offset
+    check_positions(model, family, start + len(prompt_ids) + 1, "the prompt and at least one query token")
     extra.update({"compressed": {"budget": str(budget)}, "taylor": {"taylor_order": str(order)}}.get(method, {}))
     return Patch(
-        tensors=tensors,
+        tensors={},
         method=method,
         model_type=model.config.model_type,
         base_fingerprint=fingerprint,

@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import copy
 import time
 from collections.abc import Callable
 
@@ -25,19 +26,45 @@ def next_token_logits(model, ids: list[int]) -> torch.Tensor:
 
 
 @torch.inference_mode()
-def greedy_continuation(model, ids: list[int], n: int, cache=None) -> list[int]:
-    """The n tokens greedy decoding appends to ids (incremental, with the model's cache; `cache`, if
-    given, holds tokens that come before ids, e.g. a prompt's)."""
+def score_and_continue(model, ids: list[int], n: int, cache=None) -> tuple[torch.Tensor, list[int]]:
+    """(logits (T, V) over ids, the n tokens greedy decoding appends to ids): one pass over ids, then one per new
+    token, with the model's cache; `cache`, if given, holds tokens that come before ids (a prompt's)."""
     device = next(model.parameters()).device
-    x = torch.tensor([ids], device=device)
-    out = []
-    for _ in range(n):
-        res = model(input_ids=x, cache=cache, use_cache=True)
-        cache = res.cache
-        nxt = int(res.logits[0, -1].argmax())
-        out.append(nxt)
-        x = torch.tensor([[nxt]], device=device)
-    return out
+    res = model(input_ids=torch.tensor([ids], device=device), cache=cache, use_cache=True)
+    logits, out = res.logits[0], []
+    while len(out) < n:
+        out.append(int(res.logits[0, -1].argmax()))
+        if len(out) < n:
+            res = model(input_ids=torch.tensor([[out[-1]]], device=device), cache=res.cache, use_cache=True)
+    return logits, out
+
+
+def greedy_continuation(model, ids: list[int], n: int, cache=None) -> list[int]:
+    """The n tokens greedy decoding appends to ids (see score_and_continue)."""
+    return score_and_continue(model, ids, n, cache)[1] if n else []
+
+
+class PromptedReference:
+    """The base model on prompt + query, for one query after another. Where the family's stock model continues from
+    a cache correctly (Family.stock_cache_continues), the prompt is read once and each query continues from a copy
+    of its cache; else each query re-reads the prompt. Both give the same logits up to float rounding (a test)."""
+
+    def __init__(self, base, prompt: list[int], reuse_cache: bool | None = None):
+        self.base, self.prompt = base, prompt
+        self.reuse = family_of(base).stock_cache_continues if reuse_cache is None else reuse_cache
+        self.cache = None
+        if self.reuse:
+            with torch.inference_mode():
+                device = next(base.parameters()).device
+                self.cache = base(input_ids=torch.tensor([prompt], device=device), use_cache=True,
+                                  logits_to_keep=1).cache
+
+    def run(self, q_ids: list[int], n_greedy: int) -> tuple[torch.Tensor, list[int]]:
+        """(logits (Tq, V) over the query's positions, the n_greedy tokens greedy decoding appends to the query)."""
+        if self.reuse:
+            return score_and_continue(self.base, q_ids, n_greedy, copy.deepcopy(self.cache))
+        logits, out = score_and_continue(self.base, self.prompt + q_ids, n_greedy)
+        return logits[len(self.prompt):], out
 
 
 def prompt_kv_bytes(config, n_tokens: int, element_size: int) -> int:
@@ -68,8 +95,10 @@ def evaluate(
     patch_bytes: int,
     patch_element_size: int,
     progress: Callable[[int, int], None] | None = None,
+    reuse_cache: bool | None = None,
 ) -> dict:
-    """The `iclca eval` report (DESIGN.md keys) over all queries."""
+    """The `iclca eval` report (DESIGN.md keys) over all queries. reuse_cache: read the prompt once for the prompted
+    reference (default: where the family allows, PromptedReference)."""
     prompt = encode_prompt(tokenizer, prompt_text)
     if not prompt:
         raise IclcaError("the prompt has no tokens", "write the demonstrations into the prompt file")
@@ -87,16 +116,19 @@ def evaluate(
     max_diff, kl_patched, kl_base, agree, positions = 0.0, 0.0, 0.0, 0, 0
     correct = {"base": 0, "prompted": 0, "patched": 0}
     with_target = 0
-    prompted_s = patched_s = 0.0
+    t0 = time.perf_counter()
+    prompted = PromptedReference(base, prompt, reuse_cache)
+    prompted_s, patched_s = time.perf_counter() - t0, 0.0  # the prompt's one read counts once
     for n, (q_ids, t_ids) in enumerate(encoded, start=1):
         t0 = time.perf_counter()
-        prompted_logits = next_token_logits(base, prompt + q_ids)[P:]  # (Tq, V)
+        k = len(t_ids or [])  # greedy tokens: the target's length
+        prompted_logits, prompted_greedy = prompted.run(q_ids, k)  # (Tq, V)
         t1 = time.perf_counter()
-        patched_logits = next_token_logits(patched, q_ids)  # (Tq, V)
+        patched_logits, patched_greedy = score_and_continue(patched, q_ids, k)  # (Tq, V)
         t2 = time.perf_counter()
         prompted_s += t1 - t0
         patched_s += t2 - t1
-        base_logits = next_token_logits(base, q_ids)  # (Tq, V)
+        base_logits, base_greedy = score_and_continue(base, q_ids, k)  # (Tq, V)
         max_diff = max(max_diff, float((prompted_logits - patched_logits).abs().max()))
         kl_patched += float(kl_divergence(prompted_logits, patched_logits).sum())
         kl_base += float(kl_divergence(prompted_logits, base_logits).sum())
@@ -104,10 +136,9 @@ def evaluate(
         positions += len(q_ids)
         if t_ids is not None:
             with_target += 1
-            k = len(t_ids)
-            correct["base"] += greedy_continuation(base, q_ids, k) == t_ids
-            correct["prompted"] += greedy_continuation(base, prompt + q_ids, k) == t_ids
-            correct["patched"] += greedy_continuation(patched, q_ids, k) == t_ids
+            correct["base"] += base_greedy == t_ids
+            correct["prompted"] += prompted_greedy == t_ids
+            correct["patched"] += patched_greedy == t_ids
         if progress is not None:
             progress(n, len(encoded))
 

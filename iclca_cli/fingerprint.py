@@ -1,9 +1,13 @@
-"""A model's identity: sha256 over its architecture config and its weights, whatever dtype it runs in."""
+"""A model's identity: sha256 over its architecture config and its weights, whatever dtype it runs in; cached per
+checkpoint folder against the identity (path, size, modification time) of its files."""
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
+import tempfile
+from pathlib import Path
 
 import torch
 
@@ -12,6 +16,7 @@ _RUNTIME_KEYS = {
     "transformers_version", "architectures", "auto_map", "dtype", "torch_dtype", "use_cache",
     "return_dict", "output_hidden_states", "output_attentions", "name_or_path",
 }
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".json")  # weights, their indexes, config.json
 
 
 def model_fingerprint(model: torch.nn.Module) -> str:
@@ -26,3 +31,46 @@ def model_fingerprint(model: torch.nn.Module) -> str:
         h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
         h.update(t.contiguous().numpy().tobytes())
     return h.hexdigest()
+
+
+def cache_dir() -> Path:
+    """Where iclca keeps what it can recompute: $ICLCA_CACHE_DIR, else ~/.cache/iclca."""
+    return Path(os.environ.get("ICLCA_CACHE_DIR") or Path.home() / ".cache" / "iclca")
+
+
+def _folder_identity(folder: Path, dtype: torch.dtype) -> str | None:
+    """A key that changes whenever a file the model is loaded from changes (path, size, mtime in ns), or None."""
+    try:
+        files = sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in folder.iterdir()
+                       if p.is_file() and p.name.endswith(_WEIGHT_SUFFIXES))
+    except OSError:
+        return None
+    ident = json.dumps([str(folder.resolve()), str(dtype), files])
+    return hashlib.sha256(ident.encode()).hexdigest()
+
+
+def folder_fingerprint(model: torch.nn.Module, folder: str | Path) -> str:
+    """model_fingerprint(model) for a model just loaded from `folder`, computed once per state of the folder's files
+    (a sha256 over every weight takes seconds for a large model). A hub id (no local folder) is not cached."""
+    folder = Path(folder)
+    dtype = next(model.parameters()).dtype  # a float32 checkpoint loaded in bfloat16 has other weights
+    key = _folder_identity(folder, dtype) if folder.is_dir() else None
+    if key is None:
+        return model_fingerprint(model)
+    store = cache_dir() / "fingerprints.json"
+    try:
+        known = json.loads(store.read_text())
+    except (OSError, ValueError):
+        known = {}
+    if isinstance(known, dict) and isinstance(known.get(key), str):
+        return known[key]
+    fingerprint = model_fingerprint(model)
+    try:  # a cache that cannot be written only costs time
+        store.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=".fingerprints.", dir=store.parent)
+        with os.fdopen(fd, "w") as f:
+            json.dump({**(known if isinstance(known, dict) else {}), key: fingerprint}, f)
+        os.replace(tmp, store)
+    except OSError:
+        pass
+    return fingerprint

@@ -100,3 +100,12 @@ def load_model(spec: str, dtype: str = "float32", device: str = "cpu", allow_pic
             f"pass a local checkpoint folder or a built-in model ({', '.join(builtin_models())}); hub ids need the network",
         ) from e
     return model.to(dev).eval(), tokenizer
+
+
+def load_fingerprinted(spec: str, dtype: str = "float32", device: str = "cpu", allow_pickle: bool = False):
+    """(model, tokenizer, fingerprint): load_model, and the model's fingerprint from the cache kept per checkpoint
+    folder (fingerprint.folder_fingerprint)."""
+    from .fingerprint import folder_fingerprint
+
+    model, tokenizer = load_model(spec, dtype, device, allow_pickle)
+    return model, tokenizer, folder_fingerprint(model, resolve_model(spec, allow_pickle))

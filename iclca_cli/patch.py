@@ -106,6 +106,15 @@ def canonical_safetensors(tensors: dict[str, torch.Tensor], metadata: dict[str, 
     return len(header).to_bytes(8, "little") + header + raw[8 + n :]
 
 
+def read_header(path: str | Path) -> tuple[dict[str, str], int] | None:
+    """(metadata, number of tensors) of a readable safetensors file, reading only its header; else None."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return f.metadata() or {}, len(f.keys())
+    except (SafetensorError, OSError, ValueError, RuntimeError):
+        return None
+
+
 def load_patch(path: str | Path) -> Patch:
     """Read and validate a patch file; every problem becomes an IclcaError naming it."""
     path = Path(path)
@@ -219,10 +228,15 @@ def patched_copy(model: torch.nn.Module, patch: Patch) -> torch.nn.Module:
     """A patched model beside `model`, sharing its weights: modules, buffers and config are copied,
     parameters are not (patching never writes to them), so a 7B model is not held twice. A family whose model
     changes its own weights in place (RWKV rescales them on its first forward in eval mode) gets a full copy."""
-    shared = family_of(model).shares_weights
-    patched = copy.deepcopy(model, memo={id(p): p for p in model.parameters()} if shared else None)
+    patched = shared_copy(model)
     apply_patch(patched, patch)
     return patched
+
+
+def shared_copy(model: torch.nn.Module) -> torch.nn.Module:
+    """A copy of `model` that shares its parameters (see patched_copy), to patch without touching `model`."""
+    shared = family_of(model).shares_weights
+    return copy.deepcopy(model, memo={id(p): p for p in model.parameters()} if shared else None)
 
 
 @torch.no_grad()

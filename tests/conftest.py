@@ -8,6 +8,15 @@ from typer.testing import CliRunner
 from iclca_cli.cli import app
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _private_cache_dir(tmp_path_factory):
+    """The tests' fingerprint cache is their own, never the user's (~/.cache/iclca)."""
+    mp = pytest.MonkeyPatch()
+    mp.setenv("ICLCA_CACHE_DIR", str(tmp_path_factory.mktemp("iclca-cache")))
+    yield
+    mp.undo()
+
+
 @pytest.fixture
 def cli():
     """Run the CLI in-process; returns the click Result (exit_code, stdout, stderr)."""

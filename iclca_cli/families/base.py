@@ -87,5 +87,12 @@ class Family:
         return tuple(m for m in order if all(m in KIND_METHODS.get(k, ()) for k in kinds))
 
     @property
+    def stock_cache_continues(self) -> bool:
+        """The stock model continues from a prompt's cache as it reads prompt + query in one pass, so `iclca eval`
+        can read the prompt once: every family but those iclca has to fix (mixers fed one token at a time, positions
+        not counted from the cache) and those whose state is not a transformers Cache."""
+        return not (self.step_modules or self.count_positions or self.cache_class or self.cache_kwarg != "cache")
+
+    @property
     def merged_model_type(self) -> str:
         return self.model_type if self.merged is None else f"iclca_{self.model_type}"
