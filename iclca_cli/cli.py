@@ -38,8 +38,11 @@ class Method(str, Enum):
 
 
 class DType(str, Enum):
+    auto = "auto"
     float32 = "float32"
     float64 = "float64"
+    bfloat16 = "bfloat16"
+    float16 = "float16"
 
 
 class Device(str, Enum):
@@ -132,6 +135,11 @@ def _allow_pickle_option():
     return typer.Option(False, "--allow-pickle", help="Also load pickled .bin weights (only from a source you trust).")
 
 
+def _chat_option():
+    return typer.Option(False, "--chat", help="Render the prompt with the tokenizer's chat template: a text file is the "
+                        "system message, a .jsonl holds {role, content} messages; in eval each query is a user turn.")
+
+
 def _fmt(v) -> str:
     return f"{v:.6g}" if isinstance(v, float) else str(v)
 
@@ -153,9 +161,11 @@ def convert(
     order: int = typer.Option(2, "--order", min=1, max=2, help="Taylor order (method taylor)."),
     budget: int = typer.Option(0, "--budget", min=0, help="Entries per layer and key/value head (method compressed)."),
     base_patch: Path = typer.Option(None, "--base-patch", help="Convert on top of this patch (stacking)."),
-    dtype: DType = typer.Option(DType.float32, "--dtype", help="Dtype to run the prompt in and store the patch."),
+    dtype: DType = typer.Option(DType.float32, "--dtype", help="Dtype to run the prompt in; the patch stores each "
+                                "tensor as the model computes it (auto: the checkpoint's own dtype)."),
     device: Device = typer.Option(Device.cpu, "--device", help="Where to run."),
     chunk_size: int = typer.Option(512, "--chunk-size", min=1, help="Prompt tokens per forward pass."),
+    chat: bool = _chat_option(),
     allow_pickle: bool = _allow_pickle_option(),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
 ):
@@ -168,7 +178,7 @@ def convert(
     parent = load_patch(base_patch) if base_patch is not None else None
     m, tokenizer, fingerprint = load_fingerprinted(model, dtype.value, device.value, allow_pickle)
     settings = dict(method=method and method.value, order=order, budget=budget, base_patch=parent,
-                    chunk_size=chunk_size, fingerprint=fingerprint)
+                    chunk_size=chunk_size, fingerprint=fingerprint, chat=chat)
     if out_path is not None:  # one prompt, one patch: its errors are the command's
         with _progress("converting") as progress:
             row = _convert_one(m, tokenizer, prompt_files[0], out_path, progress=progress, **settings)
@@ -233,14 +243,18 @@ def _convert_targets(prompt_files: list[Path], out_path: Path | None, out_dir: P
 
 
 def _convert_one(m, tokenizer, prompt_file: Path, out: Path, method, order, budget, base_patch, chunk_size, fingerprint,
-                 progress=None) -> dict:
+                 chat=False, progress=None) -> dict:
     """Convert one prompt file into `out`, or keep `out` if it already holds this patch; one row of the report."""
+    from . import chat as chats
     from .convert import convert_prompt, describe_patch, sha256_text
     from .inputs import encode_prompt, read_prompt
     from .patch import read_header, save_patch, shared_copy
 
-    text = read_prompt(prompt_file)
-    ids = encode_prompt(tokenizer, text)
+    if chat:  # the rendered conversation is the prompt (and what its sha256 is of)
+        text, ids = chats.prompt_ids(tokenizer, chats.read_messages(prompt_file))
+    else:
+        text = read_prompt(prompt_file)
+        ids = encode_prompt(tokenizer, text)
     header = describe_patch(m, ids, sha256_text(text), method, order, base_patch, budget, fingerprint)
     existing = read_header(out)
     if existing is not None and existing[0] == header.metadata():
@@ -317,28 +331,34 @@ def eval_(
     merged: str = typer.Option(None, "--merged", help="Merged checkpoint folder to evaluate."),
     prompt_file: Path = typer.Option(..., "--prompt", help="The prompt the patch was made from."),
     queries_file: Path = typer.Option(..., "--queries", help=".jsonl {input, target} lines, or .txt one query a line."),
-    dtype: DType = typer.Option(DType.float32, "--dtype", help="Dtype to run the models in."),
+    dtype: DType = typer.Option(DType.float32, "--dtype", help="Dtype to run the models in (auto: the checkpoint's "
+                                "own); bfloat16 and float16 also run the prompted model in float32, the yardstick."),
     device: Device = typer.Option(Device.cpu, "--device", help="Where to run."),
     max_abs_logit_diff: float = typer.Option(None, "--max-abs-logit-diff", help="Exit 1 if the max |Δlogit| exceeds this."),
     min_top1_agreement: float = typer.Option(None, "--min-top1-agreement", help="Exit 1 if top-1 agreement is below this."),
+    chat: bool = _chat_option(),
     allow_pickle: bool = _allow_pickle_option(),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
 ):
     """Compare patched (or merged), prompted and plain outputs: fidelity, accuracy, speed, size."""
 
     from .evaluate import evaluate
+    from .chat import read_messages
     from .inputs import read_prompt, read_queries
-    from .loading import load_fingerprinted
+    from .loading import load_fingerprinted, load_model
     from .merge import load_merged
     from .patch import DTYPES, check_patch_fits, load_patch, patched_copy
 
     _quiet_transformers()
     if (patch_path is None) == (merged is None):
         raise IclcaError("pass exactly one of --patch and --merged", "--patch PATCH evaluates a patch file, --merged DIR a merged folder")
-    prompt = read_prompt(prompt_file)
+    messages = read_messages(prompt_file) if chat else None
+    prompt = None if chat else read_prompt(prompt_file)
     queries = read_queries(queries_file)
     patch = load_patch(patch_path) if patch_path is not None else None
     base, tokenizer, fingerprint = load_fingerprinted(model, dtype.value, device.value, allow_pickle)
+    reduced = next(base.parameters()).dtype in (DTYPES["bfloat16"], DTYPES["float16"])
+    float32_base = load_model(model, "float32", device.value, allow_pickle)[0] if reduced else None  # the yardstick
     if patch is not None:
         check_patch_fits(patch, base, fingerprint)
         patched = patched_copy(base, patch)
@@ -346,7 +366,8 @@ def eval_(
     else:
         patched, method, nbytes, element = load_merged(merged, fingerprint, dtype.value, device.value)
     with _progress("evaluating") as progress:
-        report = evaluate(base, patched, tokenizer, prompt, queries, method, nbytes, element, progress)
+        report = evaluate(base, patched, tokenizer, prompt, queries, method, nbytes, element, progress,
+                          float32_base=float32_base, chat_messages=messages)
     _emit(as_json, report, "iclca eval")
     missed = []
     if max_abs_logit_diff is not None and report["max_abs_logit_diff"] > max_abs_logit_diff:

@@ -12,6 +12,7 @@ from collections.abc import Callable
 
 import torch
 
+from . import chat
 from .errors import IclcaError
 from .families import family_of
 from .inputs import Query, encode_continuation, encode_prompt
@@ -96,17 +97,27 @@ def evaluate(
     patch_element_size: int,
     progress: Callable[[int, int], None] | None = None,
     reuse_cache: bool | None = None,
+    float32_base=None,
+    chat_messages: list[dict] | None = None,
 ) -> dict:
     """The `iclca eval` report (DESIGN.md keys) over all queries. reuse_cache: read the prompt once for the prompted
-    reference (default: where the family allows, PromptedReference)."""
-    prompt = encode_prompt(tokenizer, prompt_text)
+    reference (default: where the family allows, PromptedReference). float32_base: the base model in float32, for a
+    run in reduced precision: the report's `precision` then holds the yardstick, how far the prompted model in this
+    dtype is from itself in float32, and max_abs_logit_diff as a multiple of it. chat_messages: the prompt as a
+    conversation's start (chat.py; prompt_text is then unused), each query a user turn."""
+    if chat_messages is not None:
+        prompt = chat.prompt_ids(tokenizer, chat_messages)[1]
+        encode_query = lambda text: chat.query_ids(tokenizer, chat_messages, text)  # noqa: E731
+    else:
+        prompt = encode_prompt(tokenizer, prompt_text)
+        encode_query = lambda text: encode_continuation(tokenizer, text)  # noqa: E731
     if not prompt:
         raise IclcaError("the prompt has no tokens", "write the demonstrations into the prompt file")
     P = len(prompt)
     family = family_of(base)
     encoded = []
     for n, q in enumerate(queries, start=1):
-        q_ids = encode_continuation(tokenizer, q.input)
+        q_ids = encode_query(q.input)
         t_ids = encode_continuation(tokenizer, q.target) if q.target is not None else None
         if not q_ids:
             raise IclcaError(f"query {n} has no tokens", "every query needs some text")
@@ -119,6 +130,8 @@ def evaluate(
     t0 = time.perf_counter()
     prompted = PromptedReference(base, prompt, reuse_cache)
     prompted_s, patched_s = time.perf_counter() - t0, 0.0  # the prompt's one read counts once
+    prompted32 = PromptedReference(float32_base, prompt, reuse_cache) if float32_base is not None else None
+    yardstick = 0.0
     for n, (q_ids, t_ids) in enumerate(encoded, start=1):
         t0 = time.perf_counter()
         k = len(t_ids or [])  # greedy tokens: the target's length
@@ -129,7 +142,10 @@ def evaluate(
         prompted_s += t1 - t0
         patched_s += t2 - t1
         base_logits, base_greedy = score_and_continue(base, q_ids, k)  # (Tq, V)
-        max_diff = max(max_diff, float((prompted_logits - patched_logits).abs().max()))
+        if prompted32 is not None:
+            reference = prompted32.run(q_ids, 0)[0]  # (Tq, V) float32
+            yardstick = max(yardstick, float((prompted_logits.float() - reference).abs().max()))
+        max_diff = max(max_diff, float((prompted_logits.float() - patched_logits.float()).abs().max()))
         kl_patched += float(kl_divergence(prompted_logits, patched_logits).sum())
         kl_base += float(kl_divergence(prompted_logits, base_logits).sum())
         agree += int((prompted_logits.argmax(-1) == patched_logits.argmax(-1)).sum())
@@ -153,6 +169,12 @@ def evaluate(
     }
     if with_target:
         report["accuracy"] = {k: v / with_target for k, v in correct.items()}
+    if prompted32 is not None:
+        report["precision"] = {
+            "dtype": str(next(base.parameters()).dtype).removeprefix("torch."),
+            "prompted_vs_float32_max_abs_logit_diff": yardstick,
+            "max_abs_logit_diff_over_yardstick": max_diff / yardstick if yardstick else float("inf"),
+        }
     report["timing"] = {"prompted_s": prompted_s, "patched_s": patched_s}
     report["sizes"] = {"patch_bytes": patch_bytes, "prompt_kv_bytes": prompt_kv_bytes(base.config, P, patch_element_size)}
     return report

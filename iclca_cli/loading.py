@@ -53,9 +53,12 @@ def _has_pickle(folder: Path) -> bool:
     return any((folder / f).is_file() for f in ("pytorch_model.bin", "pytorch_model.bin.index.json"))
 
 
-def torch_dtype(name: str) -> torch.dtype:
+def torch_dtype(name: str) -> torch.dtype | str:
+    """The torch dtype of a --dtype name; "auto" (the checkpoint's own dtype) passes through to transformers."""
+    if name == "auto":
+        return name
     if name not in DTYPES:
-        raise IclcaError(f"unsupported dtype {name!r}", f"use one of {', '.join(DTYPES)}")
+        raise IclcaError(f"unsupported dtype {name!r}", f"use one of auto, {', '.join(DTYPES)}")
     return DTYPES[name]
 
 

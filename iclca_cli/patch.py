@@ -20,7 +20,7 @@ from .positions import check_positions
 
 FORMAT_VERSION = "1"
 METHODS = ("exact", "prefix", "taylor", "compressed")
-DTYPES = {"float32": torch.float32, "float64": torch.float64}
+DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _REQUIRED = (
     "format", "iclca.format_version", "iclca.method", "iclca.model_type", "iclca.base_fingerprint",
     "iclca.prompt_sha256", "iclca.prompt_tokens", "iclca.position_offset", "iclca.dtype", "iclca.version",
@@ -201,6 +201,11 @@ def check_patch_fits(patch: Patch, model: torch.nn.Module, fingerprint: str, pat
             "use the model the patch was converted with",
         )
     family = check_method(model, patch.method)
+    model_dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
+    lossy = {patch.dtype, model_dtype} & {"bfloat16", "float16"}  # weights rounded to another precision differ
+    if patch.base_fingerprint != fingerprint and patch.dtype != model_dtype and lossy:
+        raise IclcaError(f"{patch_name} was converted in {patch.dtype}, this model runs in {model_dtype}",
+                         f"pass --dtype {patch.dtype} (the model's weights in another precision are another model)")
     if patch.base_fingerprint != fingerprint:
         raise IclcaError(
             f"{patch_name} was made for model {patch.base_fingerprint[:12]}, this model is {fingerprint[:12]}",

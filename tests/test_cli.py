@@ -178,7 +178,7 @@ def test_malformed_queries(cli, tmp_path, demo_patch):
 
 
 def test_unsupported_dtype_is_a_usage_error(cli, tmp_path):
-    res = cli("convert", EXAMPLE_PROMPT, "-m", "demo-linear", "-o", tmp_path / "p.st", "--dtype", "float16")
+    res = cli("convert", EXAMPLE_PROMPT, "-m", "demo-linear", "-o", tmp_path / "p.st", "--dtype", "int8")
     assert res.exit_code == 2 and "Traceback" not in res.output
 
 

@@ -1,0 +1,67 @@
+"""Chat models (`--chat`): the prompt is a conversation's start (a system message, or few-shot turns) rendered with
+the tokenizer's chat template, and each query is a user turn followed by the generation prompt. Query ids are the
+rendered conversation's tokens after the prompt's, so prompt ids + query ids are the whole conversation's tokens
+exactly, as the model would read it in one piece."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from .errors import IclcaError
+from .inputs import read_prompt
+
+ROLES = ("system", "user", "assistant")
+
+
+def read_messages(path: str | Path) -> list[dict]:
+    """A `.jsonl` of {"role", "content"} lines (few-shot turns), or any other file: its text as the system message."""
+    text = read_prompt(path)
+    if not str(path).endswith(".jsonl"):
+        return [{"role": "system", "content": text}]
+    messages = []
+    for n, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise IclcaError(f"{path} line {n} is not valid JSON: {e.msg}", 'each line is {"role": "user", "content": "..."}') from e
+        if not isinstance(obj, dict) or obj.get("role") not in ROLES or not isinstance(obj.get("content"), str):
+            raise IclcaError(f"{path} line {n} is not a message",
+                             f'each line is {{"role": ..., "content": "..."}} with role {", ".join(ROLES)}')
+        messages.append({"role": obj["role"], "content": obj["content"]})
+    if not messages:
+        raise IclcaError(f"prompt file {path} holds no message", 'write {"role": "system", "content": "..."} lines')
+    return messages
+
+
+def render(tokenizer, messages: list[dict], add_generation_prompt: bool = False) -> str:
+    if not getattr(tokenizer, "chat_template", None):
+        raise IclcaError("--chat needs a chat template, and this model's tokenizer has none",
+                         "drop --chat to use the prompt as raw text, or use the instruct version of the model")
+    try:
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+    except Exception as e:  # jinja raises its own errors for conversations a template refuses
+        raise IclcaError(f"the chat template refuses this conversation: {str(e).splitlines()[0][:200]}",
+                         "check the roles and their order (some templates want user and assistant to alternate)") from e
+
+
+def _ids(tokenizer, text: str) -> list[int]:
+    return tokenizer(text, add_special_tokens=False).input_ids  # the template writes its own special tokens
+
+
+def prompt_ids(tokenizer, messages: list[dict]) -> tuple[str, list[int]]:
+    """(rendered text, ids) of the conversation's start."""
+    text = render(tokenizer, messages)
+    return text, _ids(tokenizer, text)
+
+
+def query_ids(tokenizer, messages: list[dict], query: str) -> list[int]:
+    """The tokens a user turn `query` and the generation prompt add to the conversation `messages`."""
+    head = _ids(tokenizer, render(tokenizer, messages))
+    whole = _ids(tokenizer, render(tokenizer, [*messages, {"role": "user", "content": query}], add_generation_prompt=True))
+    if whole[:len(head)] != head:
+        raise IclcaError("this chat template renders the prompt differently once a user turn follows it",
+                         "iclca needs the conversation's start to stay as it is; use the prompt without --chat")
+    return whole[len(head):]
