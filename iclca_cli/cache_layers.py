@@ -10,10 +10,11 @@ from collections.abc import Callable
 import torch
 from transformers.cache_utils import LinearAttentionCacheLayerMixin
 
+from .devices import input_device, module_device
 from .families import Family
-from .softmax_layers import capture_prompt_kv, check_method_arguments, layer_tensors
-from .patch_buffers import buffer_specs
 from .models.patched_cache import start_backbone_from_prompt
+from .patch_buffers import buffer_specs
+from .softmax_layers import capture_prompt_kv, check_method_arguments, layer_tensors
 
 Progress = Callable[[int, int], None]  # (tokens done, tokens in all)
 
@@ -45,7 +46,7 @@ def run_prompt(model, prompt_ids: list[int], chunk_size: int = 512, progress: Pr
     """The model's cache after the prompt, run from the model's current state (a patched model starts from its
     patch) chunk by chunk: memory does not grow with P. The backbone alone: no (P, vocab) logits."""
     P = len(prompt_ids)
-    ids = torch.tensor([prompt_ids], dtype=torch.long, device=next(model.parameters()).device)  # (1, P)
+    ids = torch.tensor([prompt_ids], dtype=torch.long, device=input_device(model))  # (1, P)
     cache = None
     for start in range(0, P, chunk_size):
         out = model.base_model(input_ids=ids[:, start:start + chunk_size], use_cache=True, **{cache_kwarg: cache})
@@ -92,7 +93,7 @@ def expected_shapes(model, family: Family, patch) -> dict[str, tuple[int, ...]]:
     values hold the prompt's tokens (a sliding-window layer at most its window - 1), or a compressed patch's
     attention modules min(budget, P) entries per key/value head."""
     prompt_tokens = patch.prompt_tokens
-    device = next(model.parameters()).device
+    device = input_device(model)
     with capture_prompt_kv(model, attention_modules(model, family), with_queries=False) as captured:
         out = model.base_model(input_ids=torch.zeros(1, 1, dtype=torch.long, device=device), use_cache=True)
     cache = getattr(out, family.cache_kwarg)
@@ -126,10 +127,10 @@ def merged_config(model, family: Family, tensors: dict[str, torch.Tensor], offse
 def attach(model, family: Family, tensors: dict[str, torch.Tensor], offset: int) -> None:
     """The states become buffers on the decoder layers (each in its own dtype), and the backbone starts every
     sequence from them."""
-    device = next(model.parameters()).device
     for name, t in tensors.items():
         path, buffer = name.rsplit(".", 1)
-        model.get_submodule(path).register_buffer(buffer, t.to(device).clone())
+        module = model.get_submodule(path)
+        module.register_buffer(buffer, t.to(module_device(module)).clone())
     for key, value in merged_config(model, family, tensors, offset).items():
         setattr(model.config, key, value)
     start_backbone_from_prompt(model)

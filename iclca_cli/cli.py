@@ -45,11 +45,6 @@ class DType(str, Enum):
     float16 = "float16"
 
 
-class Device(str, Enum):
-    cpu = "cpu"
-    cuda = "cuda"
-
-
 def _version(value: bool):
     if value:
         out.print(f"iclca {__version__}")
@@ -135,6 +130,19 @@ def _allow_pickle_option():
     return typer.Option(False, "--allow-pickle", help="Also load pickled .bin weights (only from a source you trust).")
 
 
+def _device_option():
+    return typer.Option("cpu", "--device", help="Where to run: cpu, cuda, cuda:N or mps.")
+
+
+def _device_map_option():
+    return typer.Option(None, "--device-map", help="auto: accelerate places the layers over the GPUs present and "
+                        "offloads to CPU (then disk) what does not fit; replaces --device.")
+
+
+def _max_memory_option():
+    return typer.Option(None, "--max-memory", help='Limits for --device-map auto, e.g. "0=20GiB,1=20GiB,cpu=64GiB".')
+
+
 def _chat_option():
     return typer.Option(False, "--chat", help="Render the prompt with the tokenizer's chat template: a text file is the "
                         "system message, a .jsonl holds {role, content} messages; in eval each query is a user turn.")
@@ -163,7 +171,9 @@ def convert(
     base_patch: Path = typer.Option(None, "--base-patch", help="Convert on top of this patch (stacking)."),
     dtype: DType = typer.Option(DType.float32, "--dtype", help="Dtype to run the prompt in; the patch stores each "
                                 "tensor as the model computes it (auto: the checkpoint's own dtype)."),
-    device: Device = typer.Option(Device.cpu, "--device", help="Where to run."),
+    device: str = _device_option(),
+    device_map: str = _device_map_option(),
+    max_memory: str = _max_memory_option(),
     chunk_size: int = typer.Option(512, "--chunk-size", min=1, help="Prompt tokens per forward pass."),
     chat: bool = _chat_option(),
     allow_pickle: bool = _allow_pickle_option(),
@@ -176,7 +186,7 @@ def convert(
     _quiet_transformers()
     targets = _convert_targets(prompt_files, out_path, out_dir)
     parent = load_patch(base_patch) if base_patch is not None else None
-    m, tokenizer, fingerprint = load_fingerprinted(model, dtype.value, device.value, allow_pickle)
+    m, tokenizer, fingerprint = load_fingerprinted(model, dtype.value, device, allow_pickle, device_map, max_memory)
     settings = dict(method=method and method.value, order=order, budget=budget, base_patch=parent,
                     chunk_size=chunk_size, fingerprint=fingerprint, chat=chat)
     if out_path is not None:  # one prompt, one patch: its errors are the command's
@@ -333,7 +343,9 @@ def eval_(
     queries_file: Path = typer.Option(..., "--queries", help=".jsonl {input, target} lines, or .txt one query a line."),
     dtype: DType = typer.Option(DType.float32, "--dtype", help="Dtype to run the models in (auto: the checkpoint's "
                                 "own); bfloat16 and float16 also run the prompted model in float32, the yardstick."),
-    device: Device = typer.Option(Device.cpu, "--device", help="Where to run."),
+    device: str = _device_option(),
+    device_map: str = _device_map_option(),
+    max_memory: str = _max_memory_option(),
     max_abs_logit_diff: float = typer.Option(None, "--max-abs-logit-diff", help="Exit 1 if the max |Δlogit| exceeds this."),
     min_top1_agreement: float = typer.Option(None, "--min-top1-agreement", help="Exit 1 if top-1 agreement is below this."),
     chat: bool = _chat_option(),
@@ -356,15 +368,16 @@ def eval_(
     prompt = None if chat else read_prompt(prompt_file)
     queries = read_queries(queries_file)
     patch = load_patch(patch_path) if patch_path is not None else None
-    base, tokenizer, fingerprint = load_fingerprinted(model, dtype.value, device.value, allow_pickle)
+    placement = (device, allow_pickle, device_map, max_memory)
+    base, tokenizer, fingerprint = load_fingerprinted(model, dtype.value, *placement)
     reduced = next(base.parameters()).dtype in (DTYPES["bfloat16"], DTYPES["float16"])
-    float32_base = load_model(model, "float32", device.value, allow_pickle)[0] if reduced else None  # the yardstick
+    float32_base = load_model(model, "float32", *placement)[0] if reduced else None  # the yardstick
     if patch is not None:
         check_patch_fits(patch, base, fingerprint)
         patched = patched_copy(base, patch)
         method, nbytes, element = patch.method, patch.nbytes, DTYPES[patch.dtype].itemsize
     else:
-        patched, method, nbytes, element = load_merged(merged, fingerprint, dtype.value, device.value)
+        patched, method, nbytes, element = load_merged(merged, fingerprint, dtype.value, device, device_map, max_memory)
     with _progress("evaluating") as progress:
         report = evaluate(base, patched, tokenizer, prompt, queries, method, nbytes, element, progress,
                           float32_base=float32_base, chat_messages=messages)

@@ -13,6 +13,7 @@ from collections.abc import Callable
 import torch
 
 from . import chat
+from .devices import input_device
 from .errors import IclcaError
 from .families import family_of
 from .inputs import Query, encode_continuation, encode_prompt
@@ -22,7 +23,7 @@ from .positions import check_positions
 @torch.inference_mode()
 def next_token_logits(model, ids: list[int]) -> torch.Tensor:
     """Logits (T, V) of the model over ids, one pass, no cache."""
-    device = next(model.parameters()).device
+    device = input_device(model)
     return model(input_ids=torch.tensor([ids], device=device), use_cache=False).logits[0]
 
 
@@ -30,7 +31,7 @@ def next_token_logits(model, ids: list[int]) -> torch.Tensor:
 def score_and_continue(model, ids: list[int], n: int, cache=None) -> tuple[torch.Tensor, list[int]]:
     """(logits (T, V) over ids, the n tokens greedy decoding appends to ids): one pass over ids, then one per new
     token, with the model's cache; `cache`, if given, holds tokens that come before ids (a prompt's)."""
-    device = next(model.parameters()).device
+    device = input_device(model)
     res = model(input_ids=torch.tensor([ids], device=device), cache=cache, use_cache=True)
     logits, out = res.logits[0], []
     while len(out) < n:
@@ -56,7 +57,7 @@ class PromptedReference:
         self.cache = None
         if self.reuse:
             with torch.inference_mode():
-                device = next(base.parameters()).device
+                device = input_device(base)
                 self.cache = base(input_ids=torch.tensor([prompt], device=device), use_cache=True,
                                   logits_to_keep=1).cache
 

@@ -11,6 +11,8 @@ from pathlib import Path
 
 import torch
 
+from .devices import materialised
+
 # Config keys that describe how a model was saved or is run, not what it computes.
 _RUNTIME_KEYS = {
     "transformers_version", "architectures", "auto_map", "dtype", "torch_dtype", "use_cache",
@@ -25,7 +27,7 @@ def model_fingerprint(model: torch.nn.Module) -> str:
     config = {k: v for k, v in model.config.to_dict().items() if k not in _RUNTIME_KEYS and not k.startswith("_")}
     h.update(json.dumps(config, sort_keys=True, default=str).encode())
     for name, t in sorted(model.state_dict().items()):
-        t = t.detach().cpu()
+        t = materialised(model, name, t).detach().cpu()  # offloaded weights (--device-map) are read back
         if t.is_floating_point():
             t = t.to(torch.float32)  # float32 weights loaded as float64 keep their fingerprint
         h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())

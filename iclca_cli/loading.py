@@ -8,6 +8,7 @@ from pathlib import Path
 
 import torch
 
+from .devices import offload_folder, parse_max_memory, torch_device
 from .errors import IclcaError
 from .patch import DTYPES
 
@@ -62,14 +63,6 @@ def torch_dtype(name: str) -> torch.dtype | str:
     return DTYPES[name]
 
 
-def torch_device(name: str) -> torch.device:
-    if name == "cuda" and not torch.cuda.is_available():
-        raise IclcaError("--device cuda asked for, but no CUDA device is available", "use --device cpu")
-    if name not in ("cpu", "cuda"):
-        raise IclcaError(f"unsupported device {name!r}", "use --device cpu or --device cuda")
-    return torch.device(name)
-
-
 def register_classes(folder: Path | None) -> None:
     """Register with the Auto classes what this folder needs of iclca's (its family's classes), or everything for a
     hub id, whose config is not read until transformers fetches it."""
@@ -81,13 +74,23 @@ def register_classes(folder: Path | None) -> None:
         merged.register_auto_classes()
 
 
-def load_model(spec: str, dtype: str = "float32", device: str = "cpu", allow_pickle: bool = False):
+def load_model(spec: str, dtype: str = "float32", device: str = "cpu", allow_pickle: bool = False,
+               device_map: str | None = None, max_memory: str | None = None):
     """(model in eval mode, tokenizer) for a model spec; never runs code from the checkpoint. Weights
-    come from safetensors; pickled .bin weights only with allow_pickle (then with torch's weights_only)."""
+    come from safetensors; pickled .bin weights only with allow_pickle (then with torch's weights_only).
+    device_map "auto": accelerate places the layers (devices.py), within max_memory ("0=20GiB,cpu=64GiB")."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     path = resolve_model(spec, allow_pickle)
-    dt, dev = torch_dtype(dtype), torch_device(device)
+    dt = torch_dtype(dtype)
+    dev = torch_device(device) if device_map is None else None
+    placement = {}
+    if device_map is not None:
+        if device_map != "auto":
+            raise IclcaError(f"unsupported --device-map {device_map!r}", "use --device-map auto, or --device")
+        placement = {"device_map": "auto", "max_memory": parse_max_memory(max_memory), "offload_folder": offload_folder()}
+    elif max_memory:
+        raise IclcaError("--max-memory limits --device-map auto's placement", "add --device-map auto, or drop --max-memory")
     local = Path(path).is_dir()
     register_classes(Path(path) if local else None)
     use_safetensors = not (local and allow_pickle and not _has_safetensors(Path(path)))
@@ -95,20 +98,21 @@ def load_model(spec: str, dtype: str = "float32", device: str = "cpu", allow_pic
         # mixture-of-experts layers: torch's grouped matmul takes no float64, the eager loop over experts does
         experts = {"experts_implementation": "eager"} if dt == torch.float64 else {}
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dt, use_safetensors=use_safetensors,
-                                                     trust_remote_code=False, **experts)
+                                                     trust_remote_code=False, **experts, **placement)
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
     except (OSError, ValueError, KeyError) as e:
         raise IclcaError(
             f"cannot load model {spec!r}: {str(e).splitlines()[0][:200]}",
             f"pass a local checkpoint folder or a built-in model ({', '.join(builtin_models())}); hub ids need the network",
         ) from e
-    return model.to(dev).eval(), tokenizer
+    return (model.to(dev) if dev is not None else model).eval(), tokenizer
 
 
-def load_fingerprinted(spec: str, dtype: str = "float32", device: str = "cpu", allow_pickle: bool = False):
+def load_fingerprinted(spec: str, dtype: str = "float32", device: str = "cpu", allow_pickle: bool = False,
+                       device_map: str | None = None, max_memory: str | None = None):
     """(model, tokenizer, fingerprint): load_model, and the model's fingerprint from the cache kept per checkpoint
     folder (fingerprint.folder_fingerprint)."""
     from .fingerprint import folder_fingerprint
 
-    model, tokenizer = load_model(spec, dtype, device, allow_pickle)
+    model, tokenizer = load_model(spec, dtype, device, allow_pickle, device_map, max_memory)
     return model, tokenizer, folder_fingerprint(model, resolve_model(spec, allow_pickle))

@@ -116,7 +116,8 @@ def read_provenance(folder: str | Path) -> dict[str, str] | None:
     return json.loads(p.read_text()) if p.is_file() else None
 
 
-def load_merged(folder: str | Path, base_fingerprint: str, dtype: str = "float32", device: str = "cpu"):
+def load_merged(folder: str | Path, base_fingerprint: str, dtype: str = "float32", device: str = "cpu",
+                device_map: str | None = None, max_memory: str | None = None):
     """(merged model, method, patch bytes, bytes per element of the model's dtype) of a folder written by merge_patch,
     refused unless it was merged from the base model with `base_fingerprint`."""
     from .loading import load_model
@@ -132,5 +133,5 @@ def load_merged(folder: str | Path, base_fingerprint: str, dtype: str = "float32
                          "pass --merged DIR from `iclca merge`") from e
     if made_from != base_fingerprint:
         raise IclcaError(f"merged folder {folder} was made from another base model", "pass the --model it was merged from")
-    model, _ = load_model(str(folder), dtype, device)
+    model, _ = load_model(str(folder), dtype, device, device_map=device_map, max_memory=max_memory)
     return model, method, nbytes, element

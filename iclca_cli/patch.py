@@ -14,6 +14,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save
 
 from . import __version__
+from .devices import shared_memo
 from .errors import IclcaError
 from .families import KIND_METHODS, Family, family_of
 from .positions import check_positions
@@ -240,8 +241,7 @@ def patched_copy(model: torch.nn.Module, patch: Patch) -> torch.nn.Module:
 
 def shared_copy(model: torch.nn.Module) -> torch.nn.Module:
     """A copy of `model` that shares its parameters (see patched_copy), to patch without touching `model`."""
-    shared = family_of(model).shares_weights
-    return copy.deepcopy(model, memo={id(p): p for p in model.parameters()} if shared else None)
+    return copy.deepcopy(model, memo=shared_memo(model) if family_of(model).shares_weights else None)
 
 
 @torch.no_grad()

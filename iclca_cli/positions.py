@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .devices import materialised, module_device
 from .errors import IclcaError
 from .families import Family
 from .models.patched_decoder import shift_rotary
@@ -52,8 +53,9 @@ def start_queries_at(model, family: Family, offset: int) -> None:
     elif family.positions == "learned":
         table = position_table(model, family)
         n, d = table.weight.shape
-        shifted = nn.Embedding(n - offset, d, device=table.weight.device, dtype=table.weight.dtype)
-        shifted.weight.copy_(table.weight[offset:])  # row i = position offset + i
+        device = module_device(table)  # an offloaded table (--device-map) is read back where it computes
+        shifted = nn.Embedding(n - offset, d, device=device, dtype=table.weight.dtype)
+        shifted.weight.copy_(materialised(table, "weight", table.weight)[offset:])  # row i = position offset + i
         parent, name = family.position_table.rsplit(".", 1)
         setattr(model.get_submodule(parent), name, shifted)
         model.config.max_position_embeddings = n - offset

@@ -12,14 +12,15 @@ have, and putting a patch on a model.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterator
 from contextlib import contextmanager
-import dataclasses
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
+from .devices import input_device, module_device
 from .errors import IclcaError
 from .families import SOFTMAX_KINDS, Family
 from .ops import compress
@@ -132,7 +133,7 @@ def convert_softmax(model, family: Family, prompt_ids: list[int], method: str, b
                     order: int = 2) -> dict[str, torch.Tensor]:
     """Patch tensors '<attention module path>.<buffer>' of the prompt for every softmax layer."""
     check_method_arguments(method, budget, order)
-    device = next(model.parameters()).device
+    device = input_device(model)
     with capture_prompt_kv(model, attention_modules(model, family), with_queries=method == "compressed") as captured:
         model.base_model(input_ids=torch.tensor([prompt_ids], device=device), use_cache=False)
     return {f"{name}.{buffer}": t for name, c in captured.items()
@@ -167,7 +168,8 @@ def register_patch_buffers(model: nn.Module, tensors: dict[str, torch.Tensor]) -
     dtype = next(model.parameters()).dtype
     for name, t in tensors.items():
         path, buffer = name.rsplit(".", 1)
-        model.get_submodule(path).register_buffer(buffer, t.to(dtype).clone())
+        module = model.get_submodule(path)
+        module.register_buffer(buffer, t.to(device=module_device(module), dtype=dtype).clone())
 
 
 def merged_config(model, family: Family, tensors: dict[str, torch.Tensor], offset: int) -> dict:
