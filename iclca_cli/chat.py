@@ -5,11 +5,10 @@ exactly, as the model would read it in one piece."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from .errors import IclcaError
-from .inputs import read_prompt
+from .inputs import jsonl_lines, read_prompt
 
 ROLES = ("system", "user", "assistant")
 
@@ -20,13 +19,7 @@ def read_messages(path: str | Path) -> list[dict]:
     if not str(path).endswith(".jsonl"):
         return [{"role": "system", "content": text}]
     messages = []
-    for n, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise IclcaError(f"{path} line {n} is not valid JSON: {e.msg}", 'each line is {"role": "user", "content": "..."}') from e
+    for n, obj in jsonl_lines(path, text, 'each line is {"role": "user", "content": "..."}'):
         if not isinstance(obj, dict) or obj.get("role") not in ROLES or not isinstance(obj.get("content"), str):
             raise IclcaError(f"{path} line {n} is not a message",
                              f'each line is {{"role": ..., "content": "..."}} with role {", ".join(ROLES)}')

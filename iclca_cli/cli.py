@@ -349,6 +349,9 @@ def eval_(
     max_abs_logit_diff: float = typer.Option(None, "--max-abs-logit-diff", help="Exit 1 if the max |Δlogit| exceeds this."),
     min_top1_agreement: float = typer.Option(None, "--min-top1-agreement", help="Exit 1 if top-1 agreement is below this."),
     chat: bool = _chat_option(),
+    one_pass: bool = typer.Option(False, "--one-pass", help="Run the prompted model over prompt + query in one pass "
+                                  "per query (slower), not on from a copy of the prompt's cache: the strictest "
+                                  "reference, which rounds differently in reduced precision."),
     allow_pickle: bool = _allow_pickle_option(),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
 ):
@@ -380,7 +383,7 @@ def eval_(
         patched, method, nbytes, element = load_merged(merged, fingerprint, dtype.value, device, device_map, max_memory)
     with _progress("evaluating") as progress:
         report = evaluate(base, patched, tokenizer, prompt, queries, method, nbytes, element, progress,
-                          float32_base=float32_base, chat_messages=messages)
+                          float32_base=float32_base, chat_messages=messages, reuse_cache=False if one_pass else None)
     _emit(as_json, report, "iclca eval")
     missed = []
     if max_abs_logit_diff is not None and report["max_abs_logit_diff"] > max_abs_logit_diff:

@@ -80,6 +80,13 @@ def prompt_kv_bytes(config, n_tokens: int, element_size: int) -> int:
     return 2 * config.num_hidden_layers * n_tokens * kv_heads * head_dim * element_size
 
 
+def top1_agrees(reference: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
+    """(T,) bool: other's top-1 token is a top-1 token of reference (an exact tie at the top, common in bfloat16,
+    lets either token count). (T, V), (T, V)"""
+    picked = reference.gather(-1, other.argmax(-1, keepdim=True)).squeeze(-1)  # (T,)
+    return picked == reference.amax(-1)
+
+
 def kl_divergence(p_logits: torch.Tensor, q_logits: torch.Tensor) -> torch.Tensor:
     """KL(p || q) per row, in float64. (T, V), (T, V) -> (T,)"""
     lp = torch.log_softmax(p_logits.double(), -1)
@@ -132,7 +139,7 @@ def evaluate(
     prompted = PromptedReference(base, prompt, reuse_cache)
     prompted_s, patched_s = time.perf_counter() - t0, 0.0  # the prompt's one read counts once
     prompted32 = PromptedReference(float32_base, prompt, reuse_cache) if float32_base is not None else None
-    yardstick = 0.0
+    yardstick, agree32 = 0.0, 0
     for n, (q_ids, t_ids) in enumerate(encoded, start=1):
         t0 = time.perf_counter()
         k = len(t_ids or [])  # greedy tokens: the target's length
@@ -146,10 +153,11 @@ def evaluate(
         if prompted32 is not None:
             reference = prompted32.run(q_ids, 0)[0]  # (Tq, V) float32
             yardstick = max(yardstick, float((prompted_logits.float() - reference).abs().max()))
+            agree32 += int(top1_agrees(reference, prompted_logits.float()).sum())
         max_diff = max(max_diff, float((prompted_logits.float() - patched_logits.float()).abs().max()))
         kl_patched += float(kl_divergence(prompted_logits, patched_logits).sum())
         kl_base += float(kl_divergence(prompted_logits, base_logits).sum())
-        agree += int((prompted_logits.argmax(-1) == patched_logits.argmax(-1)).sum())
+        agree += int(top1_agrees(prompted_logits, patched_logits).sum())
         positions += len(q_ids)
         if t_ids is not None:
             with_target += 1
@@ -174,6 +182,7 @@ def evaluate(
         report["precision"] = {
             "dtype": str(next(base.parameters()).dtype).removeprefix("torch."),
             "prompted_vs_float32_max_abs_logit_diff": yardstick,
+            "prompted_vs_float32_top1_agreement": agree32 / positions,
             "max_abs_logit_diff_over_yardstick": max_diff / yardstick if yardstick else float("inf"),
         }
     report["timing"] = {"prompted_s": prompted_s, "patched_s": patched_s}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -46,13 +47,7 @@ def read_queries(path: str | Path) -> list[Query]:
     text = read_text(path, "queries")
     queries = []
     if str(path).endswith(".jsonl"):
-        for n, line in enumerate(text.splitlines(), start=1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise IclcaError(f"{path} line {n} is not valid JSON: {e.msg}", 'each line is {"input": "...", "target": "..."}') from e
+        for n, obj in jsonl_lines(path, text, 'each line is {"input": "...", "target": "..."}'):
             if not isinstance(obj, dict) or not isinstance(obj.get("input"), str):
                 raise IclcaError(f'{path} line {n} has no string "input"', 'each line is {"input": "...", "target": "..."}')
             target = obj.get("target")
@@ -64,6 +59,17 @@ def read_queries(path: str | Path) -> list[Query]:
     if not queries:
         raise IclcaError(f"queries file {path} holds no query", 'write one query per line, or {"input": ...} lines in .jsonl')
     return queries
+
+
+def jsonl_lines(path: str | Path, text: str, hint: str) -> Iterator[tuple[int, object]]:
+    """(line number, parsed JSON) for each non-blank line of a .jsonl file's text; an IclcaError at the first line
+    that is not JSON."""
+    for n, line in enumerate(text.splitlines(), start=1):
+        if line.strip():
+            try:
+                yield n, json.loads(line)
+            except json.JSONDecodeError as e:
+                raise IclcaError(f"{path} line {n} is not valid JSON: {e.msg}", hint) from e
 
 
 def encode_prompt(tokenizer, text: str) -> list[int]:

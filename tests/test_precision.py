@@ -85,3 +85,47 @@ def test_dtype_auto_runs_in_the_checkpoints_own_dtype(cli, tmp_path):
     res = cli("convert", tmp_path / "prompt.txt", "-m", folder, "-o", tmp_path / "p.st", "--dtype", "auto")
     assert res.exit_code == 0, res.stderr
     assert one_json(cli("inspect", tmp_path / "p.st", "--json"))["iclca.dtype"] == "bfloat16"
+
+
+def test_top1_agreement_counts_an_exact_tie_at_the_top_either_way():
+    from iclca_cli.evaluate import top1_agrees
+
+    reference = torch.tensor([[1.0, 3.0, 3.0, 0.0], [1.0, 3.0, 2.0, 0.0]])  # a tie at the top, then none
+    assert top1_agrees(reference, torch.tensor([[0.0, 0.0, 1.0, 0.0], [0.0, 0.0, 1.0, 0.0]])).tolist() == [True, False]
+    assert top1_agrees(reference, reference).all()
+
+
+def test_a_summary_in_bfloat16_takes_its_softmax_in_float32():
+    """As sdpa's kernels do: bfloat16 scores and weights would round the summary's share of attention. The bfloat16
+    result is the float32 computation on the same (bfloat16) numbers, rounded once at the end."""
+    from torch import nn
+
+    from iclca_cli.ops.softmax_attention import patched_attention
+
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 4, 5, 16, generator=g).to(torch.bfloat16) * 3 for _ in range(3))  # (B, H, T, D)
+    module = nn.Module().eval()
+    module.register_buffer("prefix_keys", (torch.randn(4, 30, 16, generator=g) * 3).to(torch.bfloat16))  # (Hkv, R, D)
+    module.register_buffer("prefix_values", torch.randn(4, 30, 16, generator=g).to(torch.bfloat16))
+    module.register_buffer("prefix_bias", torch.rand(4, 30, generator=g).log().to(torch.bfloat16))  # (Hkv, R)
+    out16, _ = patched_attention(module, q, k, v, None)
+    module32 = nn.Module().eval()
+    for name in ("prefix_keys", "prefix_values", "prefix_bias"):
+        module32.register_buffer(name, getattr(module, name).float())
+    out32, _ = patched_attention(module32, q.float(), k.float(), v.float(), None)
+    assert out16.dtype == torch.bfloat16 and torch.equal(out16, out32.to(torch.bfloat16))
+
+
+def test_a_prefix_in_bfloat16_computes_as_the_stock_model_continuing_from_its_cache():
+    """A prefix is a cache: iclca's attention runs sdpa over [prefix; query] as the stock model does over its cache,
+    so in bfloat16 the two round alike (the difference is far below the bfloat16 yardstick)."""
+    model = make_decoder("Llama", torch.float32, 72)
+    bf16 = copy.deepcopy(model).to(torch.bfloat16)
+    ids = [i + 3 for i in random_ids(P + Q, 94, 6)]
+    _, patch = convert(bf16, ids[:P])
+    with torch.no_grad():
+        cache = bf16(input_ids=torch.tensor([ids[:P]]), use_cache=True).cache
+        continued = bf16(input_ids=torch.tensor([ids[P:]]), cache=cache).logits[0].float()
+    patched = logits(patched_copy(bf16, patch), ids[P:]).float()
+    yardstick = (logits(bf16, ids)[P:].float() - logits(model, ids)[P:]).abs().max()
+    assert (patched - continued).abs().max() <= yardstick / 10

@@ -98,6 +98,12 @@ def patched_attention(module, query, key, value, attention_mask, scaling=None, d
             query, key, value, attn_mask=mask, dropout_p=dropout, scale=scaling, is_causal=mask is None and Tq > 1,
             enable_gqa=key.shape[1] != H)  # (B, H, Tq, D)
         return out.transpose(1, 2).contiguous(), None
+    dtype = query.dtype
+    reduced = dtype in (torch.bfloat16, torch.float16)
+    if reduced and hasattr(module, "prefix_keys") and not hasattr(module, "prefix_bias") and softcap is None:
+        return _prefix_sdpa(module, query, key, value, mask, scaling, dropout, sliding_window, position_ids), None
+    if reduced:  # scores and softmax in float32, as sdpa's and flash kernels do
+        query, key, value = query.float(), key.float(), value.float()
     key, value = _heads(key, H), _heads(value, H)  # (B, H, Tk, D)
     scores = soft_cap((query @ key.transpose(-1, -2)) * scaling, softcap)  # (B, H, Tq, Tk)
     if mask is None and Tq > 1:  # no padding: transformers leaves causality to us
@@ -132,7 +138,36 @@ def patched_attention(module, query, key, value, attention_mask, scaling=None, d
         out = num / den
     else:  # soft-capped scores and no patch (capture of a Gemma 2 prompt): eager attention
         out = nn.functional.dropout(torch.softmax(scores, dim=-1), p=dropout) @ value  # (B, H, Tq, D)
-    return out.transpose(1, 2).contiguous(), None  # (B, Tq, H, D)
+    return out.to(dtype).transpose(1, 2).contiguous(), None  # (B, Tq, H, D)
+
+
+def _prefix_sdpa(module, query, key, value, mask, scaling, dropout, sliding_window, position_ids) -> torch.Tensor:
+    """A prefix's keys and values are what a cache of the prompt holds: sdpa over [prefix; the query's own], as the
+    stock model computes attention continuing from its cache (same kernel, same rounding in bfloat16, where the
+    rounding of separate score and softmax steps would swap near-tied top tokens; float32 and float64 keep the
+    explicit form, exact to their precision). -> (B, Tq, H, D)"""
+    B, H, Tq, _ = query.shape
+    Tk = key.shape[-2]
+    pk = module.prefix_keys.to(key.dtype).expand(B, -1, -1, -1)  # (B, Hkv, R, D)
+    pv = module.prefix_values.to(value.dtype).expand(B, -1, -1, -1)
+    R = pk.shape[-2]
+    if mask is None and Tq > 1:
+        mask = causal_mask(Tq, Tk, None, query.device)  # (Tq, Tk)
+    seen = (window_mask(position_ids, R, sliding_window) if sliding_window is not None
+            else torch.ones(1, 1, Tq, R, dtype=torch.bool, device=query.device))  # (B or 1, 1, Tq, R)
+    if mask is None and sliding_window is None:
+        full = None
+    else:
+        own = torch.ones(Tq, Tk, dtype=torch.bool, device=query.device) if mask is None else mask
+        own = own.view(1, 1, Tq, Tk) if own.dim() == 2 else own  # (B or 1, 1, Tq, Tk)
+        lead = torch.broadcast_shapes(own.shape[:2], seen.shape[:2])
+        if own.dtype != torch.bool:  # an additive float mask
+            seen = torch.zeros(seen.shape, dtype=own.dtype, device=own.device).masked_fill(~seen, torch.finfo(own.dtype).min)
+        full = torch.cat([seen.expand(*lead, Tq, R), own.expand(*lead, Tq, Tk)], dim=-1)  # (B, 1, Tq, R + Tk)
+    out = nn.functional.scaled_dot_product_attention(
+        query, torch.cat([pk, key], dim=-2), torch.cat([pv, value], dim=-2), attn_mask=full, dropout_p=dropout,
+        scale=scaling, enable_gqa=key.shape[1] != H)  # (B, H, Tq, D)
+    return out.transpose(1, 2).contiguous()
 
 
 def patched_attention_reference(query, key, value, prompt_keys, prompt_values, scaling, prompt_bias=None, softcap=None,
