@@ -183,7 +183,8 @@ def evaluate(
             "dtype": str(next(base.parameters()).dtype).removeprefix("torch."),
             "prompted_vs_float32_max_abs_logit_diff": yardstick,
             "prompted_vs_float32_top1_agreement": agree32 / positions,
-            "max_abs_logit_diff_over_yardstick": max_diff / yardstick if yardstick else float("inf"),
+            # a yardstick of 0 (a model the dtype cannot change) leaves the ratio undefined unless both are 0
+            "max_abs_logit_diff_over_yardstick": max_diff / yardstick if yardstick else (0.0 if max_diff == 0 else None),
         }
     report["timing"] = {"prompted_s": prompted_s, "patched_s": patched_s}
     report["sizes"] = {"patch_bytes": patch_bytes, "prompt_kv_bytes": prompt_kv_bytes(base.config, P, patch_element_size)}
