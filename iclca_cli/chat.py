@@ -50,9 +50,10 @@ def prompt_ids(tokenizer, messages: list[dict]) -> tuple[str, list[int]]:
     return text, _ids(tokenizer, text)
 
 
-def query_ids(tokenizer, messages: list[dict], query: str) -> list[int]:
-    """The tokens a user turn `query` and the generation prompt add to the conversation `messages`."""
-    head = _ids(tokenizer, render(tokenizer, messages))
+def query_ids(tokenizer, messages: list[dict], query: str, head: list[int] | None = None) -> list[int]:
+    """The tokens a user turn `query` and the generation prompt add to the conversation `messages` (whose ids, from
+    prompt_ids, the caller may pass as `head`, so that many queries render and tokenize the prompt once)."""
+    head = prompt_ids(tokenizer, messages)[1] if head is None else head
     whole = _ids(tokenizer, render(tokenizer, [*messages, {"role": "user", "content": query}], add_generation_prompt=True))
     if whole[:len(head)] != head:
         raise IclcaError("this chat template renders the prompt differently once a user turn follows it",

@@ -256,7 +256,7 @@ def _convert_one(m, tokenizer, prompt_file: Path, out: Path, method, order, budg
                  chat=False, progress=None) -> dict:
     """Convert one prompt file into `out`, or keep `out` if it already holds this patch; one row of the report."""
     from . import chat as chats
-    from .convert import convert_prompt, describe_patch, sha256_text
+    from .convert import describe_patch, fill_patch, sha256_text
     from .inputs import encode_prompt, read_prompt
     from .patch import read_header, save_patch, shared_copy
 
@@ -271,8 +271,7 @@ def _convert_one(m, tokenizer, prompt_file: Path, out: Path, method, order, budg
         status, file_bytes, tensors = "skipped", out.stat().st_size, existing[1]
     else:  # a base patch is applied in place: convert on a copy, so the next prompt starts from the plain model
         model = shared_copy(m) if base_patch is not None else m
-        patch = convert_prompt(model, ids, header.prompt_sha256, method, order, base_patch, chunk_size, progress,
-                               budget, fingerprint)
+        patch = fill_patch(model, header, ids, base_patch, chunk_size, progress)
         status, file_bytes, tensors = "converted", save_patch(patch, out), len(patch.tensors)
     return {"prompt": str(prompt_file), "patch": str(out), "status": status, "method": header.method,
             "prompt_tokens": header.prompt_tokens, "position_offset": header.position_offset, "tensors": tensors,

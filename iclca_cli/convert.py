@@ -10,7 +10,7 @@ from .cache_layers import Progress
 from .errors import IclcaError
 from .families import family_of
 from .fingerprint import model_fingerprint
-from .patch import Patch, apply_patch, check_method, check_patch_fits
+from .patch import Patch, apply_patch, check_method, check_patch_fits, model_dtype_name
 from .positions import check_positions
 
 
@@ -40,7 +40,15 @@ def convert_prompt(
     the patch of the concatenated prompts. The base patch is applied to `model` in place (pass a copy to keep it
     plain). `fingerprint`: the model's, when the caller knows it (model_fingerprint reads every weight)."""
     patch = describe_patch(model, prompt_ids, prompt_sha256, method, order, base_patch, budget, fingerprint)
+    return fill_patch(model, patch, prompt_ids, base_patch, chunk_size, progress)
+
+
+def fill_patch(model, patch: Patch, prompt_ids: list[int], base_patch: Patch | None = None, chunk_size: int = 512,
+               progress: Progress | None = None) -> Patch:
+    """The tensors of a patch describe_patch made for these prompt ids (its method, budget and order), computed by
+    running the prompt through `model` (from `base_patch`, applied in place, if given); returns `patch`."""
     method, family = patch.method, family_of(model)
+    budget, order = int(patch.extra.get("budget", 0)), int(patch.extra.get("taylor_order", 2))
     if base_patch is not None:
         apply_patch(model, base_patch)
     if family.positions == "cache":
@@ -92,7 +100,7 @@ def describe_patch(
         prompt_tokens=start + len(prompt_ids),
         position_offset=start + len(prompt_ids),
         extra=extra,
-        model_dtype=str(next(model.parameters()).dtype).removeprefix("torch."),
+        model_dtype=model_dtype_name(model),
     )
 
 

@@ -17,6 +17,7 @@ from .devices import input_device
 from .errors import IclcaError
 from .families import family_of
 from .inputs import Query, encode_continuation, encode_prompt
+from .patch import model_dtype_name
 from .positions import check_positions
 
 
@@ -115,7 +116,7 @@ def evaluate(
     conversation's start (chat.py; prompt_text is then unused), each query a user turn."""
     if chat_messages is not None:
         prompt = chat.prompt_ids(tokenizer, chat_messages)[1]
-        encode_query = lambda text: chat.query_ids(tokenizer, chat_messages, text)  # noqa: E731
+        encode_query = lambda text: chat.query_ids(tokenizer, chat_messages, text, prompt)  # noqa: E731
     else:
         prompt = encode_prompt(tokenizer, prompt_text)
         encode_query = lambda text: encode_continuation(tokenizer, text)  # noqa: E731
@@ -180,7 +181,7 @@ def evaluate(
         report["accuracy"] = {k: v / with_target for k, v in correct.items()}
     if prompted32 is not None:
         report["precision"] = {
-            "dtype": str(next(base.parameters()).dtype).removeprefix("torch."),
+            "dtype": model_dtype_name(base),
             "prompted_vs_float32_max_abs_logit_diff": yardstick,
             "prompted_vs_float32_top1_agreement": agree32 / positions,
             # a yardstick of 0 (a model the dtype cannot change) leaves the ratio undefined unless both are 0

@@ -107,6 +107,11 @@ def canonical_safetensors(tensors: dict[str, torch.Tensor], metadata: dict[str, 
     return len(header).to_bytes(8, "little") + header + raw[8 + n :]
 
 
+def model_dtype_name(model: torch.nn.Module) -> str:
+    """The dtype a model computes in, as patches name it: "bfloat16"."""
+    return str(next(model.parameters()).dtype).removeprefix("torch.")
+
+
 def read_header(path: str | Path) -> tuple[dict[str, str], int] | None:
     """(metadata, number of tensors) of a readable safetensors file, reading only its header; else None."""
     try:
@@ -202,7 +207,7 @@ def check_patch_fits(patch: Patch, model: torch.nn.Module, fingerprint: str, pat
             "use the model the patch was converted with",
         )
     family = check_method(model, patch.method)
-    model_dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
+    model_dtype = model_dtype_name(model)
     lossy = {patch.dtype, model_dtype} & {"bfloat16", "float16"}  # weights rounded to another precision differ
     if patch.base_fingerprint != fingerprint and patch.dtype != model_dtype and lossy:
         raise IclcaError(f"{patch_name} was converted in {patch.dtype}, this model runs in {model_dtype}",
