@@ -17,11 +17,10 @@ import json
 import platform
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import torch
-from common import ROOT, markdown_table, patched_by, random_gpt2, random_ids, random_linear, tiny_recurrent
+from common import ROOT, best_of, markdown_table, patched_by, random_gpt2, random_ids, random_linear, tiny_recurrent
 
 from iclca_cli.evaluate import greedy_continuation as greedy
 from iclca_cli.patch import apply_patch
@@ -39,17 +38,6 @@ def linear_model():
 
 def gpt2_model(quick: bool):
     return random_gpt2(2 if quick else 12)
-
-
-def best_of(fns: dict, repeats: int) -> dict:
-    """Minimum seconds of each callable, timed interleaved."""
-    best = dict.fromkeys(fns, float("inf"))
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            t0 = time.perf_counter()
-            fn()
-            best[name] = min(best[name], time.perf_counter() - t0)
-    return best
 
 
 @torch.no_grad()

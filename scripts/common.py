@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -70,6 +71,20 @@ def patched_by(model, prompt_ids: list[int], name: str, chunk_size: int = 512):
     patch = convert_prompt(copy.deepcopy(model), prompt_ids, "-", method, kw.get("order", 2), chunk_size=chunk_size,
                            budget=kw.get("budget", 0))
     return patched_copy(model, patch), patch
+
+
+def best_of(fns: dict, repeats: int, device: torch.device | None = None) -> dict:
+    """Minimum seconds of each callable, timed interleaved; on a CUDA device, synchronised around each call."""
+    sync = torch.cuda.synchronize if device is not None and device.type == "cuda" else (lambda *a: None)
+    best = dict.fromkeys(fns, float("inf"))
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            sync(device)
+            t0 = time.perf_counter()
+            fn()
+            sync(device)
+            best[name] = min(best[name], time.perf_counter() - t0)
+    return best
 
 
 def markdown_table(header: list[str], rows: list[list]) -> str:

@@ -22,11 +22,10 @@ import json
 import platform
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import torch
-from common import (ROOT, markdown_table, number, patched_by, random_decoder, random_gpt2, random_ids, random_linear,
+from common import (ROOT, best_of, markdown_table, number, patched_by, random_decoder, random_gpt2, random_ids, random_linear,
                     tiny_recurrent)
 
 from iclca_cli.convert import convert_prompt
@@ -47,11 +46,6 @@ FAMILIES = {
     "qwen3_next": lambda: tiny_recurrent("qwen3_next", torch.float64, 88),
     "falcon_h1": lambda: tiny_recurrent("falcon_h1", torch.float64, 82),
 }
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 @torch.no_grad()
@@ -97,18 +91,6 @@ def cli_rows(device: torch.device, tmp: Path) -> list[dict]:
         rows.append({"model": model, "max_abs_logit_diff": report["max_abs_logit_diff"],
                      "accuracy": report["accuracy"], "holds": report["accuracy"]["patched"] == report["accuracy"]["prompted"]})
     return rows
-
-
-def best_of(fns: dict, repeats: int, device: torch.device) -> dict:
-    best = dict.fromkeys(fns, float("inf"))
-    for _ in range(repeats):
-        for k, fn in fns.items():
-            sync(device)
-            t0 = time.perf_counter()
-            fn()
-            sync(device)
-            best[k] = min(best[k], time.perf_counter() - t0)
-    return best
 
 
 @torch.no_grad()
