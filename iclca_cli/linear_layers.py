@@ -13,6 +13,7 @@ from .cache_layers import Progress, run_prompt
 from .families import LINEAR_KINDS, Family
 from .positions import start_queries_at
 
+
 def linear_layers(model, family: Family) -> dict[int, str]:
     """Layer index -> module path of every linear-attention layer."""
     kinds = family.layer_kinds(model.config)

@@ -127,7 +127,7 @@ def load_merged(folder: str | Path, base_fingerprint: str, dtype: str = "float32
         provenance = read_provenance(folder)
         method, element = provenance["iclca.method"], DTYPES[provenance["iclca.dtype"]].itemsize
         made_from = provenance["iclca.base_fingerprint"]
-        nbytes = sum(math.prod(shape) * DTYPES[dtype].itemsize for shape, dtype in provenance["tensors"].values())
+        nbytes = sum(math.prod(shape) * DTYPES[kind].itemsize for shape, kind in provenance["tensors"].values())
     except (TypeError, KeyError, ValueError, AttributeError) as e:
         raise IclcaError(f"{folder} has no readable {PROVENANCE_FILE}: not a folder written by `iclca merge`",
                          "pass --merged DIR from `iclca merge`") from e

@@ -4,6 +4,7 @@ and markdown tables. (Importing this puts the repository first on sys.path, so a
 from __future__ import annotations
 
 import copy
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -71,6 +72,12 @@ def patched_by(model, prompt_ids: list[int], name: str, chunk_size: int = 512):
     patch = convert_prompt(copy.deepcopy(model), prompt_ids, "-", method, kw.get("order", 2), chunk_size=chunk_size,
                            budget=kw.get("budget", 0))
     return patched_copy(model, patch), patch
+
+
+def cli(*args) -> str:
+    """stdout of `iclca ARGS` in a fresh process (as a user runs it: start-up and model load included)."""
+    return subprocess.run([sys.executable, "-m", "iclca_cli.cli", *map(str, args)], capture_output=True, text=True,
+                          check=True, cwd=ROOT).stdout
 
 
 def best_of(fns: dict, repeats: int, device: torch.device | None = None) -> dict:

@@ -20,13 +20,12 @@ import argparse
 import copy
 import json
 import platform
-import subprocess
 import sys
 from pathlib import Path
 
 import torch
-from common import (ROOT, best_of, markdown_table, number, patched_by, random_decoder, random_gpt2, random_ids, random_linear,
-                    tiny_recurrent)
+from common import (ROOT, best_of, cli, markdown_table, number, patched_by, random_decoder, random_gpt2, random_ids,
+                    random_linear, tiny_recurrent)
 
 from iclca_cli.convert import convert_prompt
 from iclca_cli.evaluate import greedy_continuation, top1_agrees
@@ -83,10 +82,8 @@ def cli_rows(device: torch.device, tmp: Path) -> list[dict]:
     prompt, queries = ROOT / "configs/examples/recall-prompt.txt", ROOT / "configs/examples/recall-queries.jsonl"
     rows = []
     for model in ("demo-gpt2", "demo-mamba2"):
-        run = lambda *a: subprocess.run([sys.executable, "-m", "iclca_cli.cli", *map(str, a)], capture_output=True,  # noqa: E731
-                                        text=True, check=True, cwd=ROOT).stdout
-        run("convert", prompt, "-m", model, "-o", tmp / f"{model}.st", "--device", str(device))
-        report = json.loads(run("eval", "-m", model, "-p", tmp / f"{model}.st", "--prompt", prompt, "--queries",
+        cli("convert", prompt, "-m", model, "-o", tmp / f"{model}.st", "--device", str(device))
+        report = json.loads(cli("eval", "-m", model, "-p", tmp / f"{model}.st", "--prompt", prompt, "--queries",
                                 queries, "--device", str(device), "--json"))
         rows.append({"model": model, "max_abs_logit_diff": report["max_abs_logit_diff"],
                      "accuracy": report["accuracy"], "holds": report["accuracy"]["patched"] == report["accuracy"]["prompted"]})

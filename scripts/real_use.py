@@ -21,14 +21,13 @@ from __future__ import annotations
 import argparse
 import json
 import random
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
-from common import ROOT, markdown_table, number
+from common import ROOT, cli, markdown_table, number
 from real_model import DEFAULT_FOLDER, NAMES, smollm2_folder
 
 from iclca_cli import chat
@@ -52,11 +51,6 @@ def facts_prompt(n_facts: int, n_queries: int, seed: int) -> tuple[str, list[Que
     facts = [(p, rng.choice(CITIES), rng.choice(JOBS)) for p in people]
     text = "".join(f"{p} lives in {c} and works as a {j}.\n" for p, c, j in facts)
     return text, [Query(f"{p} lives in", f" {c}") for p, c, _ in facts[:n_queries]]
-
-
-def cli(*args) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "iclca_cli.cli", *map(str, args)], capture_output=True, text=True,
-                          check=True, cwd=ROOT)
 
 
 def tiny_llama(folder: Path) -> Path:
@@ -90,7 +84,7 @@ def bfloat16_rows(tmp: Path, smollm2: Path, quick: bool) -> list[dict]:
     for name, (model, prompt, queries_file) in cases.items():
         cli("convert", prompt, "-m", model, "-o", tmp / "bf16.st", "--dtype", "bfloat16")
         report = json.loads(cli("eval", "-m", model, "-p", tmp / "bf16.st", "--prompt", prompt, "--queries",
-                                queries_file, "--dtype", "bfloat16", "--json").stdout)
+                                queries_file, "--dtype", "bfloat16", "--json"))
         p = report["precision"]
         # eval's prompted model continues from the prompt's cache, as a server would; also against one pass over
         # prompt + query, which rounds differently in bfloat16
