@@ -35,6 +35,7 @@ class Method(str, Enum):
     prefix = "prefix"
     taylor = "taylor"
     compressed = "compressed"
+    evict = "evict"
 
 
 class DType(str, Enum):
@@ -164,10 +165,18 @@ def convert(
                                  "rerun resumes."),
     method: Method = typer.Option(
         None, "--method", help="exact (linear-attention layers, exact), prefix (softmax attention, exact), compressed "
-        "(softmax, constant size, approximate), taylor (softmax, constant size, approximate). Default: exact for "
+        "(softmax, constant size, approximate, fitted), evict (softmax, constant size, the most attended entries kept: "
+        "a baseline), taylor (softmax, constant size, approximate). Default: exact for "
         "linear-attention models, else prefix."),
     order: int = typer.Option(2, "--order", min=1, max=2, help="Taylor order (method taylor)."),
-    budget: int = typer.Option(0, "--budget", min=0, help="Entries per layer and key/value head (method compressed)."),
+    budget: int = typer.Option(0, "--budget", min=0, help="Entries per layer and key/value head (methods compressed, "
+                               "evict; compressed: on average, see --split)."),
+    reference: str = typer.Option("repeat", "--reference", help="compressed: the queries a summary is fitted to: the "
+                                  "prompt's own (own), or also those of a repeat of the prompt read after it (repeat)."),
+    keys: str = typer.Option("attention", "--keys", help="compressed: a summary's keys: the prompt keys that receive "
+                             "most attention (attention), or k-means centroids (kmeans)."),
+    split: str = typer.Option("heads", "--split", help="compressed: the same budget for every head (uniform), or the "
+                              "total split by fitted error across layers (layers) or across heads (heads)."),
     base_patch: Path = typer.Option(None, "--base-patch", help="Convert on top of this patch (stacking)."),
     dtype: DType = typer.Option(DType.float32, "--dtype", help="Dtype to run the prompt in; the patch stores each "
                                 "tensor as the model computes it (auto: the checkpoint's own dtype)."),
@@ -188,6 +197,7 @@ def convert(
     parent = load_patch(base_patch) if base_patch is not None else None
     m, tokenizer, fingerprint = load_fingerprinted(model, dtype.value, device, allow_pickle, device_map, max_memory)
     settings = dict(method=method and method.value, order=order, budget=budget, base_patch=parent,
+                    options=summary_options(reference, keys, split),
                     chunk_size=chunk_size, fingerprint=fingerprint, chat=chat)
     if out_path is not None:  # one prompt, one patch: its errors are the command's
         with _progress("converting") as progress:
@@ -252,8 +262,20 @@ def _convert_targets(prompt_files: list[Path], out_path: Path | None, out_dir: P
     return targets
 
 
+def summary_options(reference: str, keys: str, split: str):
+    """compressed's options from the command line (--reference sets Options.queries), or a one-line error."""
+    from .ops.compress import Options
+
+    given = {"queries": ("reference", reference), "keys": ("keys", keys), "split": ("split", split)}
+    for name, (flag, value) in given.items():
+        if value not in Options.CHOICES[name]:
+            raise IclcaError(f"--{flag} {value!r} is not one of {', '.join(Options.CHOICES[name])}",
+                             f"pass --{flag} {getattr(Options(), name)} (the default)")
+    return Options(**{name: value for name, (_, value) in given.items()})
+
+
 def _convert_one(m, tokenizer, prompt_file: Path, out: Path, method, order, budget, base_patch, chunk_size, fingerprint,
-                 chat=False, progress=None) -> dict:
+                 options=None, chat=False, progress=None) -> dict:
     """Convert one prompt file into `out`, or keep `out` if it already holds this patch; one row of the report."""
     from . import chat as chats
     from .convert import describe_patch, fill_patch, sha256_text
@@ -265,7 +287,7 @@ def _convert_one(m, tokenizer, prompt_file: Path, out: Path, method, order, budg
     else:
         text = read_prompt(prompt_file)
         ids = encode_prompt(tokenizer, text)
-    header = describe_patch(m, ids, sha256_text(text), method, order, base_patch, budget, fingerprint)
+    header = describe_patch(m, ids, sha256_text(text), method, order, base_patch, budget, fingerprint, options)
     existing = read_header(out)
     if existing is not None and existing[0] == header.metadata():
         status, file_bytes, tensors = "skipped", out.stat().st_size, existing[1]

@@ -10,6 +10,7 @@ from .cache_layers import Progress
 from .errors import IclcaError
 from .families import family_of
 from .fingerprint import model_fingerprint
+from .ops.compress import Options
 from .patch import Patch, apply_patch, check_method, check_patch_fits, model_dtype_name
 from .positions import check_positions
 
@@ -31,15 +32,16 @@ def convert_prompt(
     progress: Progress | None = None,
     budget: int = 0,
     fingerprint: str | None = None,
+    options: Options | None = None,
 ) -> Patch:
     """The patch of `prompt_ids` for `model` by `method` (default: the family's): `exact` (linear attention; on top
-    of `base_patch` if given), or for softmax decoders `prefix`, `taylor` (`order`) or `compressed` (`budget`
-    entries per layer and key/value head).
+    of `base_patch` if given), or for softmax decoders `prefix`, `taylor` (`order`), `compressed` (`budget`
+    entries per layer and key/value head on average, fitted as `options` say) or `evict` (`budget` entries kept).
 
     Stacking: with a base patch the prompt runs from the base patch's states and positions, so the result equals
     the patch of the concatenated prompts. The base patch is applied to `model` in place (pass a copy to keep it
     plain). `fingerprint`: the model's, when the caller knows it (model_fingerprint reads every weight)."""
-    patch = describe_patch(model, prompt_ids, prompt_sha256, method, order, base_patch, budget, fingerprint)
+    patch = describe_patch(model, prompt_ids, prompt_sha256, method, order, base_patch, budget, fingerprint, options)
     return fill_patch(model, patch, prompt_ids, base_patch, chunk_size, progress)
 
 
@@ -49,14 +51,15 @@ def fill_patch(model, patch: Patch, prompt_ids: list[int], base_patch: Patch | N
     running the prompt through `model` (from `base_patch`, applied in place, if given); returns `patch`."""
     method, family = patch.method, family_of(model)
     budget, order = int(patch.extra.get("budget", 0)), int(patch.extra.get("taylor_order", 2))
+    options = Options.from_metadata(patch.extra)
     if base_patch is not None:
         apply_patch(model, base_patch)
     if family.positions == "cache":
-        tensors = cache_layers.convert_cache(model, family, prompt_ids, chunk_size, progress, method, budget)
+        tensors = cache_layers.convert_cache(model, family, prompt_ids, chunk_size, progress, method, budget, options)
     elif method == "exact":
         tensors = linear_layers.convert_linear(model, family, prompt_ids, chunk_size, progress)
     else:
-        tensors = softmax_layers.convert_softmax(model, family, prompt_ids, method, budget, order)
+        tensors = softmax_layers.convert_softmax(model, family, prompt_ids, method, budget, order, options)
         if progress is not None:
             progress(len(prompt_ids), len(prompt_ids))
     patch.tensors = tensors
@@ -72,6 +75,7 @@ def describe_patch(
     base_patch: Patch | None = None,
     budget: int = 0,
     fingerprint: str | None = None,
+    options: Options | None = None,
 ) -> Patch:
     """The patch convert_prompt will make, without its tensors: its metadata (which tells an existing identical
     output, so a rerun can skip it), after checking that the method, prompt and base patch fit the model."""
@@ -90,7 +94,8 @@ def describe_patch(
         extra["parent_prompt_sha256"] = base_patch.prompt_sha256
         start = base_patch.position_offset
     check_positions(model, family, start + len(prompt_ids) + 1, "the prompt and at least one query token")
-    extra.update({"compressed": {"budget": str(budget)}, "taylor": {"taylor_order": str(order)}}.get(method, {}))
+    extra.update({"compressed": {"budget": str(budget), **(options or Options()).metadata()},
+                  "evict": {"budget": str(budget)}, "taylor": {"taylor_order": str(order)}}.get(method, {}))
     return Patch(
         tensors={},
         method=method,

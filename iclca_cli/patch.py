@@ -20,7 +20,7 @@ from .families import KIND_METHODS, Family, family_of
 from .positions import check_positions
 
 FORMAT_VERSION = "1"
-METHODS = ("exact", "prefix", "taylor", "compressed")
+METHODS = ("exact", "prefix", "taylor", "compressed", "evict")
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _REQUIRED = (
     "format", "iclca.format_version", "iclca.method", "iclca.model_type", "iclca.base_fingerprint",
@@ -194,6 +194,15 @@ def check_method(model, method: str) -> Family:
     return family
 
 
+def check_summary_options(extra: dict[str, str], patch_name: str) -> None:
+    from .ops.compress import Options
+
+    for name, choices in Options.CHOICES.items():
+        if extra.get(f"summary_{name}", choices[0]) not in choices:
+            raise IclcaError(f"{patch_name} has iclca.summary_{name} {extra[f'summary_{name}']!r}, not one of "
+                             f"{', '.join(choices)}", "convert the prompt again with this version of iclca")
+
+
 def expected_shapes(model, family: Family, patch: Patch) -> dict[str, tuple[int, ...]]:
     """Tensor name -> shape that a patch of this method must have for this model."""
     return layers_for(family, patch.method).expected_shapes(model, family, patch)
@@ -219,8 +228,10 @@ def check_patch_fits(patch: Patch, model: torch.nn.Module, fingerprint: str, pat
         )
     if patch.method == "taylor" and patch.extra.get("taylor_order") not in ("1", "2"):
         raise IclcaError(f"{patch_name} is a taylor patch without a valid iclca.taylor_order", "convert the prompt again")
-    if patch.method == "compressed" and not patch.extra.get("budget", "").isdigit():
-        raise IclcaError(f"{patch_name} is a compressed patch without a valid iclca.budget", "convert the prompt again")
+    if patch.method in ("compressed", "evict") and not patch.extra.get("budget", "").isdigit():
+        raise IclcaError(f"{patch_name} is a {patch.method} patch without a valid iclca.budget", "convert the prompt again")
+    if patch.method == "compressed":
+        check_summary_options(patch.extra, patch_name)
     want = expected_shapes(model, family, patch)
     for name in sorted(set(want) | set(patch.tensors)):
         if name not in want:

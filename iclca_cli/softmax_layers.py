@@ -6,7 +6,7 @@ have, and putting a patch on a model.
   which hands each attention module's post-rotary keys, values (and queries) and how the layer attends.
 - Per layer: a sliding-window layer keeps the prompt's last window-1 tokens exactly, whatever the method (nothing
   else could let entries expire as the query moves on); a full layer takes `prefix` (keys and values, exact),
-  `compressed` (R entries per key/value head, ops/compress.py) or `taylor` (memories, ops/taylor.py).
+  `compressed` or `evict` (about R entries per key/value head, summaries.py) or `taylor` (memories, ops/taylor.py).
 - Grouped-query attention: patch tensors are per key/value head, (Hkv, R, D).
 """
 
@@ -24,12 +24,13 @@ from .devices import input_device, module_device
 from .errors import IclcaError
 from .families import SOFTMAX_KINDS, Family
 from .ops import compress
+from .ops.compress import Options
 from .ops.softmax_attention import ATTENTION_NAME
 from .ops.taylor import taylor_feature_dim, taylor_features
 from .patch_buffers import buffer_specs
-from .positions import rotary_modules, start_queries_at
+from .positions import position_table, rotary_modules, start_queries_at
+from .summaries import SUMMARY_METHODS, capture_ids, summary_tensors
 
-SUMMARY_NAMES = ("prefix_keys", "prefix_values", "prefix_bias")  # a compressed layer's buffers
 
 
 @dataclass
@@ -112,32 +113,49 @@ def layer_tensors(c: Captured, method: str, budget: int, order: int) -> dict[str
             S += phi.transpose(-1, -2) @ vc
             z += phi.sum(-2)
         return {"memory_kv": S, "memory_k": z}
-    q = c.queries  # (H, P, D)
-    G = q.shape[0] // k.shape[0]
-    heads = [compress.summarise(k[h], v[h], q[h * G:(h + 1) * G].reshape(-1, q.shape[-1]), c.scaling, budget, c.softcap)
-             for h in range(k.shape[0])]
-    return {name: torch.stack([h[i] for h in heads]).contiguous()  # (Hkv, R, D), (Hkv, R, D), (Hkv, R)
-            for i, name in enumerate(SUMMARY_NAMES)}
+    raise ValueError(f"layer_tensors does not make {method!r} tensors (summaries.summary_tensors does)")
 
 
 def check_method_arguments(method: str, budget: int, order: int) -> None:
     if method == "taylor" and order not in (1, 2):
         raise IclcaError(f"Taylor order {order} is not supported", "use --order 1 or --order 2")
-    if method == "compressed" and budget < 2:
-        raise IclcaError("method compressed needs a budget of at least 2 (the first token is kept apart)",
+    if method in SUMMARY_METHODS and budget < 2:
+        raise IclcaError(f"method {method} needs a budget of at least 2 (the first token is kept apart)",
                          "pass --budget R, the entries per layer and key/value head (e.g. a third of the prompt's tokens)")
+
+
+def positions_left(model, family: Family) -> int | None:
+    """Positions a learned position table has (a repeat of the prompt must fit in), or None: no limit."""
+    table = position_table(model, family)
+    return None if table is None else table.num_embeddings
+
+
+def patch_tensors(captured: dict[str, Captured], prompt_tokens: int, method: str, budget: int, order: int,
+                  options: Options) -> dict[str, torch.Tensor]:
+    """'<attention module path>.<buffer>' -> tensor, from layers captured over capture_ids (the prompt's first
+    `prompt_tokens` tokens, maybe a repeat after them): summaries for the full-attention layers of `compressed` and
+    `evict`, layer_tensors for the others."""
+    summarised = {n: c for n, c in captured.items() if method in SUMMARY_METHODS and c.sliding_window is None}
+    tensors = {f"{name}.{buffer}": t for name, bufs in
+               (summary_tensors(summarised, prompt_tokens, method, budget, options) if summarised else {}).items()
+               for buffer, t in bufs.items()}
+    for name, c in captured.items():
+        if name not in summarised:
+            prompt = dataclasses.replace(c, keys=c.keys[:, :prompt_tokens], values=c.values[:, :prompt_tokens])
+            tensors.update({f"{name}.{buffer}": t for buffer, t in layer_tensors(prompt, method, budget, order).items()})
+    return tensors
 
 
 @torch.no_grad()
 def convert_softmax(model, family: Family, prompt_ids: list[int], method: str, budget: int = 0,
-                    order: int = 2) -> dict[str, torch.Tensor]:
+                    order: int = 2, options: Options = Options()) -> dict[str, torch.Tensor]:
     """Patch tensors '<attention module path>.<buffer>' of the prompt for every softmax layer."""
     check_method_arguments(method, budget, order)
-    device = input_device(model)
-    with capture_prompt_kv(model, attention_modules(model, family), with_queries=method == "compressed") as captured:
-        model.base_model(input_ids=torch.tensor([prompt_ids], device=device), use_cache=False)
-    return {f"{name}.{buffer}": t for name, c in captured.items()
-            for buffer, t in layer_tensors(c, method, budget, order).items()}
+    summarised = method in SUMMARY_METHODS
+    ids = capture_ids(prompt_ids, options, positions_left(model, family)) if summarised else prompt_ids
+    with capture_prompt_kv(model, attention_modules(model, family), with_queries=summarised) as captured:
+        model.base_model(input_ids=torch.tensor([ids], device=input_device(model)), use_cache=False)
+    return patch_tensors(captured, len(prompt_ids), method, budget, order, options)
 
 
 def expected_shapes(model, family: Family, patch) -> dict[str, tuple[int, ...]]:
@@ -155,11 +173,21 @@ def expected_shapes(model, family: Family, patch) -> dict[str, tuple[int, ...]]:
             F = taylor_feature_dim(D, order)
             shapes[f"{path}.memory_kv"], shapes[f"{path}.memory_k"] = (Hkv, F, D), (Hkv, F)
         elif kind == "full_attention":
-            R = prompt_tokens if method == "prefix" else min(budget, prompt_tokens)
+            R = prompt_tokens if method == "prefix" else summary_entries(patch, f"{path}.prefix_keys", budget)
             shapes[f"{path}.prefix_keys"] = shapes[f"{path}.prefix_values"] = (Hkv, R, D)
             if method == "compressed":
                 shapes[f"{path}.prefix_bias"] = (Hkv, R)
     return shapes
+
+
+def summary_entries(patch, name: str, budget: int) -> int:
+    """Entries per key/value head a summary layer holds: min(budget, P) for a uniform budget; with a split, a layer
+    holds what its widest head took, up to the grid's top (summaries.py), as the tensor says."""
+    uniform = min(budget, patch.prompt_tokens)
+    if patch.method != "compressed" or Options.from_metadata(patch.extra).split == "uniform" or name not in patch.tensors:
+        return uniform
+    held = patch.tensors[name].shape[-2] if patch.tensors[name].dim() == 3 else -1
+    return held if 1 <= held <= compress.budget_grid(budget, patch.prompt_tokens)[-1] else uniform
 
 
 @torch.no_grad()

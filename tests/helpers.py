@@ -104,10 +104,10 @@ def greedy(model, ids, n):
         return model.generate(torch.tensor([ids]), max_new_tokens=n, do_sample=False)[0, len(ids):].tolist()
 
 
-def convert(model, prompt_ids, method=None, budget=0, order=2, base_patch=None, chunk_size=512):
+def convert(model, prompt_ids, method=None, budget=0, order=2, base_patch=None, chunk_size=512, options=None):
     """(patched copy of model sharing its weights, patch); the model itself is left as it was."""
     patch = convert_prompt(copy.deepcopy(model), prompt_ids, "0" * 64, method, order, base_patch, chunk_size,
-                           budget=budget)
+                           budget=budget, options=options)
     return patch_lib.patched_copy(model, patch), patch
 
 

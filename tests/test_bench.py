@@ -34,6 +34,10 @@ def check_targets(result: dict) -> None:
     for r in result["patch_sizes"]:  # real patches: prefix = the prompt's keys and values, the others constant in P
         if r["method"] == "prefix":
             assert r["patch_bytes"] == r["prompt_kv_bytes"]
+        elif r["method"].startswith("compressed"):  # split by heads: padded to a layer's widest head, at most 4R
+            R, D = int(r["method"].split("R=")[1].rstrip(")")), 64
+            uniform = R * r["prompt_kv_bytes"] // r["P"] * (2 * D + 1) // (2 * D)  # keys, values and a bias
+            assert uniform <= r["patch_bytes"] <= 4 * uniform, r
         else:
             sizes.setdefault((r["model"], r["method"]), set()).add(r["patch_bytes"])
     assert sizes and all(len(v) == 1 for v in sizes.values()), sizes

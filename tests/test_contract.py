@@ -30,7 +30,7 @@ WINDOW = dict(sliding_window=8)
 class Case:
     make: object  # dtype -> tiny random model of the family
     vocab: int = 97
-    methods_kw: dict = field(default_factory=lambda: {"compressed": {"budget": 8}, "taylor": {"order": 2}})
+    methods_kw: dict = field(default_factory=lambda: {"compressed": {"budget": 8}, "evict": {"budget": 8}, "taylor": {"order": 2}})
     reference_attention: str | None = None  # run prompt + query with this attention implementation (see gemma2)
     noise: float = 0.0  # the family's own float32 noise: stock model from its cache vs one pass (float64 runs)
 

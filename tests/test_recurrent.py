@@ -6,6 +6,7 @@ import torch
 
 from helpers import (assert_one_line_error, convert, logits, make_recurrent, one_json, random_ids, save_checkpoint)
 from iclca_cli.errors import IclcaError
+from iclca_cli.ops.compress import Options
 
 HYBRIDS = ["lfm2", "falcon_h1", "granitemoehybrid", "zamba2"]
 FLOAT64_THROUGHOUT = {"lfm2"}  # the others keep Mamba2-style SSM states (and their arithmetic) in float32
@@ -138,13 +139,14 @@ def test_rwkv_rescales_its_own_weights_and_merged_folders_still_hold_them_as_tra
 @pytest.mark.parametrize("name", [n for n in HYBRIDS if n != "zamba2"])  # zamba2: see the test below
 def test_a_compressed_hybrid_patch_has_a_constant_size_and_keeps_the_recurrent_states_exact(name):
     """Recurrent layers exact, attention layers summarised into R entries per key/value head: the patch does not
-    grow with the prompt, its recurrent states are the exact patch's, and it is closer to prompted than nothing."""
+    grow with the prompt (a uniform budget; a split is bounded, test_compressed.py), its recurrent states are the
+    exact patch's, and it is closer to prompted than nothing."""
     model = make_recurrent(name, seed=8)
     query = ids(6, 11)
     sizes = []
     for P in (20, 40):
         prompt = ids(P, P)
-        patched, patch = convert(model, prompt, "compressed", budget=6)
+        patched, patch = convert(model, prompt, "compressed", budget=6, options=Options(split="uniform"))
         _, exact = convert(model, prompt)
         parts = patch.bytes_by_part()
         assert parts["attention"] > 0 and parts["recurrent"] == exact.bytes_by_part()["recurrent"] > 0
@@ -156,7 +158,6 @@ def test_a_compressed_hybrid_patch_has_a_constant_size_and_keeps_the_recurrent_s
         kl = lambda x: (want.exp() * (want - torch.log_softmax(x, -1))).sum(-1).mean()  # noqa: E731
         assert kl(logits(patched, query)) < kl(logits(model, query))
     assert sizes[0] == sizes[1]
-
 
 def test_a_hybrid_without_a_named_attention_module_takes_only_exact():
     """Zamba2's attention block is shared between layers: iclca does not name it, so `compressed` is refused."""

@@ -16,7 +16,7 @@ PACKAGE = ROOT / "iclca_cli"
 
 
 def test_methods_are_operations_on_layer_kinds():
-    assert family_named("llama").methods(make_llama().config) == ("prefix", "compressed", "taylor")
+    assert family_named("llama").methods(make_llama().config) == ("prefix", "compressed", "evict", "taylor")
     assert family_named("iclca_linear").methods(make_linear_model().config) == ("exact",)
     with pytest.raises(IclcaError, match="method 'exact' does not apply to 'llama' models"):
         check_method(make_llama(), "exact")

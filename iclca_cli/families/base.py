@@ -2,7 +2,7 @@
 positions start at P, and which transformers classes its merged folders subclass. Pure data: no torch here.
 
 Layer kinds are transformers' own names (`config.layer_types`). A method is an operation on a layer kind:
-softmax layers (full or sliding-window attention) take `prefix`, `compressed`, `taylor`; a linear-attention layer
+softmax layers (full or sliding-window attention) take `prefix`, `compressed`, `evict`, `taylor`; a linear-attention layer
 takes `exact`. A sliding-window layer always keeps the prompt's last window-1 tokens exactly (bounded by the
 window, and nothing else can expire entries as the query moves on).
 """
@@ -17,8 +17,8 @@ LINEAR_KINDS = ("linear_attention",)
 # keep none): the patch is the whole cache after the prompt.
 CACHE_KINDS = ("linear_attention", "conv", "hybrid", "full_attention", "sliding_attention", "mlp", "moe")
 KIND_METHODS = {
-    "full_attention": ("prefix", "compressed", "taylor"),
-    "sliding_attention": ("prefix", "compressed", "taylor"),
+    "full_attention": ("prefix", "compressed", "evict", "taylor"),
+    "sliding_attention": ("prefix", "compressed", "evict", "taylor"),
     "linear_attention": ("exact",),
 }
 # How a query's positions start at P:
@@ -82,8 +82,8 @@ class Family:
             if not kinds <= set(CACHE_KINDS):
                 return ()
             attention = self.attention is not None and kinds & {"full_attention", "hybrid"}
-            return ("exact", "compressed") if attention else ("exact",)
-        order = ("exact", "prefix", "compressed", "taylor")
+            return ("exact", "compressed", "evict") if attention else ("exact",)
+        order = ("exact", "prefix", "compressed", "evict", "taylor")
         return tuple(m for m in order if all(m in KIND_METHODS.get(k, ()) for k in kinds))
 
     @property

@@ -1,60 +1,225 @@
-"""A prompt's keys and values summarised into R entries per key/value head (method `compressed`): keys, values and
-a score bias per entry, whose attention approximates attention over the whole prompt. Not part of merged folders:
-the summary is data; attending to it is ops/softmax_attention.py."""
+"""A prompt's keys and values cut down to a few entries per key/value head: `compressed` (attention matching: keys,
+values and a score bias per entry, fitted so that attention over them reproduces attention over the whole prompt)
+and `evict` (the baseline: the prompt's own entries that receive the most attention, nothing fitted). Not part of
+merged folders: a summary is data; attending to it is ops/softmax_attention.py.
+
+Attention matching (after Zweiger, Fu, Guo, Kim 2026, arXiv 2602.16284), per key/value head, batched over heads:
+1. Reference queries stand for the queries to come: the prompt's own, and with `repeat` also those of a second copy
+   of the prompt read right after it (the look-ups a later question makes into the prompt, at the right distance).
+   The query heads of a group are pooled; at most MAX_QUERIES, evenly spaced.
+2. Keys: the first token (an attention sink in trained models) and the prompt keys that receive the most attention
+   from any reference query (`attention`); or, as in iclca 0.x, k-means centroids of keys and values (`kmeans`).
+3. A score bias b_j = log w_j per entry: w >= 0 by non-negative least squares, so that the entries carry each
+   reference query's attention mass: sum_j w_j exp(s q.c_j) ~ sum_{prompt i} exp(s q.k_i).
+4. Values: least squares so that attention over the entries reproduces each reference query's attention output.
+The budget split (`split_budget`): every head is fitted at each budget of a grid, and entries go to the heads (or
+layers) whose attention-output error drops most per entry, under the same total as a uniform budget.
+"""
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 
 from .softmax_attention import soft_cap
 
-CHUNK_TOKENS = 4096  # sample queries per step of the fit's target attention: memory bounded in P
+CHUNK_TOKENS = 4096  # reference queries per step against the whole prompt: memory bounded in P
+MAX_QUERIES = 2048  # reference queries per key/value head
+MIN_WEIGHT = math.exp(-7)  # the smallest mass weight an entry keeps (a bias of -7)
+PAD_BIAS = -1e4  # an unused slot of a layer whose heads hold fewer entries than its widest: exp(-1e4) = 0
+RIDGE = 1e-3  # relative ridge of the value fit (conditioning; the fit has many more queries than entries)
+NNLS_STEPS = 100
 
 
-def kmeans(x: torch.Tensor, C: int, iters: int = 20) -> torch.Tensor:
-    """Cluster index of each row of x (N, D) among C clusters; deterministic (evenly spaced starts)."""
-    centres = x[torch.linspace(0, x.shape[0] - 1, C).round().long()].clone()  # (C, D)
-    for _ in range(iters):
-        assign = torch.cdist(x, centres).argmin(-1)  # (N,)
-        counts = torch.bincount(assign, minlength=C).to(x.dtype)
-        sums = torch.zeros_like(centres).index_add_(0, assign, x)
-        centres = torch.where(counts[:, None] > 0, sums / counts.clamp_min(1)[:, None], centres)
-    return torch.cdist(x, centres).argmin(-1)
+@dataclass(frozen=True)
+class Options:
+    """The choices of `compressed` a user can make (DESIGN.md, "compressed")."""
+
+    queries: str = "repeat"  # own | repeat: reference queries (the prompt's own, and a repeat's)
+    keys: str = "attention"  # attention | kmeans: how entries' keys are chosen
+    split: str = "heads"  # uniform | layers | heads: how the total budget is split (chosen on development tasks)
+
+    CHOICES = {"queries": ("own", "repeat"), "keys": ("attention", "kmeans"), "split": ("uniform", "layers", "heads")}
+
+    def metadata(self) -> dict[str, str]:
+        return {"summary_queries": self.queries, "summary_keys": self.keys, "summary_split": self.split}
+
+    @classmethod
+    def from_metadata(cls, extra: dict[str, str]) -> Options:
+        default = cls()
+        return cls(*(extra.get(f"summary_{name}", getattr(default, name)) for name in ("queries", "keys", "split")))
 
 
-def summarise(k: torch.Tensor, v: torch.Tensor, q: torch.Tensor, scaling: float, budget: int, softcap: float | None = None,
-              ridge: float = 0.1):
-    """Summarise one key/value head's prompt keys/values (P, D) into `budget` entries
-    -> keys (R, D), values (R, D), score bias (R,). q (N, D): the prompt's own queries of the query
-    heads that share this key/value head, used as samples of the queries to come.
+@dataclass
+class Reference:
+    """What attention over the whole prompt does for the reference queries, for B heads."""
 
-    1. The first token (an attention sink in most trained models) stays exact.
-    2. The others fall into budget-1 clusters by k-means on keys and values together (so that
-       tokens with alike keys but different values stay apart); a cluster's key is its mean key
-       and its score bias log(size), so it stands for its members in the softmax
-       (exp(q.c + log n) = n exp(q.c)), and the softmax's normaliser stays about right.
-    3. Values are fitted by ridge least squares (towards the cluster means) so that attention over
-       the summary reproduces the prompt's attention outputs for the sample queries.
-    Scores are soft-capped as the model caps them (softcap), before the bias.
-    With budget >= P: the keys and values themselves, bias 0: exactly the prefix.
-    """
-    P = k.shape[0]
-    if budget >= P:
-        return k, v, torch.zeros(P, dtype=k.dtype, device=k.device)
-    C = budget - 1
+    queries: torch.Tensor  # (B, N, D)
+    outputs: torch.Tensor  # (B, N, D): attention outputs over the prompt
+    log_mass: torch.Tensor  # (B, N): logsumexp of the scores over the prompt
+    received: torch.Tensor  # (B, P): the most attention each prompt key receives from any reference query
+
+
+@dataclass
+class Summary:
+    keys: torch.Tensor  # (B, R, D)
+    values: torch.Tensor  # (B, R, D)
+    bias: torch.Tensor | None  # (B, R); None for evicted entries (plain keys and values)
+    error: torch.Tensor  # (B,): mean squared attention-output error over the reference queries
+
+
+def reference(k: torch.Tensor, v: torch.Tensor, q: torch.Tensor, scaling: float, softcap: float | None) -> Reference:
+    """k, v (B, P, D); q (B, N, D) reference queries, thinned to MAX_QUERIES."""
+    if q.shape[1] > MAX_QUERIES:
+        q = q[:, torch.linspace(0, q.shape[1] - 1, MAX_QUERIES, device=q.device).round().long()]
+    outputs, masses = [], []
+    received = k.new_zeros(k.shape[:2])  # (B, P)
+    for c in q.split(CHUNK_TOKENS, dim=1):
+        scores = soft_cap(c @ k.transpose(-1, -2) * scaling, softcap)  # (B, C, P): never (B, N, P)
+        lse = torch.logsumexp(scores, -1)  # (B, C)
+        weights = torch.exp(scores - lse[..., None])
+        outputs.append(weights @ v)
+        masses.append(lse)
+        received = torch.maximum(received, weights.amax(1))
+    return Reference(q, torch.cat(outputs, 1), torch.cat(masses, 1), received)
+
+
+def ranking(ref: Reference) -> torch.Tensor:
+    """(B, P) prompt positions by the attention they receive, most first; the first token always first."""
+    received = ref.received.clone()
+    received[:, 0] = math.inf
+    return torch.sort(received, dim=-1, descending=True, stable=True).indices
+
+
+def gather(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """x (B, P, D), index (B, R) -> (B, R, D)"""
+    return x.gather(1, index[..., None].expand(-1, -1, x.shape[-1]))
+
+
+def evict(k: torch.Tensor, v: torch.Tensor, ref: Reference, budget: int) -> Summary:
+    """The `budget` prompt entries per head that receive the most attention (in prompt order), as they are."""
+    index = ranking(ref)[:, :budget].sort(-1).values  # (B, R)
+    keys, values = gather(k, index), gather(v, index)
+    return Summary(keys, values, None, output_error(ref, keys, values, None, ref.queries.new_tensor(0.0), None))
+
+
+def spd_solve(A: torch.Tensor, B: torch.Tensor, ridge: float) -> torch.Tensor:
+    """Solve (A + ridge * mean(diag A) * I) X = B for symmetric positive semi-definite A (B, R, R), B (B, R, K), by
+    Cholesky (batched LU in float64 fails inside MKL with two threads, torch 2.13 on CPU)."""
+    scale = A.diagonal(dim1=-2, dim2=-1).mean(-1).clamp_min(1e-30)[:, None, None]  # (B, 1, 1)
+    eye = torch.eye(A.shape[-1], dtype=A.dtype, device=A.device)
+    factor, _ = torch.linalg.cholesky_ex(A + ridge * scale * eye)
+    return torch.cholesky_solve(B, factor)
+
+
+def nnls(A: torch.Tensor, b: torch.Tensor, steps: int = NNLS_STEPS) -> torch.Tensor:
+    """argmin_{w >= 0} w.A w - 2 b.w for A (B, R, R) symmetric positive semi-definite, b (B, R): accelerated projected
+    gradient (FISTA) from the clamped unconstrained solution, batched over B."""
+    w = spd_solve(A, b[..., None], 1e-6)[..., 0].clamp_min(0)  # (B, R)
+    step = 1 / torch.linalg.eigvalsh(A)[:, -1:].clamp_min(1e-30)  # (B, 1): 1 / Lipschitz constant
+    z, t = w, 1.0
+    for _ in range(steps):
+        w_next = (z - step * ((A @ z[..., None])[..., 0] - b)).clamp_min(0)
+        t_next = (1 + math.sqrt(1 + 4 * t * t)) / 2
+        z, w, t = w_next + (t - 1) / t_next * (w_next - w), w_next, t_next
+    return w
+
+
+def output_error(ref: Reference, keys, values, bias, scaling, softcap) -> torch.Tensor:
+    """(B,) mean squared error of attention over the entries against attention over the prompt."""
+    scores = soft_cap(ref.queries @ keys.transpose(-1, -2) * scaling, softcap)  # (B, N, R)
+    if bias is not None:
+        scores = scores + bias[:, None, :]
+    return ((torch.softmax(scores, -1) @ values - ref.outputs) ** 2).sum(-1).mean(-1)
+
+
+def fit(ref: Reference, keys: torch.Tensor, scaling, softcap: float | None) -> Summary:
+    """Bias and values for entries with these keys (B, R, D), fitted to the reference (module docstring, 3-4)."""
+    work = torch.float64  # the (R, R) systems are small: solve them in double precision
+    scores = soft_cap(ref.queries @ keys.transpose(-1, -2) * scaling, softcap)  # (B, N, R)
+    share = torch.exp(scores - ref.log_mass[..., None])  # (B, N, R): each entry's share of a query's mass
+    # min |share w - 1|^2: the whole mass, for every query
+    w = nnls((share.transpose(-1, -2) @ share).to(work), share.sum(1).to(work))
+    bias = w.clamp_min(MIN_WEIGHT).log().to(keys.dtype)  # (B, R)
+    weights = torch.softmax(scores + bias[:, None, :], -1)  # (B, N, R): attention over the entries
+    gram = (weights.transpose(-1, -2) @ weights).to(work)  # (B, R, R)
+    values = spd_solve(gram, (weights.transpose(-1, -2) @ ref.outputs).to(work), RIDGE).to(keys.dtype)
+    return Summary(keys, values, bias, output_error(ref, keys, values, bias, scaling, softcap))
+
+
+def kmeans_keys(k: torch.Tensor, v: torch.Tensor, budget: int, iters: int = 20) -> torch.Tensor:
+    """(B, budget, D): the first key, and the mean keys of budget-1 k-means clusters of the others' keys and values
+    together (so that alike keys with different values stay apart); deterministic, evenly spaced starts."""
+    out = []
     unit = lambda x: x / x.norm(dim=-1).mean().clamp_min(1e-12)  # noqa: E731  (mean row norm 1)
-    feats = torch.cat([unit(k[1:]), unit(v[1:])], dim=-1)  # (P-1, 2D): keys and values both count
-    assign = kmeans(feats, C)  # (P-1,)
-    counts = torch.bincount(assign, minlength=C).to(k.dtype)  # (C,)
-    mean = lambda x: torch.zeros(C, x.shape[-1], dtype=x.dtype, device=x.device).index_add_(0, assign, x[1:]) / counts.clamp_min(1)[:, None]  # noqa: E731
-    keys, values = torch.cat([k[:1], mean(k)]), torch.cat([v[:1], mean(v)])  # (R, D)
-    bias = torch.cat([counts.new_zeros(1), torch.where(counts > 0, counts.clamp_min(1).log(), -math.inf)])  # (R,) empty: never attended
-    # (N, D): attention over the whole prompt, CHUNK_TOKENS queries at a time ((N, P) scores at once would not fit for long prompts)
-    target = torch.cat([torch.softmax(soft_cap(c @ k.T * scaling, softcap), -1) @ v for c in q.split(CHUNK_TOKENS)])
-    w = torch.softmax(soft_cap(q @ keys.T * scaling, softcap) + bias, -1)  # (N, R): attention over the summary
-    gram = w.T @ w  # (R, R)
-    lam = ridge * gram.diagonal().mean() * torch.eye(len(bias), dtype=w.dtype, device=w.device)
-    values = torch.linalg.solve(gram + lam, w.T @ target + lam @ values)  # (R, D)
-    return keys, values, bias
+    for kh, vh in zip(k, v):
+        x = torch.cat([unit(kh[1:]), unit(vh[1:])], dim=-1)  # (P-1, 2D)
+        C = budget - 1
+        centres = x[torch.linspace(0, x.shape[0] - 1, C, device=x.device).round().long()].clone()  # (C, 2D)
+        for _ in range(iters + 1):
+            assign = torch.cdist(x, centres).argmin(-1)  # (P-1,)
+            counts = torch.bincount(assign, minlength=C).to(x.dtype)
+            sums = torch.zeros_like(centres).index_add_(0, assign, x)
+            centres = torch.where(counts[:, None] > 0, sums / counts.clamp_min(1)[:, None], centres)
+        means = torch.zeros(C, kh.shape[-1], dtype=kh.dtype, device=kh.device).index_add_(0, assign, kh[1:])
+        means = torch.where(counts[:, None] > 0, means / counts.clamp_min(1)[:, None], kh[1:2])  # an empty cluster
+        out.append(torch.cat([kh[:1], means]))
+    return torch.stack(out)
+
+
+def summarise(k: torch.Tensor, v: torch.Tensor, ref: Reference, budget: int, scaling, softcap: float | None,
+              keys: str = "attention") -> Summary:
+    """B heads' prompt keys/values (B, P, D) in `budget` entries each; budget >= P: the entries themselves, bias 0
+    (exactly the prefix)."""
+    P = k.shape[1]
+    if budget >= P:
+        return Summary(k, v, k.new_zeros(k.shape[:2]), k.new_zeros(k.shape[0]))
+    chosen = gather(k, ranking(ref)[:, :budget].sort(-1).values) if keys == "attention" else kmeans_keys(k, v, budget)
+    return fit(ref, chosen, scaling, softcap)
+
+
+def budget_grid(budget: int, prompt_tokens: int) -> list[int]:
+    """The budgets a head is fitted at for the split: 2, 3, 4, 6, 8, 12, ... (steps of about sqrt 2), the uniform
+    budget itself, up to 4x it or the whole prompt."""
+    top = min(prompt_tokens, 4 * budget)
+    grid, b = {min(budget, top), top}, 2
+    while b < top:
+        grid.add(b)
+        b = max(b + 1, round(b * math.sqrt(2)))
+    return sorted(grid)
+
+
+def split_budget(errors: torch.Tensor, grid: list[int], members: int, total: int) -> list[int]:
+    """Greedy: units (heads, or layers of `members` heads each) start at the grid's first budget; while entries are
+    left, the unit whose summed error (errors (U, len(grid))) drops most per entry moves up the grid. What is left
+    then goes to the units with the best next steps (off the grid), so that the units hold `total` entries in all,
+    budget * members each (unless every unit holds the grid's top).
+    -> each unit's budget."""
+    err = errors.tolist()  # (U, grid) as Python floats: the loop below reads them one by one
+    at = [0] * len(err)
+    left = total - members * grid[0] * len(err)
+    rates = []  # (gain per entry of the unit's next step, unit)
+    while True:
+        best, move, rates = 0.0, None, []
+        for u, i in enumerate(at):
+            for j in range(i + 1, len(grid)):
+                cost = members * (grid[j] - grid[i])
+                gain = (err[u][i] - err[u][j]) / cost
+                if j == i + 1:
+                    rates.append((gain, u))
+                if cost > left:
+                    break
+                if gain > best:
+                    best, move = gain, (u, j, cost)
+        if move is None:
+            break
+        u, j, cost = move
+        at[u], left = j, left - cost
+    budgets = [grid[i] for i in at]
+    for _, u in sorted(rates, reverse=True):  # the rest, between grid points
+        extra = min(left // members, grid[-1] - budgets[u])
+        budgets[u] += extra
+        left -= extra * members
+    return budgets

@@ -1,0 +1,127 @@
+"""`compressed` and `evict` for a model's full-attention layers: what to run (the prompt, and a repeat of it for the
+reference queries), the budget split across layers and heads, and the padded patch tensors (ops/compress.py fits).
+
+A layer's tensors are (Hkv, R_l, D): with a split, R_l is the most entries any of its heads holds, and a head that
+holds fewer pads its slots with zero keys and values and a bias of PAD_BIAS (never attended). The budget is the
+average entries per layer and key/value head: the split never holds more entries in all than a uniform budget would.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import torch
+
+from .ops import compress
+from .ops.compress import Options
+
+SUMMARY_METHODS = ("compressed", "evict")
+
+
+def capture_ids(prompt_ids: list[int], options: Options, positions_left: int | None) -> list[int]:
+    """What to run to capture a prompt's keys, values and reference queries: the prompt, and with `repeat` queries a
+    second copy right after it (as much as a learned position table leaves room for)."""
+    if options.queries == "own":
+        return list(prompt_ids)
+    repeat = len(prompt_ids) if positions_left is None else max(0, min(len(prompt_ids), positions_left - len(prompt_ids)))
+    return list(prompt_ids) + list(prompt_ids[:repeat])
+
+
+@dataclass
+class Heads:
+    """Every summarised key/value head of a model, layer after layer (row l * Hkv + h), fitted as one batch."""
+
+    names: list[str]  # the layers
+    keys: torch.Tensor  # (B, P, D), B = layers * Hkv
+    values: torch.Tensor  # (B, P, D)
+    ref: compress.Reference
+    scaling: torch.Tensor  # (B, 1, 1): each head's layer's
+    softcap: float | None
+    dtype: torch.dtype  # the model's: what the patch stores
+
+    def rows(self, i: int, j: int) -> tuple:
+        """(keys, values, Reference) of heads i..j-1."""
+        ref = compress.Reference(*(getattr(self.ref, f.name)[i:j] for f in dataclasses.fields(self.ref)))
+        return self.keys[i:j], self.values[i:j], ref
+
+    def summarise(self, budget: int, keys: str) -> compress.Summary:
+        """Every head at `budget` entries, in chunks of heads whose (N, budget) fits stay under FIT_ELEMENTS."""
+        step = max(1, FIT_ELEMENTS // (self.ref.queries.shape[1] * budget))
+        parts = [compress.summarise(*self.rows(i, i + step), budget, self.scaling[i:i + step], self.softcap, keys)
+                 for i in range(0, len(self.keys), step)]
+        return compress.Summary(*(None if getattr(parts[0], f.name) is None else
+                                  torch.cat([getattr(p, f.name) for p in parts]) for f in dataclasses.fields(parts[0])))
+
+
+FIT_ELEMENTS = 1 << 25  # reference queries x entries per fitting step (a few hundred MB at most)
+
+
+def _heads(captured: dict, prompt_tokens: int) -> Heads:
+    """The captured full-attention layers' prompt keys, values and reference queries, in float32 at least."""
+    keys, values, refs, scalings = [], [], [], []
+    softcaps = {c.softcap for c in captured.values()}
+    if len(softcaps) > 1:
+        raise NotImplementedError(f"layers with different soft caps ({sorted(map(str, softcaps))}) in one model")
+    for name, c in captured.items():
+        k, v, q = c.keys[:, :prompt_tokens], c.values[:, :prompt_tokens], c.queries  # (Hkv, P, D), (H, T, D)
+        if k.dtype in (torch.bfloat16, torch.float16):  # fits in float32, stored as the model computes
+            k, v, q = k.float(), v.float(), q.float()
+        Hkv, G = k.shape[0], q.shape[0] // k.shape[0]
+        pooled = q.reshape(Hkv, G * q.shape[1], q.shape[-1])  # (Hkv, G*T, D): a group's query heads pooled
+        keys.append(k), values.append(v), scalings.append(torch.full((Hkv, 1, 1), c.scaling, dtype=k.dtype))
+        refs.append(compress.reference(k, v, pooled, c.scaling, c.softcap))
+    ref = compress.Reference(*(torch.cat([getattr(r, f.name) for r in refs]) for f in dataclasses.fields(refs[0])))
+    first = next(iter(captured.values()))
+    return Heads(list(captured), torch.cat(keys), torch.cat(values), ref, torch.cat(scalings).to(first.keys.device),
+                 softcaps.pop(), first.keys.dtype)
+
+
+def _pad(summaries: list[compress.Summary], dtype) -> dict[str, torch.Tensor]:
+    """One layer's heads (each a Summary of one head) -> padded (Hkv, R_l, D), (Hkv, R_l, D), (Hkv, R_l)."""
+    R = max(s.keys.shape[1] for s in summaries)
+    keys, values, bias = [], [], []
+    for s in summaries:
+        gap = R - s.keys.shape[1]
+        keys.append(torch.nn.functional.pad(s.keys[0], (0, 0, 0, gap)))
+        values.append(torch.nn.functional.pad(s.values[0], (0, 0, 0, gap)))
+        bias.append(torch.nn.functional.pad(s.bias[0], (0, gap), value=compress.PAD_BIAS))
+    return {"prefix_keys": torch.stack(keys).to(dtype), "prefix_values": torch.stack(values).to(dtype),
+            "prefix_bias": torch.stack(bias).to(dtype)}
+
+
+def summary_tensors(captured: dict, prompt_tokens: int, method: str, budget: int,
+                    options: Options = Options()) -> dict[str, dict[str, torch.Tensor]]:
+    """{full-attention layer: {buffer: tensor}} for a `compressed` or `evict` patch of `budget` entries per layer and
+    key/value head (on average, with a split). captured: the layers' Captured from running capture_ids."""
+    P = prompt_tokens
+    heads = _heads(captured, P)
+    L = len(heads.names)
+    Hkv = len(heads.keys) // L
+    if method == "evict":
+        s = compress.evict(heads.keys, heads.values, heads.ref, min(budget, P))
+        return {name: {"prefix_keys": s.keys[i * Hkv:(i + 1) * Hkv].to(heads.dtype).contiguous(),
+                       "prefix_values": s.values[i * Hkv:(i + 1) * Hkv].to(heads.dtype).contiguous()}
+                for i, name in enumerate(heads.names)}
+    if options.split == "uniform" or budget >= P:
+        per_head = [min(budget, P)] * len(heads.keys)
+        fits = {per_head[0]: heads.summarise(per_head[0], options.keys)}
+    else:
+        grid = compress.budget_grid(budget, P)
+        fits = {b: heads.summarise(b, options.keys) for b in grid}
+        errors = torch.stack([fits[b].error for b in grid], -1)  # (B, grid)
+        if options.split == "layers":  # whole layers: Hkv heads move together
+            per_layer = compress.split_budget(errors.view(L, Hkv, -1).sum(1), grid, Hkv, budget * L * Hkv)
+            per_head = [b for b in per_layer for _ in range(Hkv)]
+        else:
+            per_head = compress.split_budget(errors, grid, 1, budget * L * Hkv)
+        for b in set(per_head) - set(fits):  # budgets between grid points
+            fits[b] = heads.summarise(b, options.keys)
+    return {name: _pad([_one(fits[per_head[i * Hkv + h]], i * Hkv + h) for h in range(Hkv)], heads.dtype)
+            for i, name in enumerate(heads.names)}
+
+
+def _one(s: compress.Summary, h: int) -> compress.Summary:
+    """Head h of a batched Summary, as a Summary of one head."""
+    return dataclasses.replace(s, keys=s.keys[h:h + 1], values=s.values[h:h + 1],
+                               bias=None if s.bias is None else s.bias[h:h + 1], error=s.error[h:h + 1])

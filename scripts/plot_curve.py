@@ -1,0 +1,63 @@
+"""The size-versus-fidelity curve of scripts/real_model.py's held-out run as an SVG image (no plotting library):
+accuracy kept (method over prompted) and KL(prompted || method) against entries per layer and key/value head,
+for `compressed` and `evict`, each averaged over the held-out tasks of 30 to 300 tokens; `prefix` (R = P) is exact.
+
+    python scripts/real_model.py plot        # reads scripts/results/real_model_heldout.json
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+COLOURS = {"compressed": "#1f77b4", "evict": "#d62728"}
+W, H, PAD = 340, 240, 48  # one panel
+
+
+def curve(rows: list[dict], method: str, key: str) -> list[tuple[int, float]]:
+    """[(R, mean of `key` over the short held-out tasks)] for method-R rows."""
+    by_budget: dict[int, list[float]] = {}
+    for r in rows:
+        name = r["method"]
+        if r["task"] != "long_facts" and name.startswith(f"{method}-") and name.split("-", 1)[1].isdigit():
+            by_budget.setdefault(int(name.split("-", 1)[1]), []).append(r[key])
+    return sorted((b, sum(v) / len(v)) for b, v in by_budget.items())
+
+
+def panel(x0: int, title: str, series: dict[str, list[tuple[int, float]]], log_y: bool, y_range: tuple[float, float],
+          y_label: str) -> list[str]:
+    budgets = sorted({b for pts in series.values() for b, _ in pts})
+    lo, hi = (math.log10(y_range[0]), math.log10(y_range[1])) if log_y else y_range
+    fx = lambda b: x0 + PAD + (math.log2(b) - math.log2(budgets[0])) / (math.log2(budgets[-1]) - math.log2(budgets[0])) * (W - PAD - 16)  # noqa: E731
+    fy = lambda y: 16 + (hi - (math.log10(max(y, y_range[0])) if log_y else y)) / (hi - lo) * (H - PAD - 16)  # noqa: E731
+    out = [f'<text x="{x0 + W / 2}" y="12" text-anchor="middle" font-size="12">{title}</text>',
+           f'<line x1="{x0 + PAD}" y1="{H - PAD}" x2="{x0 + W - 16}" y2="{H - PAD}" stroke="black"/>',
+           f'<line x1="{x0 + PAD}" y1="16" x2="{x0 + PAD}" y2="{H - PAD}" stroke="black"/>',
+           f'<text x="{x0 + W / 2}" y="{H - 12}" text-anchor="middle" font-size="11">entries R per layer and key/value head</text>',
+           f'<text x="{x0 + 12}" y="{H / 2}" text-anchor="middle" font-size="11" transform="rotate(-90 {x0 + 12} {H / 2})">{y_label}</text>']
+    for b in budgets:
+        out.append(f'<text x="{fx(b):.1f}" y="{H - PAD + 14}" text-anchor="middle" font-size="10">{b}</text>')
+    ticks = [10.0**e for e in range(math.ceil(lo), math.floor(hi) + 1)] if log_y else [y_range[0] + i * (y_range[1] - y_range[0]) / 4 for i in range(5)]
+    for t in ticks:
+        out.append(f'<text x="{x0 + PAD - 4}" y="{fy(t) + 3:.1f}" text-anchor="end" font-size="10">{t:g}</text>')
+    for name, pts in series.items():
+        colour = COLOURS[name]
+        path = " ".join(f"{'M' if i == 0 else 'L'}{fx(b):.1f},{fy(y):.1f}" for i, (b, y) in enumerate(pts))
+        out.append(f'<path d="{path}" fill="none" stroke="{colour}" stroke-width="2"/>')
+        out += [f'<circle cx="{fx(b):.1f}" cy="{fy(y):.1f}" r="3" fill="{colour}"/>' for b, y in pts]
+    return out
+
+
+def write_curve(result: dict, path: Path) -> None:
+    rows = result["rows"]
+    kept = {m: curve(rows, m, "kept") for m in COLOURS}
+    kl = {m: curve(rows, m, "kl") for m in COLOURS}
+    kls = [y for pts in kl.values() for _, y in pts]
+    parts = panel(0, "accuracy kept (prefix: 1.0)", kept, False, (0.0, 1.0), "method / prompted accuracy")
+    parts += panel(W, "KL(prompted ‖ method) (prefix: ~1e-13)", kl, True,
+                   (10.0 ** math.floor(math.log10(min(kls))), 10.0 ** math.ceil(math.log10(max(kls)))), "KL, nats")
+    parts += [f'<text x="{2 * W - 150}" y="{40 + 16 * i}" font-size="11" fill="{c}">— {m}</text>' for i, (m, c) in enumerate(COLOURS.items())]
+    svg = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{2 * W}" height="{H}" font-family="sans-serif">',
+           '<rect width="100%" height="100%" fill="white"/>', *parts, "</svg>"]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(svg) + "\n")

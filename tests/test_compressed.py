@@ -1,0 +1,229 @@
+"""`compressed` (attention matching, budget split) and `evict`: the fit's parts against their definitions, the padded
+layout against attention over each head's own entries, the options on the command line and in the patch."""
+
+import json
+
+import pytest
+import torch
+
+from helpers import convert, logits, make_gpt2_model, make_llama
+from iclca_cli.errors import IclcaError
+from iclca_cli.ops import compress
+from iclca_cli.ops.compress import Options
+from iclca_cli.patch import check_patch_fits, load_patch
+from iclca_cli.fingerprint import model_fingerprint
+
+S = 8**-0.5
+
+
+def heads(n=2, P=40, N=60, D=8, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    k, v, q = (torch.randn(n, T, D, dtype=torch.float64, generator=g) for T in (P, P, N))
+    return k, v, q
+
+
+def test_nnls_meets_its_optimality_conditions():
+    """w >= 0; the gradient vanishes where w > 0 and is >= 0 where w = 0 (KKT), on a problem whose unconstrained
+    solution has negative entries."""
+    g = torch.Generator().manual_seed(3)
+    M = torch.rand(2, 50, 6, dtype=torch.float64, generator=g)
+    y = M @ torch.tensor([1.0, -2.0, 0.5, 3.0, -1.0, 0.0], dtype=torch.float64) + 0.01 * torch.randn(2, 50, generator=g, dtype=torch.float64)
+    A, b = M.transpose(-1, -2) @ M, (M.transpose(-1, -2) @ y[..., None])[..., 0]
+    assert (torch.linalg.solve(A, b) < 0).any()
+    w = compress.nnls(A, b, steps=2000)
+    grad = (A @ w[..., None])[..., 0] - b
+    assert (w >= 0).all() and (w == 0).any()
+    assert grad[w > 0].abs().max() < 1e-6 and grad[w == 0].min() > -1e-6
+
+
+def test_a_fit_over_every_key_is_the_prompt_itself():
+    """All P keys kept: weight 1 each (bias 0) carries the whole mass, the values are the prompt's: error ~ 0 (up to
+    the solver's steps and the values' small ridge)."""
+    k, v, q = heads()
+    ref = compress.reference(k, v, q, S, None)
+    s = compress.fit(ref, k, S, None)
+    assert s.bias.abs().max() < 1e-3
+    assert s.error.max() < 1e-3 * (ref.outputs**2).sum(-1).mean()
+
+
+def test_reference_is_attention_over_the_prompt_and_its_chunks_do_not_matter(monkeypatch):
+    k, v, q = heads()
+    ref = compress.reference(k, v, q, S, 30.0)
+    w = torch.softmax(torch.tanh(q @ k.transpose(-1, -2) * S / 30) * 30, -1)  # (B, N, P), soft-capped
+    torch.testing.assert_close(ref.outputs, w @ v)
+    torch.testing.assert_close(ref.received, w.amax(1))
+    monkeypatch.setattr(compress, "CHUNK_TOKENS", 7)
+    chunked = compress.reference(k, v, q, S, 30.0)
+    torch.testing.assert_close(chunked.outputs, ref.outputs, rtol=0, atol=1e-12)
+
+
+def test_matching_beats_eviction_and_both_keep_the_sink():
+    k, v, q = heads(P=60)
+    k[:, 5] *= 6  # a key that some queries look at above all others
+    ref = compress.reference(k, v, q, S, None)
+    evicted, fitted = compress.evict(k, v, ref, 12), compress.summarise(k, v, ref, 12, S, None)
+    for s in (evicted, fitted):
+        assert torch.equal(s.keys[:, 0], k[:, 0])
+        assert (s.keys == k[:, 5:6]).all(-1).any(-1).all()  # kept, in every head
+    kept = (evicted.keys[..., None, :] == k[:, None]).all(-1).nonzero()[:, -1].view(2, 12)  # (B, R) prompt positions
+    assert torch.equal(evicted.values, compress.gather(v, kept)) and evicted.bias is None  # entries as they were
+    assert (fitted.error < evicted.error).all()
+    assert (compress.summarise(k, v, ref, 24, S, None).error < fitted.error).all()  # more entries, closer
+
+
+def test_kmeans_keys_keep_the_sink_and_fit_like_the_rest():
+    k, v, q = heads()
+    ref = compress.reference(k, v, q, S, None)
+    s = compress.summarise(k, v, ref, 6, S, None, keys="kmeans")
+    assert s.keys.shape == (2, 6, 8) and torch.equal(s.keys[:, 0], k[:, 0])
+    assert s.error.max() < ((ref.outputs - ref.outputs.mean(1, keepdim=True)) ** 2).sum(-1).mean()  # beats a constant
+
+
+def test_budget_grid_and_the_split():
+    assert compress.budget_grid(8, 24) == [2, 3, 4, 6, 8, 11, 16, 23, 24]
+    assert compress.budget_grid(5, 300)[-1] == 20 and 5 in compress.budget_grid(5, 300)
+    grid = [2, 4, 8]
+    # unit 0 gains nothing from entries, unit 1 a lot: unit 1 takes what the total allows
+    errors = torch.tensor([[1.0, 1.0, 1.0], [9.0, 2.0, 0.0]])
+    assert compress.split_budget(errors, grid, 1, 10) == [2, 8]
+    assert compress.split_budget(errors, grid, 1, 6) == [2, 4]
+    assert compress.split_budget(errors, grid, 2, 12) == [2, 4]  # units of two heads pay twice per entry
+    assert compress.split_budget(errors, grid, 1, 4) == [2, 2]
+    assert compress.split_budget(errors, grid, 1, 7) == [2, 5]  # the rest between grid points, to the best next step
+    assert compress.split_budget(errors, grid, 1, 12) == [4, 8]  # both at their best: the rest to the other
+    assert compress.split_budget(errors, grid, 1, 30) == [8, 8]  # the grid's top caps every unit
+
+
+def test_a_padded_layer_attends_as_its_heads_own_entries():
+    """A split gives the heads of a layer different budgets; the layer's tensors are padded to its widest head with
+    bias PAD_BIAS: attention over the padded layer equals attention over each head's own entries (float64)."""
+    from iclca_cli.ops.softmax_attention import patched_attention_reference
+    from iclca_cli.summaries import _pad
+
+    k, v, q = heads(P=30)
+    ref = compress.reference(k, v, q, S, None)
+    narrow, wide = compress.summarise(k, v, ref, 4, S, None), compress.summarise(k, v, ref, 9, S, None)
+    from iclca_cli.summaries import _one
+
+    layer = _pad([_one(narrow, 0), _one(wide, 1)], torch.float64)
+    assert layer["prefix_keys"].shape == (2, 9, 8) and (layer["prefix_bias"][0, 4:] == compress.PAD_BIAS).all()
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(3, 1, 2, 5, 8, dtype=torch.float64, generator=g)  # query, key, value (B, H, T, D)
+    padded = patched_attention_reference(*x, layer["prefix_keys"], layer["prefix_values"], S, layer["prefix_bias"])
+    for h, s in ((0, narrow), (1, wide)):
+        own = patched_attention_reference(x[0][:, h:h + 1], x[1][:, h:h + 1], x[2][:, h:h + 1], s.keys[h:h + 1],
+                                          s.values[h:h + 1], S, s.bias[h:h + 1])
+        torch.testing.assert_close(padded[:, h:h + 1], own, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("split", ["uniform", "layers", "heads"])
+def test_a_split_never_holds_more_entries_than_the_uniform_budget(split):
+    model = make_llama()
+    prompt = torch.randint(0, 97, (60,), generator=torch.Generator().manual_seed(2)).tolist()
+    _, patch = convert(model, prompt, "compressed", budget=10, options=Options(split=split))
+    bias = [t for n, t in patch.tensors.items() if n.endswith("prefix_bias")]
+    held = sum(int((b > compress.PAD_BIAS / 2).sum()) for b in bias)
+    assert held == 10 * sum(b.shape[0] for b in bias)  # the whole budget, no more
+    widths = {b.shape[-1] for b in bias}
+    assert widths == {10} if split == "uniform" else max(widths) <= 40
+    if split == "layers":  # whole layers: no padding
+        assert held == sum(b.numel() for b in bias)
+
+
+def test_repeat_queries_run_a_second_copy_within_the_position_table():
+    from iclca_cli.summaries import capture_ids
+
+    assert capture_ids([5, 6, 7], Options(queries="own"), None) == [5, 6, 7]
+    assert capture_ids([5, 6, 7], Options(), None) == [5, 6, 7, 5, 6, 7]
+    assert capture_ids([5, 6, 7], Options(), 5) == [5, 6, 7, 5, 6]
+    model = make_gpt2_model(vocab_size=97, n_positions=24)  # a 20-token prompt leaves room for 4 repeated tokens
+    _, patch = convert(model, list(range(20)), "compressed", budget=6)
+    assert patch.extra["summary_queries"] == "repeat"
+
+
+@pytest.mark.parametrize("method", ["compressed", "evict"])
+def test_full_budget_is_the_prefix(method):
+    model = make_llama()
+    prompt, query = list(range(3, 33)), [40, 41, 42, 43]
+    prefix, _ = convert(model, prompt, "prefix")
+    full, _ = convert(model, prompt, method, budget=len(prompt))
+    assert (logits(full, query) - logits(prefix, query)).abs().max() <= 1e-10
+    assert (logits(full, query) - logits(model, query)).abs().max() > 1e-3  # the prompt matters here
+
+
+def test_evict_keeps_prompt_entries_as_they_are():
+    model = make_llama()
+    prompt = list(range(3, 43))
+    _, patch = convert(model, prompt, "evict", budget=8)
+    _, prefix = convert(model, prompt, "prefix")
+    name = "model.layers.0.self_attn.prefix_keys"
+    assert set(patch.tensors) == set(prefix.tensors) and patch.tensors[name].shape == (2, 8, 16)
+    for h in range(2):  # every kept key is one of the prompt's, the first among them
+        kept, allk = patch.tensors[name][h], prefix.tensors[name][h]
+        assert torch.equal(kept[0], allk[0]) and all((allk == row).all(-1).any() for row in kept)
+
+
+def test_a_patch_with_a_layer_wider_than_the_split_allows_is_refused(tmp_path):
+    model = make_llama()
+    _, patch = convert(model, list(range(3, 33)), "compressed", budget=4)
+    name = "model.layers.0.self_attn"
+    for buffer in ("prefix_keys", "prefix_values", "prefix_bias"):
+        t = patch.tensors[f"{name}.{buffer}"]
+        patch.tensors[f"{name}.{buffer}"] = torch.cat([t, t], dim=1).repeat_interleave(9, dim=1)[:, :17]
+    with pytest.raises(IclcaError, match="shape"):
+        check_patch_fits(patch, model, model_fingerprint(model))
+    patch.extra["summary_split"] = "diagonal"
+    with pytest.raises(IclcaError, match="summary_split"):
+        check_patch_fits(patch, model, model_fingerprint(model))
+
+
+def test_cli_options_reach_the_patch_and_bad_ones_are_one_line_errors(cli, tmp_path):
+    prompt = tmp_path / "p.txt"
+    prompt.write_text("".join(f"w{i}: {i % 10}\n" for i in range(8)))
+    out = tmp_path / "c.safetensors"
+    res = cli("convert", prompt, "-m", "demo-gpt2", "-o", out, "--method", "compressed", "--budget", "6",
+              "--split", "uniform", "--reference", "own", "--json")
+    assert res.exit_code == 0, res.stderr
+    extra = load_patch(out).extra
+    assert (extra["summary_split"], extra["summary_queries"], extra["summary_keys"]) == ("uniform", "own", "attention")
+    res = cli("convert", prompt, "-m", "demo-gpt2", "-o", out, "--method", "compressed", "--budget", "6", "--split", "rows")
+    assert res.exit_code == 2 and "--split 'rows'" in res.stderr and "Traceback" not in res.stderr
+    res = cli("convert", prompt, "-m", "demo-gpt2", "-o", tmp_path / "e.safetensors", "--method", "evict", "--budget", "6",
+              "--json")
+    assert res.exit_code == 0, res.stderr
+    assert json.loads(res.stdout)["method"] == "evict"
+    queries = tmp_path / "q.jsonl"
+    queries.write_text('{"input": "w3:", "target": " 3"}\n')
+    res = cli("eval", "-m", "demo-gpt2", "--patch", tmp_path / "e.safetensors", "--prompt", prompt, "--queries", queries,
+              "--json")
+    assert res.exit_code == 0, res.stderr
+
+
+def test_demo_gpt2_keeps_its_answers_at_a_third_of_the_prompt():
+    """The demo's look-up head needs more entries than the others: the split gives it them. Fixed development prompts
+    (seed 7, not the README's): the default (repeat queries, attention keys, split by heads) against the uniform
+    budget and eviction, each at P/3."""
+    import random
+
+    from helpers import ROOT
+    from iclca_cli.evaluate import evaluate
+    from iclca_cli.inputs import encode_prompt
+    from iclca_cli.loading import load_model
+    from iclca_cli.patch import patched_copy
+    from iclca_cli.tasks import RecallTask
+
+    model, tokenizer = load_model("demo-gpt2", "float32")
+    task = RecallTask.from_json(ROOT / "configs/tasks/recall.json")
+    rng = random.Random(7)
+    accuracy = {"default": [], "uniform": [], "evict": []}
+    for _ in range(12):
+        prompt, queries = task.sample(rng)
+        ids = encode_prompt(tokenizer, prompt)
+        R = len(ids) // 3
+        for name, method, options in (("default", "compressed", Options()), ("uniform", "compressed", Options(split="uniform")),
+                                      ("evict", "evict", Options())):
+            patch = convert(model, ids, method, budget=R, options=options)[1]
+            r = evaluate(model, patched_copy(model, patch), tokenizer, prompt, queries, method, patch.nbytes, 0)
+            accuracy[name].append(r["accuracy"]["patched"])
+    mean = {k: sum(v) / len(v) for k, v in accuracy.items()}
+    assert mean["default"] >= 0.95 and mean["default"] > mean["uniform"] > mean["evict"], mean
