@@ -15,7 +15,7 @@ from .families import Family
 from .models.patched_cache import start_backbone_from_prompt
 from .patch_buffers import buffer_specs
 from .ops.compress import Options
-from .softmax_layers import capture_prompt_kv, check_method_arguments, patch_tensors, summary_entries
+from .softmax_layers import capture_prompt_kv, check_method_arguments, patch_tensors, summary_shapes
 from .summaries import SUMMARY_METHODS, capture_ids
 
 Progress = Callable[[int, int], None]  # (tokens done, tokens in all)
@@ -105,14 +105,9 @@ def expected_shapes(model, family: Family, patch) -> dict[str, tuple[int, ...]]:
     cache = getattr(out, family.cache_kwarg)
     shapes = {name: tuple(t.shape) for name, t in cache_tensors(cache, family.layer_paths(model.config)).items()}
     if patch.method in SUMMARY_METHODS:
-        budget = int(patch.extra.get("budget", 0))
         shapes = {n: s for n, s in shapes.items() if not n.endswith(("prompt_keys", "prompt_values"))}
         for name, c in captured.items():
-            R = summary_entries(patch, f"{name}.prefix_keys", budget)
-            shapes[f"{name}.prefix_keys"] = (c.keys.shape[0], R, c.keys.shape[-1])
-            shapes[f"{name}.prefix_values"] = (c.values.shape[0], R, c.values.shape[-1])
-            if patch.method == "compressed":
-                shapes[f"{name}.prefix_bias"] = (c.keys.shape[0], R)
+            shapes.update(summary_shapes(patch, name, c.keys.shape[0], c.keys.shape[-1]))
         return shapes
     for path, layer in zip(family.layer_paths(model.config), getattr(cache, "layers", ())):
         window = getattr(layer, "sliding_window", None)

@@ -161,7 +161,7 @@ def convert_softmax(model, family: Family, prompt_ids: list[int], method: str, b
 def expected_shapes(model, family: Family, patch) -> dict[str, tuple[int, ...]]:
     """Tensor name -> shape a patch of this method must have for this model."""
     method, prompt_tokens = patch.method, patch.prompt_tokens
-    budget, order = int(patch.extra.get("budget", 0)), int(patch.extra.get("taylor_order", 0))
+    order = int(patch.extra.get("taylor_order", 0))
     Hkv, D = kv_shape(model.config)
     shapes = {}
     kinds = family.layer_kinds(model.config)
@@ -172,22 +172,30 @@ def expected_shapes(model, family: Family, patch) -> dict[str, tuple[int, ...]]:
         elif method == "taylor":
             F = taylor_feature_dim(D, order)
             shapes[f"{path}.memory_kv"], shapes[f"{path}.memory_k"] = (Hkv, F, D), (Hkv, F)
+        elif kind == "full_attention" and method == "prefix":
+            shapes[f"{path}.prefix_keys"] = shapes[f"{path}.prefix_values"] = (Hkv, prompt_tokens, D)
         elif kind == "full_attention":
-            R = prompt_tokens if method == "prefix" else summary_entries(patch, f"{path}.prefix_keys", budget)
-            shapes[f"{path}.prefix_keys"] = shapes[f"{path}.prefix_values"] = (Hkv, R, D)
-            if method == "compressed":
-                shapes[f"{path}.prefix_bias"] = (Hkv, R)
+            shapes.update(summary_shapes(patch, path, Hkv, D))
     return shapes
 
 
-def summary_entries(patch, name: str, budget: int) -> int:
-    """Entries per key/value head a summary layer holds: min(budget, P) for a uniform budget; with a split, a layer
-    holds what its widest head took, up to the grid's top (summaries.py), as the tensor says."""
-    uniform = min(budget, patch.prompt_tokens)
-    if patch.method != "compressed" or Options.from_metadata(patch.extra).split == "uniform" or name not in patch.tensors:
-        return uniform
-    held = patch.tensors[name].shape[-2] if patch.tensors[name].dim() == 3 else -1
-    return held if 1 <= held <= compress.budget_grid(budget, patch.prompt_tokens)[-1] else uniform
+def summary_shapes(patch, module: str, Hkv: int, D: int) -> dict[str, tuple[int, ...]]:
+    """Shapes of an `evict` or `compressed` layer's buffers ('<module>.<buffer>'). evict and uniform budgets: R =
+    min(budget, P) per key/value head. A split by layers: the layer's R, as its tensor says, up to the grid's top;
+    by heads: the same, or the heads' entries in one list, (1, E, D) with E up to Hkv x the grid's top
+    (summaries.layer_tensors)."""
+    budget = int(patch.extra.get("budget", 0))
+    R = min(budget, patch.prompt_tokens)
+    keys = patch.tensors.get(f"{module}.prefix_keys")
+    shared = 1 if keys is not None and keys.dim() == 3 and keys.shape[0] == 1 else Hkv
+    if patch.method == "compressed" and Options.from_metadata(patch.extra).split != "uniform" and keys is not None:
+        held = keys.shape[-2] if keys.dim() == 3 else -1
+        top = compress.budget_grid(budget, patch.prompt_tokens)[-1] * (Hkv // shared)
+        R = held if 1 <= held <= top else R
+    shapes = {f"{module}.prefix_keys": (shared, R, D), f"{module}.prefix_values": (shared, R, D)}
+    if patch.method == "compressed":
+        shapes[f"{module}.prefix_bias"] = (Hkv, R)
+    return shapes
 
 
 @torch.no_grad()

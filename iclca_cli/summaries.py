@@ -1,9 +1,10 @@
 """`compressed` and `evict` for a model's full-attention layers: what to run (the prompt, and a repeat of it for the
 reference queries), the budget split across layers and heads, and the padded patch tensors (ops/compress.py fits).
 
-A layer's tensors are (Hkv, R_l, D): with a split, R_l is the most entries any of its heads holds, and a head that
-holds fewer pads its slots with zero keys and values and a bias of PAD_BIAS (never attended). The budget is the
-average entries per layer and key/value head: the split never holds more entries in all than a uniform budget would.
+A layer whose heads hold R entries each has tensors (Hkv, R, D); a layer whose heads took different budgets (a
+split by heads) keeps its heads' entries in one list, (1, E, D), with a bias per head that hides the other heads'
+entries (layer_tensors). The budget is the average entries per layer and key/value head: a split holds as many
+entries in all as a uniform budget would.
 """
 
 from __future__ import annotations
@@ -77,17 +78,24 @@ def _heads(captured: dict, prompt_tokens: int) -> Heads:
                  softcaps.pop(), first.keys.dtype)
 
 
-def _pad(summaries: list[compress.Summary], dtype) -> dict[str, torch.Tensor]:
-    """One layer's heads (each a Summary of one head) -> padded (Hkv, R_l, D), (Hkv, R_l, D), (Hkv, R_l)."""
-    R = max(s.keys.shape[1] for s in summaries)
-    keys, values, bias = [], [], []
-    for s in summaries:
-        gap = R - s.keys.shape[1]
-        keys.append(torch.nn.functional.pad(s.keys[0], (0, 0, 0, gap)))
-        values.append(torch.nn.functional.pad(s.values[0], (0, 0, 0, gap)))
-        bias.append(torch.nn.functional.pad(s.bias[0], (0, gap), value=compress.PAD_BIAS))
-    return {"prefix_keys": torch.stack(keys).to(dtype), "prefix_values": torch.stack(values).to(dtype),
-            "prefix_bias": torch.stack(bias).to(dtype)}
+def layer_tensors(summaries: list[compress.Summary], dtype) -> dict[str, torch.Tensor]:
+    """One layer's heads (each a Summary of one head) -> its buffers. Heads of one budget: keys and values
+    (Hkv, R, D), bias (Hkv, R). Heads of different budgets (a split by heads): every head's entries in one shared list,
+    keys and values (1, E, D) with E the heads' budgets summed, and a bias per head (Hkv, E) that is PAD_BIAS on
+    the other heads' entries: each query head attends to its key/value head's entries only, and the layer holds
+    no unused slots."""
+    if len({s.keys.shape[1] for s in summaries}) == 1:
+        return {"prefix_keys": torch.cat([s.keys for s in summaries]).to(dtype),
+                "prefix_values": torch.cat([s.values for s in summaries]).to(dtype),
+                "prefix_bias": torch.cat([s.bias for s in summaries]).to(dtype)}
+    widths = [s.keys.shape[1] for s in summaries]
+    bias = torch.full((len(summaries), sum(widths)), compress.PAD_BIAS, dtype=summaries[0].bias.dtype)
+    start = 0
+    for h, (s, width) in enumerate(zip(summaries, widths)):
+        bias[h, start:start + width] = s.bias[0]
+        start += width
+    return {"prefix_keys": torch.cat([s.keys for s in summaries], 1).to(dtype),
+            "prefix_values": torch.cat([s.values for s in summaries], 1).to(dtype), "prefix_bias": bias.to(dtype)}
 
 
 def summary_tensors(captured: dict, prompt_tokens: int, method: str, budget: int,
@@ -117,7 +125,7 @@ def summary_tensors(captured: dict, prompt_tokens: int, method: str, budget: int
             per_head = compress.split_budget(errors, grid, 1, budget * L * Hkv)
         for b in set(per_head) - set(fits):  # budgets between grid points
             fits[b] = heads.summarise(b, options.keys)
-    return {name: _pad([_one(fits[per_head[i * Hkv + h]], i * Hkv + h) for h in range(Hkv)], heads.dtype)
+    return {name: layer_tensors([_one(fits[per_head[i * Hkv + h]], i * Hkv + h) for h in range(Hkv)], heads.dtype)
             for i, name in enumerate(heads.names)}
 
 

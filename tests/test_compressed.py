@@ -94,26 +94,31 @@ def test_budget_grid_and_the_split():
     assert compress.split_budget(errors, grid, 1, 30) == [8, 8]  # the grid's top caps every unit
 
 
-def test_a_padded_layer_attends_as_its_heads_own_entries():
-    """A split gives the heads of a layer different budgets; the layer's tensors are padded to its widest head with
-    bias PAD_BIAS: attention over the padded layer equals attention over each head's own entries (float64)."""
-    from iclca_cli.ops.softmax_attention import patched_attention_reference
-    from iclca_cli.summaries import _pad
+def test_a_layer_of_heads_with_different_budgets_attends_as_each_heads_own_entries():
+    """A split by heads gives the heads of a layer different budgets; the layer keeps their entries in one list with a
+    bias per head that hides the others' entries: attention over it equals attention over each head's own entries
+    (float64, through the patched attention function as a model calls it)."""
+    from iclca_cli.ops.softmax_attention import patched_attention, patched_attention_reference
+    from iclca_cli.summaries import _one, layer_tensors
 
     k, v, q = heads(P=30)
     ref = compress.reference(k, v, q, S, None)
     narrow, wide = compress.summarise(k, v, ref, 4, S, None), compress.summarise(k, v, ref, 9, S, None)
-    from iclca_cli.summaries import _one
-
-    layer = _pad([_one(narrow, 0), _one(wide, 1)], torch.float64)
-    assert layer["prefix_keys"].shape == (2, 9, 8) and (layer["prefix_bias"][0, 4:] == compress.PAD_BIAS).all()
+    layer = layer_tensors([_one(narrow, 0), _one(wide, 1)], torch.float64)
+    assert layer["prefix_keys"].shape == (1, 13, 8) and layer["prefix_bias"].shape == (2, 13)
+    assert (layer["prefix_bias"][0, 4:] == compress.PAD_BIAS).all() and (layer["prefix_bias"][1, :4] == compress.PAD_BIAS).all()
+    module = torch.nn.Module()
+    for name, t in layer.items():
+        module.register_buffer(name, t)
     g = torch.Generator().manual_seed(1)
-    x = torch.randn(3, 1, 2, 5, 8, dtype=torch.float64, generator=g)  # query, key, value (B, H, T, D)
-    padded = patched_attention_reference(*x, layer["prefix_keys"], layer["prefix_values"], S, layer["prefix_bias"])
+    query, key, value = (torch.randn(1, 4, 5, 8, dtype=torch.float64, generator=g) for _ in range(3))  # 4 query heads
+    key, value = key[:, :2], value[:, :2]  # 2 key/value heads: query heads 0-1 use head 0, 2-3 head 1
+    got = patched_attention(module, query, key, value, None, scaling=S)[0].transpose(1, 2)  # (B, H, T, D)
     for h, s in ((0, narrow), (1, wide)):
-        own = patched_attention_reference(x[0][:, h:h + 1], x[1][:, h:h + 1], x[2][:, h:h + 1], s.keys[h:h + 1],
-                                          s.values[h:h + 1], S, s.bias[h:h + 1])
-        torch.testing.assert_close(padded[:, h:h + 1], own, rtol=0, atol=1e-12)
+        own = patched_attention_reference(query[:, 2 * h:2 * h + 2], key[:, h:h + 1].expand(-1, 2, -1, -1),
+                                          value[:, h:h + 1].expand(-1, 2, -1, -1), s.keys[h:h + 1].expand(2, -1, -1),
+                                          s.values[h:h + 1].expand(2, -1, -1), S, s.bias[h:h + 1].expand(2, -1))
+        torch.testing.assert_close(got[:, 2 * h:2 * h + 2], own, rtol=0, atol=1e-12)
 
 
 @pytest.mark.parametrize("split", ["uniform", "layers", "heads"])
@@ -121,13 +126,13 @@ def test_a_split_never_holds_more_entries_than_the_uniform_budget(split):
     model = make_llama()
     prompt = torch.randint(0, 97, (60,), generator=torch.Generator().manual_seed(2)).tolist()
     _, patch = convert(model, prompt, "compressed", budget=10, options=Options(split=split))
-    bias = [t for n, t in patch.tensors.items() if n.endswith("prefix_bias")]
+    bias = [t for n, t in patch.tensors.items() if n.endswith("prefix_bias")]  # (Hkv, R) or (Hkv, E)
+    keys = [t for n, t in patch.tensors.items() if n.endswith("prefix_keys")]  # (Hkv, R, D) or (1, E, D)
     held = sum(int((b > compress.PAD_BIAS / 2).sum()) for b in bias)
     assert held == 10 * sum(b.shape[0] for b in bias)  # the whole budget, no more
-    widths = {b.shape[-1] for b in bias}
-    assert widths == {10} if split == "uniform" else max(widths) <= 40
-    if split == "layers":  # whole layers: no padding
-        assert held == sum(b.numel() for b in bias)
+    assert sum(k.shape[0] * k.shape[1] for k in keys) == held  # no unused slots
+    if split == "uniform":
+        assert {k.shape for k in keys} == {(2, 10, 16)}
 
 
 def test_repeat_queries_run_a_second_copy_within_the_position_table():
@@ -169,7 +174,7 @@ def test_a_patch_with_a_layer_wider_than_the_split_allows_is_refused(tmp_path):
     name = "model.layers.0.self_attn"
     for buffer in ("prefix_keys", "prefix_values", "prefix_bias"):
         t = patch.tensors[f"{name}.{buffer}"]
-        patch.tensors[f"{name}.{buffer}"] = torch.cat([t, t], dim=1).repeat_interleave(9, dim=1)[:, :17]
+        patch.tensors[f"{name}.{buffer}"] = t.repeat_interleave(40, dim=1)[:, :33]  # > 2 heads x the grid's top, 16
     with pytest.raises(IclcaError, match="shape"):
         check_patch_fits(patch, model, model_fingerprint(model))
     patch.extra["summary_split"] = "diagonal"
