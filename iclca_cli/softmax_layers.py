@@ -7,7 +7,8 @@ have, and putting a patch on a model.
 - Per layer: a sliding-window layer keeps the prompt's last window-1 tokens exactly, whatever the method (nothing
   else could let entries expire as the query moves on); a full layer takes `prefix` (keys and values, exact),
   `compressed` or `evict` (about R entries per key/value head, summaries.py) or `taylor` (memories, ops/taylor.py).
-- Grouped-query attention: patch tensors are per key/value head, (Hkv, R, D).
+- Grouped-query attention: patch tensors are per key/value head, (Hkv, R, D); a compressed layer whose heads hold
+  different numbers of entries keeps them in one list, (1, E, D), with a bias per head (summaries.layer_tensors).
 """
 
 from __future__ import annotations

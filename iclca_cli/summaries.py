@@ -41,18 +41,24 @@ class Heads:
     softcap: float | None
     dtype: torch.dtype  # the model's: what the patch stores
 
-    def rows(self, i: int, j: int) -> tuple:
-        """(keys, values, Reference) of heads i..j-1."""
-        ref = compress.Reference(*(getattr(self.ref, f.name)[i:j] for f in dataclasses.fields(self.ref)))
-        return self.keys[i:j], self.values[i:j], ref
+    def rows(self, index: list[int]) -> tuple:
+        """(keys, values, Reference, scaling) of these heads (views where they are consecutive)."""
+        at = slice(index[0], index[-1] + 1) if index == list(range(index[0], index[-1] + 1)) else torch.tensor(index)
+        ref = compress.Reference(*(getattr(self.ref, f.name)[at] for f in dataclasses.fields(self.ref)))
+        return self.keys[at], self.values[at], ref, self.scaling[at]
 
-    def summarise(self, budget: int, keys: str) -> compress.Summary:
-        """Every head at `budget` entries, in chunks of heads whose (N, budget) fits stay under FIT_ELEMENTS."""
+    def summarise(self, budget: int, keys: str, heads: list[int] | None = None) -> dict[int, compress.Summary]:
+        """{head: its Summary (a batch of one)} at `budget` entries, for these heads (default: all), fitted in
+        batches of heads whose (N, budget) fits stay under FIT_ELEMENTS."""
+        heads = list(range(len(self.keys))) if heads is None else heads
         step = max(1, FIT_ELEMENTS // (self.ref.queries.shape[1] * budget))
-        parts = [compress.summarise(*self.rows(i, i + step), budget, self.scaling[i:i + step], self.softcap, keys)
-                 for i in range(0, len(self.keys), step)]
-        return compress.Summary(*(None if getattr(parts[0], f.name) is None else
-                                  torch.cat([getattr(p, f.name) for p in parts]) for f in dataclasses.fields(parts[0])))
+        out = {}
+        for i in range(0, len(heads), step):
+            batch = heads[i:i + step]
+            k, v, ref, scaling = self.rows(batch)
+            s = compress.summarise(k, v, ref, budget, scaling, self.softcap, keys)
+            out.update({h: _one(s, j) for j, h in enumerate(batch)})
+        return out
 
 
 FIT_ELEMENTS = 1 << 25  # reference queries x entries per fitting step (a few hundred MB at most)
@@ -117,15 +123,15 @@ def summary_tensors(captured: dict, prompt_tokens: int, method: str, budget: int
     else:
         grid = compress.budget_grid(budget, P)
         fits = {b: heads.summarise(b, options.keys) for b in grid}
-        errors = torch.stack([fits[b].error for b in grid], -1)  # (B, grid)
+        errors = torch.stack([torch.cat([fits[b][h].error for h in range(len(heads.keys))]) for b in grid], -1)  # (B, grid)
         if options.split == "layers":  # whole layers: Hkv heads move together
             per_layer = compress.split_budget(errors.view(L, Hkv, -1).sum(1), grid, Hkv, budget * L * Hkv)
             per_head = [b for b in per_layer for _ in range(Hkv)]
         else:
             per_head = compress.split_budget(errors, grid, 1, budget * L * Hkv)
-        for b in set(per_head) - set(fits):  # budgets between grid points
-            fits[b] = heads.summarise(b, options.keys)
-    return {name: layer_tensors([_one(fits[per_head[i * Hkv + h]], i * Hkv + h) for h in range(Hkv)], heads.dtype)
+        for b in set(per_head) - set(fits):  # budgets off the grid: only the heads that took them
+            fits[b] = heads.summarise(b, options.keys, [h for h, hb in enumerate(per_head) if hb == b])
+    return {name: layer_tensors([fits[per_head[i * Hkv + h]][i * Hkv + h] for h in range(Hkv)], heads.dtype)
             for i, name in enumerate(heads.names)}
 
 

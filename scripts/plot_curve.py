@@ -1,6 +1,7 @@
 """The size-versus-fidelity curve of scripts/real_model.py's held-out run as an SVG image (no plotting library):
-accuracy kept (method over prompted) and KL(prompted || method) against entries per layer and key/value head,
-for `compressed` and `evict`, each averaged over the held-out tasks of 30 to 300 tokens; `prefix` (R = P) is exact.
+the share of answer positions whose top token is the prompted model's, and KL(prompted || method), against entries
+per layer and key/value head, for `compressed` and `evict`, each averaged over the held-out tasks of 30 to 300
+tokens; `prefix` (R = P) is exact.
 
     python scripts/real_model.py plot        # reads scripts/results/real_model_heldout.json
 """
@@ -50,10 +51,10 @@ def panel(x0: int, title: str, series: dict[str, list[tuple[int, float]]], log_y
 
 def write_curve(result: dict, path: Path) -> None:
     rows = result["rows"]
-    kept = {m: curve(rows, m, "kept") for m in COLOURS}
+    top1 = {m: curve(rows, m, "top1_agreement") for m in COLOURS}
     kl = {m: curve(rows, m, "kl") for m in COLOURS}
     kls = [y for pts in kl.values() for _, y in pts]
-    parts = panel(0, "accuracy kept (prefix: 1.0)", kept, False, (0.0, 1.0), "method / prompted accuracy")
+    parts = panel(0, "top token = prompted's (prefix: 1.0)", top1, False, (0.0, 1.0), "share of answer positions")
     parts += panel(W, "KL(prompted ‖ method) (prefix: ~1e-13)", kl, True,
                    (10.0 ** math.floor(math.log10(min(kls))), 10.0 ** math.ceil(math.log10(max(kls)))), "KL, nats")
     parts += [f'<text x="{2 * W - 150}" y="{40 + 16 * i}" font-size="11" fill="{c}">— {m}</text>' for i, (m, c) in enumerate(COLOURS.items())]

@@ -15,8 +15,9 @@ checkpoint folder (default ~/.cache/iclca/smollm2-135m-instruct).
 Tasks: scripts/few_shot_tasks.py (development: digits, words, labels, format, seeded "dev-<task>"; held out:
 associations, odd_labels, format_rules, multi_token with 30 to 300-token prompts, and long_facts, 100 facts in about
 a thousand tokens, seeded "heldout-<task>"). A query counts as right when every token of its target is the argmax
-(teacher-forced); KL is KL(prompted || method) at the target's positions, averaged. `kept` is the method's accuracy
-over the prompted model's. float32 throughout.
+(teacher-forced); KL is KL(prompted || method) at the target's positions, averaged; `top-1 = prompted` is the share
+of those positions where the method's top token is the prompted model's. `kept` is the method's accuracy over the
+prompted model's (noise where the prompted model itself answers almost nothing). float32 throughout.
 """
 
 from __future__ import annotations
@@ -102,10 +103,11 @@ def answer_logits(model, ids: list[int], answer_tokens: int, cache=None) -> torc
     return out.logits[0, -answer_tokens - 1:-1].double()
 
 
-def score(got: torch.Tensor, want: torch.Tensor | None, target: list[int]) -> tuple[int, float]:
-    """(1 if every target token is the argmax, mean KL(want || got) over the target's positions)."""
+def score(got: torch.Tensor, want: torch.Tensor, target: list[int]) -> tuple[int, float, int]:
+    """(1 if every target token is the argmax, mean KL(want || got) over the target's positions, positions where
+    got's top token is want's)."""
     right = int(all(int(t) == int(a) for t, a in zip(target, got.argmax(-1))))
-    return right, 0.0 if want is None else float(kl_divergence(want, got).mean())
+    return right, float(kl_divergence(want, got).mean()), int((got.argmax(-1) == want.argmax(-1)).sum())
 
 
 def run(folder: Path, tasks: list[str], methods: dict[str, list[str]], n_prompts: int, seed: str, log=print) -> list[dict]:
@@ -128,7 +130,8 @@ def run(folder: Path, tasks: list[str], methods: dict[str, list[str]], n_prompts
                 cache = model(input_ids=torch.tensor([prompt]), use_cache=True, logits_to_keep=1).cache
             prompted = [answer_logits(model, q + t, len(t), copy.deepcopy(cache)) for q, t in queries]
             for name in ["prompted", "none", *methods[task]]:
-                s = stats.setdefault(name, {"right": 0, "n": 0, "kl": 0.0, "bytes": [], "seconds": 0.0, "budgets": []})
+                s = stats.setdefault(name, {"right": 0, "n": 0, "kl": 0.0, "bytes": [], "seconds": 0.0, "budgets": [],
+                                            "same_top": 0, "positions": 0})
                 if name in ("prompted", "none"):
                     patched = model
                 else:
@@ -141,14 +144,16 @@ def run(folder: Path, tasks: list[str], methods: dict[str, list[str]], n_prompts
                     patched = patched_copy(model, patch)
                 for (q, t), want in zip(queries, prompted):
                     got = want if name == "prompted" else answer_logits(patched, q + t, len(t))
-                    right, kl = score(got, want, t)
+                    right, kl, same = score(got, want, t)
                     s["right"], s["n"], s["kl"] = s["right"] + right, s["n"] + 1, s["kl"] + kl
+                    s["same_top"], s["positions"] = s["same_top"] + same, s["positions"] + len(t)
             log(f"{task}: prompt {i + 1}/{prompts} (P = {len(prompt)})")
         base = stats["prompted"]["right"] / stats["prompted"]["n"]
         for name, s in stats.items():
             accuracy = s["right"] / s["n"]
             rows.append({"task": task, "method": name, "accuracy": accuracy, "prompted_accuracy": base,
                          "kept": accuracy / base if base else None, "kl": s["kl"] / s["n"], "queries": s["n"],
+                         "top1_agreement": s["same_top"] / s["positions"],
                          "patch_bytes": sum(s["bytes"]) / len(s["bytes"]) if s["bytes"] else None,
                          "mean_budget": sum(s["budgets"]) / len(s["budgets"]) if s["budgets"] else None,
                          "convert_seconds": s["seconds"] / prompts if s["bytes"] else None,
@@ -187,10 +192,10 @@ def cost(folder: Path, lengths=(256, 1024, 4096), repeats: int = 2, log=print) -
 
 def table(rows: list[dict]) -> str:
     return markdown_table(
-        ["task (P)", "method", "accuracy", "kept", "KL(prompted‖x)", "patch bytes", "convert s"],
+        ["task (P)", "method", "accuracy", "kept", "KL(prompted‖x)", "top-1 = prompted", "patch bytes", "convert s"],
         [[f"{r['task']} ({r['prompt_tokens'][0]}–{r['prompt_tokens'][1]})", r["method"], f"{r['accuracy']:.3f}",
-          number(r["kept"]), number(r["kl"]), f"{r['patch_bytes']:,.0f}" if r["patch_bytes"] else "—",
-          number(r["convert_seconds"], 2)] for r in rows])
+          number(r["kept"]), number(r["kl"]), f"{r['top1_agreement']:.3f}",
+          f"{r['patch_bytes']:,.0f}" if r["patch_bytes"] else "—", number(r["convert_seconds"], 2)] for r in rows])
 
 
 def main() -> None:

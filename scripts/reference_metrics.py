@@ -6,9 +6,9 @@
 
 Two setups, both deterministic and seconds long:
 - demo-gpt2 (trained to look values up in context) on 20 fresh recall prompts, as in reproduce.py: accuracy and
-  KL(prompted || patched) of taylor1, taylor2 and compressed (budget P/3);
+  KL(prompted || patched) of taylor1, taylor2, compressed and evict (budget P/3);
 - a tiny random grouped-query Llama and a soft-capped, sliding-window Gemma 2 (float64) on one 60-token prompt:
-  KL of compressed (budget 8) and, for Llama, taylor1 / taylor2, through the rotary and soft-cap paths.
+  KL of compressed and evict (budget 8) and, for Llama, taylor1 / taylor2, through the rotary and soft-cap paths.
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ def tiny_model_metrics() -> dict:
         model.set_attn_implementation("iclca_patch")  # float64 throughout (Gemma 2's own takes softmax in float32)
         prompt, query = random_ids(60, 97, 5), random_ids(8, 97, 6)
         want = model(input_ids=torch.tensor([prompt + query])).logits[0, 60:]
-        for method in ("compressed-8", "taylor1", "taylor2") if name == "llama" else ("compressed-8",):
+        for method in ("compressed-8", "evict-8", *(("taylor1", "taylor2") if name == "llama" else ())):
             patched, _ = patched_by(model, prompt, method)
             got = patched(input_ids=torch.tensor([query])).logits[0]
             out[f"tiny-{name} {method}"] = {"kl": float(kl_divergence(want, got).mean())}
@@ -46,7 +46,7 @@ def tiny_model_metrics() -> dict:
 def metrics() -> dict:
     rows = table(["demo-gpt2"], DEMO_PROMPTS)
     out = {f"demo-gpt2 {r['method']}": {"accuracy": r["accuracy"], "kl": r["kl"]}
-           for r in rows if r["method"] in ("taylor1", "taylor2", "compressed")}
+           for r in rows if r["method"] in ("taylor1", "taylor2", "compressed", "evict")}
     return {**out, **tiny_model_metrics()}
 
 

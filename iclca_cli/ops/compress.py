@@ -127,12 +127,13 @@ def nnls(A: torch.Tensor, b: torch.Tensor, steps: int = NNLS_STEPS) -> torch.Ten
     return w
 
 
-def output_error(ref: Reference, keys, values, bias, scaling, softcap) -> torch.Tensor:
-    """(B,) mean squared error of attention over the entries against attention over the prompt."""
-    scores = soft_cap(ref.queries @ keys.transpose(-1, -2) * scaling, softcap)  # (B, N, R)
-    if bias is not None:
-        scores = scores + bias[:, None, :]
-    return ((torch.softmax(scores, -1) @ values - ref.outputs) ** 2).sum(-1).mean(-1)
+def output_error(ref: Reference, keys, values, bias, scaling, softcap, weights=None) -> torch.Tensor:
+    """(B,) mean squared error of attention over the entries against attention over the prompt (`weights`: the
+    attention over the entries (B, N, R), when the caller has it)."""
+    if weights is None:
+        scores = soft_cap(ref.queries @ keys.transpose(-1, -2) * scaling, softcap)  # (B, N, R)
+        weights = torch.softmax(scores if bias is None else scores + bias[:, None, :], -1)
+    return ((weights @ values - ref.outputs) ** 2).sum(-1).mean(-1)
 
 
 def fit(ref: Reference, keys: torch.Tensor, scaling, softcap: float | None) -> Summary:
@@ -146,7 +147,7 @@ def fit(ref: Reference, keys: torch.Tensor, scaling, softcap: float | None) -> S
     weights = torch.softmax(scores + bias[:, None, :], -1)  # (B, N, R): attention over the entries
     gram = (weights.transpose(-1, -2) @ weights).to(work)  # (B, R, R)
     values = spd_solve(gram, (weights.transpose(-1, -2) @ ref.outputs).to(work), RIDGE).to(keys.dtype)
-    return Summary(keys, values, bias, output_error(ref, keys, values, bias, scaling, softcap))
+    return Summary(keys, values, bias, output_error(ref, keys, values, bias, scaling, softcap, weights))
 
 
 def kmeans_keys(k: torch.Tensor, v: torch.Tensor, budget: int, iters: int = 20) -> torch.Tensor:
