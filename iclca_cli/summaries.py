@@ -1,5 +1,5 @@
 """`compressed` and `evict` for a model's full-attention layers: what to run (the prompt, and a repeat of it for the
-reference queries), the budget split across layers and heads, and the padded patch tensors (ops/compress.py fits).
+reference queries), the budget split across layers and heads, and the layers' patch tensors (ops/compress.py fits).
 
 A layer whose heads hold R entries each has tensors (Hkv, R, D); a layer whose heads took different budgets (a
 split by heads) keeps its heads' entries in one list, (1, E, D), with a bias per head that hides the other heads'
@@ -95,7 +95,8 @@ def layer_tensors(summaries: list[compress.Summary], dtype) -> dict[str, torch.T
                 "prefix_values": torch.cat([s.values for s in summaries]).to(dtype),
                 "prefix_bias": torch.cat([s.bias for s in summaries]).to(dtype)}
     widths = [s.keys.shape[1] for s in summaries]
-    bias = torch.full((len(summaries), sum(widths)), compress.PAD_BIAS, dtype=summaries[0].bias.dtype)
+    bias = torch.full((len(summaries), sum(widths)), compress.PAD_BIAS, dtype=summaries[0].bias.dtype,
+                      device=summaries[0].bias.device)
     start = 0
     for h, (s, width) in enumerate(zip(summaries, widths)):
         bias[h, start:start + width] = s.bias[0]
@@ -113,7 +114,7 @@ def summary_tensors(captured: dict, prompt_tokens: int, method: str, budget: int
     L = len(heads.names)
     Hkv = len(heads.keys) // L
     if method == "evict":
-        s = compress.evict(heads.keys, heads.values, heads.ref, min(budget, P))
+        s = compress.evict(heads.keys, heads.values, heads.ref, min(budget, P), heads.scaling, heads.softcap)
         return {name: {"prefix_keys": s.keys[i * Hkv:(i + 1) * Hkv].to(heads.dtype).contiguous(),
                        "prefix_values": s.values[i * Hkv:(i + 1) * Hkv].to(heads.dtype).contiguous()}
                 for i, name in enumerate(heads.names)}

@@ -61,7 +61,7 @@ def test_matching_beats_eviction_and_both_keep_the_sink():
     k, v, q = heads(P=60)
     k[:, 5] *= 6  # a key that some queries look at above all others
     ref = compress.reference(k, v, q, S, None)
-    evicted, fitted = compress.evict(k, v, ref, 12), compress.summarise(k, v, ref, 12, S, None)
+    evicted, fitted = compress.evict(k, v, ref, 12, S, None), compress.summarise(k, v, ref, 12, S, None)
     for s in (evicted, fitted):
         assert torch.equal(s.keys[:, 0], k[:, 0])
         assert (s.keys == k[:, 5:6]).all(-1).any(-1).all()  # kept, in every head

@@ -98,11 +98,11 @@ def gather(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     return x.gather(1, index[..., None].expand(-1, -1, x.shape[-1]))
 
 
-def evict(k: torch.Tensor, v: torch.Tensor, ref: Reference, budget: int) -> Summary:
+def evict(k: torch.Tensor, v: torch.Tensor, ref: Reference, budget: int, scaling, softcap: float | None) -> Summary:
     """The `budget` prompt entries per head that receive the most attention (in prompt order), as they are."""
     index = ranking(ref)[:, :budget].sort(-1).values  # (B, R)
     keys, values = gather(k, index), gather(v, index)
-    return Summary(keys, values, None, output_error(ref, keys, values, None, ref.queries.new_tensor(0.0), None))
+    return Summary(keys, values, None, output_error(ref, keys, values, None, scaling, softcap))
 
 
 def spd_solve(A: torch.Tensor, B: torch.Tensor, ridge: float) -> torch.Tensor:
