@@ -232,3 +232,24 @@ def test_demo_gpt2_keeps_its_answers_at_a_third_of_the_prompt():
             accuracy[name].append(r["accuracy"]["patched"])
     mean = {k: sum(v) / len(v) for k, v in accuracy.items()}
     assert mean["default"] >= 0.95 and mean["default"] > mean["uniform"] > mean["evict"], mean
+
+
+def test_held_out_tasks_are_other_kinds_whose_answers_are_only_in_the_prompt():
+    """scripts/real_model.py chooses on DEV_TASKS and reports on HELDOUT_TASKS (seeded apart): no task in both; a fact
+    is asked only of the prompt that states it, and a format is asked of words the prompt does not show."""
+    import random
+
+    from helpers import load_script
+
+    tasks = load_script("few_shot_tasks")
+    assert not set(tasks.DEV_TASKS) & set(tasks.HELDOUT_TASKS)
+    for task in (*tasks.DEV_TASKS, *tasks.HELDOUT_TASKS):
+        rng = random.Random(f"test-{task}")
+        prompt, asked = tasks.few_shot(task, rng)
+        other, _ = tasks.few_shot(task, rng)
+        assert asked and prompt != other  # a fresh mapping per prompt
+        for query, target in asked:
+            if task.startswith("format"):
+                assert query.split("\n")[0] not in prompt  # the rule, applied to a new word
+            else:
+                assert query + target in prompt

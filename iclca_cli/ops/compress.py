@@ -31,6 +31,7 @@ MIN_WEIGHT = math.exp(-7)  # the smallest mass weight an entry keeps (a bias of 
 PAD_BIAS = -1e4  # an unused slot of a layer whose heads hold fewer entries than its widest: exp(-1e4) = 0
 RIDGE = 1e-3  # relative ridge of the value fit (conditioning; the fit has many more queries than entries)
 NNLS_STEPS = 100
+GRID_TOP = 4  # a head takes at most GRID_TOP x the budget in a split
 
 
 @dataclass(frozen=True)
@@ -182,9 +183,9 @@ def summarise(k: torch.Tensor, v: torch.Tensor, ref: Reference, budget: int, sca
 
 
 def budget_grid(budget: int, prompt_tokens: int) -> list[int]:
-    """The budgets a head is fitted at for the split: 2, 3, 4, 6, 8, 12, ... (steps of about sqrt 2), the uniform
-    budget itself, up to 4x it or the whole prompt."""
-    top = min(prompt_tokens, 4 * budget)
+    """The budgets a head is fitted at for the split: 2, 3, 4, 6, 8, 11, 16, 23, ... (steps of about sqrt 2), the uniform
+    budget itself, up to GRID_TOP x it or the whole prompt."""
+    top = min(prompt_tokens, GRID_TOP * budget)
     grid, b = {min(budget, top), top}, 2
     while b < top:
         grid.add(b)
