@@ -28,7 +28,7 @@ from .softmax_attention import soft_cap
 CHUNK_TOKENS = 4096  # reference queries per step against the whole prompt: memory bounded in P
 MAX_QUERIES = 2048  # reference queries per key/value head
 MIN_WEIGHT = math.exp(-7)  # the smallest mass weight an entry keeps (a bias of -7)
-PAD_BIAS = -1e4  # an unused slot of a layer whose heads hold fewer entries than its widest: exp(-1e4) = 0
+PAD_BIAS = -1e4  # another head's entry in a layer's shared list (summaries.layer_tensors): exp(-1e4) = 0
 RIDGE = 1e-3  # relative ridge of the value fit (conditioning; the fit has many more queries than entries)
 NNLS_STEPS = 100
 GRID_TOP = 4  # a head takes at most GRID_TOP x the budget in a split
@@ -36,7 +36,8 @@ GRID_TOP = 4  # a head takes at most GRID_TOP x the budget in a split
 
 @dataclass(frozen=True)
 class Options:
-    """The choices of `compressed` a user can make (DESIGN.md, "compressed")."""
+    """The choices of `compressed` a user can make (`--reference`, `--keys`, `--split`), stored in the patch as
+    iclca.summary_queries / summary_keys / summary_split."""
 
     queries: str = "repeat"  # own | repeat: reference queries (the prompt's own, and a repeat's)
     keys: str = "attention"  # attention | kmeans: how entries' keys are chosen
