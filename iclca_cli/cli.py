@@ -266,12 +266,12 @@ def summary_options(reference: str, keys: str, split: str):
     """compressed's options from the command line (--reference sets Options.queries), or a one-line error."""
     from .ops.compress import Options
 
-    given = {"queries": ("reference", reference), "keys": ("keys", keys), "split": ("split", split)}
-    for name, (flag, value) in given.items():
-        if value not in Options.CHOICES[name]:
-            raise IclcaError(f"--{flag} {value!r} is not one of {', '.join(Options.CHOICES[name])}",
-                             f"pass --{flag} {getattr(Options(), name)} (the default)")
-    return Options(**{name: value for name, (_, value) in given.items()})
+    options = Options(queries=reference, keys=keys, split=split)
+    for name, value in options.unknown().items():
+        flag = "reference" if name == "queries" else name
+        raise IclcaError(f"--{flag} {value!r} is not one of {', '.join(Options.CHOICES[name])}",
+                         f"pass --{flag} {getattr(Options(), name)} (the default)")
+    return options
 
 
 def _convert_one(m, tokenizer, prompt_file: Path, out: Path, method, order, budget, base_patch, chunk_size, fingerprint,

@@ -197,10 +197,9 @@ def check_method(model, method: str) -> Family:
 def check_summary_options(extra: dict[str, str], patch_name: str) -> None:
     from .ops.compress import Options
 
-    for name, choices in Options.CHOICES.items():
-        if extra.get(f"summary_{name}", choices[0]) not in choices:
-            raise IclcaError(f"{patch_name} has iclca.summary_{name} {extra[f'summary_{name}']!r}, not one of "
-                             f"{', '.join(choices)}", "convert the prompt again with this version of iclca")
+    for name, value in Options.from_metadata(extra).unknown().items():
+        raise IclcaError(f"{patch_name} has iclca.summary_{name} {value!r}, not one of {', '.join(Options.CHOICES[name])}",
+                         "convert the prompt again with this version of iclca")
 
 
 def expected_shapes(model, family: Family, patch: Patch) -> dict[str, tuple[int, ...]]:

@@ -100,8 +100,8 @@ def layer_tensors(c: Captured, method: str, budget: int, order: int) -> dict[str
         return {"prefix_keys": k[:, -R:].contiguous(), "prefix_values": v[:, -R:].contiguous()}
     if method == "prefix":
         return {"prefix_keys": k.contiguous(), "prefix_values": v.contiguous()}
-    if k.dtype in (torch.bfloat16, torch.float16):  # sums and fits in float32, stored as the model computes
-        work = dataclasses.replace(c, keys=k.float(), values=v.float(), queries=c.queries.float() if c.queries is not None else None)
+    if k.dtype in (torch.bfloat16, torch.float16):  # Taylor sums in float32, stored as the model computes
+        work = dataclasses.replace(c, keys=k.float(), values=v.float())
         return {name: t.to(k.dtype) for name, t in layer_tensors(work, method, budget, order).items()}
     if method == "taylor":
         if c.softcap is not None:

@@ -4,6 +4,7 @@ and markdown tables. (Importing this puts the repository first on sys.path, so a
 from __future__ import annotations
 
 import copy
+import json
 import subprocess
 import sys
 import time
@@ -58,20 +59,29 @@ def random_decoder(kind: str = "Llama", dtype=torch.float64, seed: int = 0, **co
 def method_arguments(name: str, prompt_tokens: int) -> tuple[str, dict]:
     """A method as the tables name it -> (method, convert_prompt keywords): exact, prefix, taylor1, taylor2,
     compressed-R / evict-R (R entries per layer and key/value head) and compressed-P/3 / evict-P/3 (a third of the
-    prompt's tokens)."""
+    prompt's tokens); compressed-R:reference:keys:split names compressed's options (ops/compress.Options)."""
+    from iclca_cli.ops.compress import Options
+
+    name, *choices = name.split(":")
     if name.startswith("taylor"):
         return "taylor", {"order": int(name.removeprefix("taylor"))}
     if name.startswith(("compressed-", "evict-")):
         method, budget = name.split("-", 1)
-        return method, {"budget": max(2, prompt_tokens // 3) if budget == "P/3" else int(budget)}
+        kw = {"budget": max(2, prompt_tokens // 3) if budget == "P/3" else int(budget)}
+        return method, {**kw, "options": Options(*choices)} if choices else kw
     return name, {}
+
+
+def convert_by(model, prompt_ids: list[int], name: str, chunk_size: int = 512, fingerprint: str | None = None):
+    """The patch of a method named as in the tables (converted on `model` itself)."""
+    method, kw = method_arguments(name, len(prompt_ids))
+    return convert_prompt(model, prompt_ids, "-", method, kw.get("order", 2), chunk_size=chunk_size,
+                          budget=kw.get("budget", 0), options=kw.get("options"), fingerprint=fingerprint)
 
 
 def patched_by(model, prompt_ids: list[int], name: str, chunk_size: int = 512):
     """(patched copy of model sharing its weights, patch) for a method named as in the tables."""
-    method, kw = method_arguments(name, len(prompt_ids))
-    patch = convert_prompt(copy.deepcopy(model), prompt_ids, "-", method, kw.get("order", 2), chunk_size=chunk_size,
-                           budget=kw.get("budget", 0))
+    patch = convert_by(copy.deepcopy(model), prompt_ids, name, chunk_size)
     return patched_copy(model, patch), patch
 
 
@@ -93,6 +103,24 @@ def best_of(fns: dict, repeats: int, device: torch.device | None = None) -> dict
             sync(device)
             best[name] = min(best[name], time.perf_counter() - t0)
     return best
+
+
+def result_arguments(ap) -> None:
+    """--json, --out and --markdown of a script whose result is one JSON object."""
+    ap.add_argument("--json", action="store_true", help="print the result as one JSON object")
+    ap.add_argument("--out", type=Path, default=None, help="also save the result here")
+    ap.add_argument("--markdown", type=Path, default=None, help="print the markdown of a saved result and exit")
+
+
+def save_json(path: Path, result: dict) -> None:
+    path.write_text(json.dumps(result, indent=1) + "\n")
+
+
+def report(args, result: dict, markdown) -> None:
+    """Save the result where --out says, and print it as JSON (--json) or markdown."""
+    if args.out:
+        save_json(args.out, result)
+    print(json.dumps(result) if args.json else markdown(result))
 
 
 def markdown_table(header: list[str], rows: list[list]) -> str:

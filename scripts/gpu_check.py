@@ -24,7 +24,7 @@ import sys
 from pathlib import Path
 
 import torch
-from common import (ROOT, best_of, cli, markdown_table, number, patched_by, random_decoder, random_gpt2, random_ids,
+from common import (ROOT, best_of, cli, markdown_table, number, patched_by, report, result_arguments, random_decoder, random_gpt2, random_ids,
                     random_linear, tiny_recurrent)
 
 from iclca_cli.convert import convert_prompt
@@ -144,9 +144,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--quick", action="store_true", help="small sizes (the test runs this on the CPU)")
-    ap.add_argument("--json", action="store_true", help="print the result as one JSON object")
-    ap.add_argument("--out", type=Path, default=None, help="also save the result here")
-    ap.add_argument("--markdown", type=Path, default=None, help="print the markdown of a saved result and exit")
+    result_arguments(ap)
     args = ap.parse_args()
     if args.markdown:
         print(markdown(json.loads(args.markdown.read_text())))
@@ -162,9 +160,7 @@ def main() -> None:
     print("benchmark ...", file=sys.stderr)
     result["bench"] = bench_rows(device, args.quick)
     result["holds"] = all(x["holds"] for x in result["golden"] + result["cli"])
-    if args.out:
-        args.out.write_text(json.dumps(result, indent=1) + "\n")
-    print(json.dumps(result) if args.json else markdown(result))
+    report(args, result, markdown)
 
 
 if __name__ == "__main__":

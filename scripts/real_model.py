@@ -34,15 +34,13 @@ import time
 from pathlib import Path
 
 import torch
-from common import ROOT, markdown_table, number
+from common import ROOT, best_of, convert_by, markdown_table, number, save_json
 from few_shot_tasks import DEV_TASKS, HELDOUT_TASKS, NAMES, few_shot  # noqa: F401  (NAMES: real_use.py)
 
-from iclca_cli.convert import convert_prompt
 from iclca_cli.evaluate import kl_divergence
 from iclca_cli.fingerprint import model_fingerprint
 from iclca_cli.inputs import encode_continuation, encode_prompt
 from iclca_cli.loading import load_model
-from iclca_cli.ops.compress import Options
 from iclca_cli.patch import patched_copy
 
 GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -87,15 +85,6 @@ def smollm2_folder(folder: Path) -> Path:
     return folder
 
 
-def parse_method(name: str, prompt_tokens: int) -> tuple[str, int, Options]:
-    """'prefix', 'evict-R' or 'compressed-R[:queries:keys:split]', R a number or P/3 -> (method, budget, options)."""
-    if name == "prefix":
-        return "prefix", 0, Options()
-    method, rest = name.split("-", 1)
-    budget, *choices = rest.split(":")
-    return method, max(2, prompt_tokens // 3) if budget == "P/3" else int(budget), Options(*choices)
-
-
 @torch.no_grad()
 def answer_logits(model, ids: list[int], answer_tokens: int, cache=None) -> torch.Tensor:
     """(answer_tokens, V): the logits that predict the last answer_tokens of ids."""
@@ -135,12 +124,11 @@ def run(folder: Path, tasks: list[str], methods: dict[str, list[str]], n_prompts
                 if name in ("prompted", "none"):
                     patched = model
                 else:
-                    method, budget, options = parse_method(name, len(prompt))
                     start = time.perf_counter()
-                    patch = convert_prompt(model, prompt, "-", method, budget=budget, options=options, fingerprint=fingerprint)
+                    patch = convert_by(model, prompt, name, fingerprint=fingerprint)
                     s["seconds"] += time.perf_counter() - start
                     s["bytes"].append(patch.nbytes)
-                    s["budgets"].append(budget)
+                    s["budgets"].append(int(patch.extra.get("budget", 0)))
                     patched = patched_copy(model, patch)
                 for (q, t), want in zip(queries, prompted):
                     got = want if name == "prompted" else answer_logits(patched, q + t, len(t))
@@ -169,21 +157,14 @@ def cost(folder: Path, lengths=(256, 1024, 4096), repeats: int = 2, log=print) -
     rows = []
     for P in lengths:
         ids = torch.randint(100, model.config.vocab_size - 100, (P,), generator=torch.Generator().manual_seed(P)).tolist()
-
-        def best(fn) -> float:
-            times = []
-            for _ in range(repeats):
-                start = time.perf_counter()
-                fn()
-                times.append(time.perf_counter() - start)
-            return min(times)
+        best = lambda fn: best_of({"fn": fn}, repeats)["fn"]  # noqa: E731
 
         with torch.no_grad():
             forward = best(lambda: model.model(input_ids=torch.tensor([ids]), use_cache=False))
         for method, budget in (("compressed", 32), ("evict", 32), ("compressed", P // 3)):
             if P > 1024 and budget > 32:
                 continue  # P/3 of a 4k prompt: a grid of large fits, minutes on this CPU (see the README)
-            seconds = best(lambda: convert_prompt(model, ids, "-", method, budget=budget, fingerprint=fingerprint))
+            seconds = best(lambda: convert_by(model, ids, f"{method}-{budget}", fingerprint=fingerprint))
             rows.append({"prompt_tokens": P, "method": method, "budget": budget, "forward_seconds": forward,
                          "convert_seconds": seconds, "ratio": seconds / forward})
             log(f"P = {P}: {method} R = {budget}: {seconds:.2f} s, forward {forward:.2f} s")
@@ -218,7 +199,7 @@ def main() -> None:
         rows = cost(smollm2_folder(args.folder), log=lambda m: print(m, file=sys.stderr))
         result = {"stage": "cost", "seconds": round(time.perf_counter() - t0), "rows": rows}
         RESULTS.mkdir(exist_ok=True)
-        (RESULTS / "real_model_cost.json").write_text(json.dumps(result, indent=1) + "\n")
+        save_json(RESULTS / "real_model_cost.json", result)
         print(json.dumps(result) if args.json else markdown_table(
             ["P", "method", "R", "plain forward s", "convert s", "convert / forward"],
             [[r["prompt_tokens"], r["method"], r["budget"], f"{r['forward_seconds']:.2f}", f"{r['convert_seconds']:.2f}",
@@ -234,7 +215,7 @@ def main() -> None:
     result = {"model": "SmolLM2-135M-Instruct (GGUF Q4_1, de-quantised to float32)", "stage": args.stage,
               "prompts": n, "seconds": round(time.perf_counter() - t0), "rows": rows}
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / f"real_model_{args.stage}.json").write_text(json.dumps(result, indent=1) + "\n")
+    save_json(RESULTS / f"real_model_{args.stage}.json", result)
     if args.json:
         print(json.dumps(result))
         return

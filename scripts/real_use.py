@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 
 import torch
-from common import ROOT, cli, markdown_table, number
+from common import ROOT, cli, markdown_table, number, report, result_arguments
 from real_model import DEFAULT_FOLDER, NAMES, smollm2_folder
 
 from iclca_cli import chat
@@ -232,9 +232,7 @@ def markdown(r: dict) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--json", action="store_true", help="print the result as one JSON object")
-    ap.add_argument("--out", type=Path, default=None, help="also save the result here")
-    ap.add_argument("--markdown", type=Path, default=None, help="print the markdown of a saved result and exit")
+    result_arguments(ap)
     ap.add_argument("--folder", type=Path, default=DEFAULT_FOLDER, help="the SmolLM2 checkpoint folder")
     args = ap.parse_args()
     if args.markdown:
@@ -257,9 +255,7 @@ def main() -> None:
     print("fast eval ...", file=sys.stderr)
     result["eval"] = fast_eval_row(smollm2, args.quick)
     result["holds"] = all(x["holds"] for x in [*result["bfloat16"], result["many"], *result["chat"], result["eval"]])
-    if args.out:
-        args.out.write_text(json.dumps(result, indent=1) + "\n")
-    print(json.dumps(result) if args.json else markdown(result))
+    report(args, result, markdown)
 
 
 if __name__ == "__main__":

@@ -45,6 +45,10 @@ class Options:
 
     CHOICES = {"queries": ("own", "repeat"), "keys": ("attention", "kmeans"), "split": ("uniform", "layers", "heads")}
 
+    def unknown(self) -> dict[str, str]:
+        """{option: value} for each value that is not one of its CHOICES."""
+        return {name: getattr(self, name) for name, choices in self.CHOICES.items() if getattr(self, name) not in choices}
+
     def metadata(self) -> dict[str, str]:
         return {"summary_queries": self.queries, "summary_keys": self.keys, "summary_split": self.split}
 
