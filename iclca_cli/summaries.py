@@ -47,17 +47,17 @@ class Heads:
         ref = compress.Reference(*(getattr(self.ref, f.name)[at] for f in dataclasses.fields(self.ref)))
         return self.keys[at], self.values[at], ref, self.scaling[at]
 
-    def summarise(self, budget: int, keys: str, heads: list[int] | None = None) -> dict[int, compress.Summary]:
-        """{head: its Summary (a batch of one)} at `budget` entries, for these heads (default: all), fitted in
-        batches of heads whose (N, budget) fits stay under FIT_ELEMENTS."""
+    def summarise(self, budgets: list[int], keys: str, heads: list[int] | None = None) -> dict[int, dict[int, compress.Summary]]:
+        """{budget: {head: its Summary (a batch of one)}} at each of `budgets`, for these heads (default: all), fitted
+        in batches of heads whose (N, largest budget) scores stay under FIT_ELEMENTS."""
         heads = list(range(len(self.keys))) if heads is None else heads
-        step = max(1, FIT_ELEMENTS // (self.ref.queries.shape[1] * budget))
-        out = {}
+        step = max(1, FIT_ELEMENTS // (self.ref.queries.shape[1] * max(budgets)))
+        out = {b: {} for b in budgets}
         for i in range(0, len(heads), step):
             batch = heads[i:i + step]
             k, v, ref, scaling = self.rows(batch)
-            s = compress.summarise(k, v, ref, budget, scaling, self.softcap, keys)
-            out.update({h: _one(s, j) for j, h in enumerate(batch)})
+            for b, s in compress.summarise(k, v, ref, budgets, scaling, self.softcap, keys).items():
+                out[b].update({h: _one(s, j) for j, h in enumerate(batch)})
         return out
 
 
@@ -120,10 +120,10 @@ def summary_tensors(captured: dict, prompt_tokens: int, method: str, budget: int
                 for i, name in enumerate(heads.names)}
     if options.split == "uniform" or budget >= P:
         per_head = [min(budget, P)] * len(heads.keys)
-        fits = {per_head[0]: heads.summarise(per_head[0], options.keys)}
+        fits = heads.summarise(per_head[:1], options.keys)
     else:
         grid = compress.budget_grid(budget, P)
-        fits = {b: heads.summarise(b, options.keys) for b in grid}
+        fits = heads.summarise(grid, options.keys)
         errors = torch.stack([torch.cat([fits[b][h].error for h in range(len(heads.keys))]) for b in grid], -1)  # (B, grid)
         if options.split == "layers":  # whole layers: Hkv heads move together
             per_layer = compress.split_budget(errors.view(L, Hkv, -1).sum(1), grid, Hkv, budget * L * Hkv)
@@ -131,7 +131,7 @@ def summary_tensors(captured: dict, prompt_tokens: int, method: str, budget: int
         else:
             per_head = compress.split_budget(errors, grid, 1, budget * L * Hkv)
         for b in set(per_head) - set(fits):  # budgets off the grid: only the heads that took them
-            fits[b] = heads.summarise(b, options.keys, [h for h, hb in enumerate(per_head) if hb == b])
+            fits.update(heads.summarise([b], options.keys, [h for h, hb in enumerate(per_head) if hb == b]))
     return {name: layer_tensors([fits[per_head[i * Hkv + h]][i * Hkv + h] for h in range(Hkv)], heads.dtype)
             for i, name in enumerate(heads.names)}
 

@@ -16,10 +16,18 @@ NOUNS = ["apple", "river", "stone", "cloud", "tiger", "lemon", "chair", "piano",
          "rocket", "pepper", "garden", "window", "bridge", "castle", "dragon", "island", "jacket", "ladder", "needle"]
 COLOURS = ["red", "blue", "green", "black", "white", "pink", "brown", "gold", "grey", "purple", "orange", "silver"]
 ANIMALS = ["fox", "horse", "owl", "whale", "snake", "rabbit", "eagle", "shark", "camel", "wolf", "bear", "goat"]
+# one token each: SmolLM2 retrieves facts keyed by one word, not by two (a colour and a noun: 1 of 48 on dev seeds)
+WORDS = ("apple river stone cloud tiger lemon chair piano ocean candle forest rocket pepper garden window bridge "
+         "castle dragon island jacket ladder needle basket bottle button camera carpet cookie copper cotton desert "
+         "dinner doctor engine farmer finger flower hammer helmet hunter kettle kitten letter marble market meadow "
+         "mirror monkey mother orange parrot pencil pickle pillow planet pocket potato rabbit ribbon saddle salmon "
+         "school shadow silver singer sister spider spring summer sunset table teacher ticket tomato tunnel turkey "
+         "valley violin wallet winter wizard yellow zipper anchor arrow badge barrel beacon blanket bucket cabin "
+         "canvas cellar cherry circle collar crystal dolphin eagle feather glove harbor").split()
 ODD_LABELS = [" glorp", " vexil", " plim"]
 
-DEV_TASKS = ("digits", "words", "labels", "format")
-HELDOUT_TASKS = ("associations", "odd_labels", "format_rules", "multi_token", "long_facts")
+DEV_TASKS = ("digits", "words", "labels", "format", "long_numbers")
+HELDOUT_TASKS = ("associations", "odd_labels", "format_rules", "multi_token", "long_facts", "long_codes")
 
 
 def few_shot(task: str, rng: random.Random) -> tuple[str, list[tuple[str, str]]]:
@@ -33,6 +41,9 @@ def few_shot(task: str, rng: random.Random) -> tuple[str, list[tuple[str, str]]]
     elif task == "format":  # an answer format shown on 12 words, asked of the others
         words = rng.sample(NOUNS, len(NOUNS))
         return "".join(f"Q: {w}\nA: ({w})\n" for w in words[:12]), [(f"Q: {w}\nA:", f" ({w})") for w in words[12:]]
+    elif task == "long_numbers":  # a long list: 100 words, a two-digit number each (~670 tokens); 24 asked
+        facts = [(f"{k}:", f" {rng.randrange(10, 100)}") for k in rng.sample(WORDS, 100)]
+        return "".join(f"{q}{t}\n" for q, t in facts), rng.sample(facts, 24)
     elif task == "associations":  # held out: relations stated in sentences, 4 to 24 of them
         facts = [(f"{k}'s favourite animal is the", f" {rng.choice(ANIMALS)}") for k in rng.sample(NAMES, rng.randint(4, 24))]
         return "".join(f"{q}{t}.\n" for q, t in facts), facts
@@ -48,6 +59,9 @@ def few_shot(task: str, rng: random.Random) -> tuple[str, list[tuple[str, str]]]
     elif task == "long_facts":  # a long list: 100 facts, about a thousand tokens; 24 of them asked
         keys = rng.sample([(c, n) for c in COLOURS for n in NOUNS], 100)
         facts = [(f"The {c} {n} is in box", f" {rng.randrange(10)}") for c, n in keys]
+        return "".join(f"{q}{t}.\n" for q, t in facts), rng.sample(facts, 24)
+    elif task == "long_codes":  # a long list SmolLM2 does read: 100 codes in sentences (~1.1k tokens); 24 asked
+        facts = [(f"The code of the {k} is", f" {rng.randrange(10, 100)}") for k in rng.sample(WORDS, 100)]
         return "".join(f"{q}{t}.\n" for q, t in facts), rng.sample(facts, 24)
     else:
         raise ValueError(f"unknown task {task!r}")

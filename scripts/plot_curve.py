@@ -20,7 +20,7 @@ def curve(rows: list[dict], method: str, key: str) -> list[tuple[int, float]]:
     by_budget: dict[int, list[float]] = {}
     for r in rows:
         name = r["method"]
-        if r["task"] != "long_facts" and name.startswith(f"{method}-") and name.split("-", 1)[1].isdigit():
+        if not r["task"].startswith("long_") and name.startswith(f"{method}-") and name.split("-", 1)[1].isdigit():
             by_budget.setdefault(int(name.split("-", 1)[1]), []).append(r[key])
     return sorted((b, sum(v) / len(v)) for b, v in by_budget.items())
 

@@ -57,7 +57,11 @@ CURVE_BUDGETS = [4, 8, 16, 32, 64]
 # bytes), eviction, at P/3; and the curve against R
 HELDOUT_METHODS = ["prefix", "compressed-P/3", "compressed-P/3:repeat:attention:layers", "evict-P/3",
                    *(f"{m}-{r}" for r in CURVE_BUDGETS for m in ("compressed", "evict"))]
-LONG_METHODS = ["prefix", "compressed-32", "compressed-32:repeat:attention:layers", "evict-32", "compressed-64", "evict-64"]
+# long lists: a fixed R = 32 (the issue's bar), 64, 128, and P/3
+LONG_METHODS = ["prefix", "compressed-32", "compressed-32:repeat:attention:layers", "evict-32", "compressed-64", "evict-64",
+                "compressed-128", "compressed-P/3", "evict-P/3"]
+# development, long list: compressed's options at R = 32, and where retrieval comes back
+DEV_LONG_METHODS = [m.replace("P/3", "32") for m in DEV_METHODS] + ["compressed-128", "compressed-P/3"]
 
 
 def smollm2_folder(folder: Path) -> Path:
@@ -101,7 +105,8 @@ def score(got: torch.Tensor, want: torch.Tensor, target: list[int]) -> tuple[int
 
 def run(folder: Path, tasks: list[str], methods: dict[str, list[str]], n_prompts: int, seed: str, log=print) -> list[dict]:
     """One row per (task, method): accuracy, prompted accuracy, KL, bytes, prompt lengths, conversion seconds
-    (long_facts: at most 3 prompts of ~1k tokens)."""
+    (long lists: at most 3 prompts). prompted_mode_share: the share of queries that get the prompted model's
+    most common answer (near 1: it answers from a prior, not from the prompt)."""
     model, tokenizer = load_model(str(folder), "float32")
     fingerprint = model_fingerprint(model)  # once: it reads every weight
     rows = []
@@ -109,7 +114,8 @@ def run(folder: Path, tasks: list[str], methods: dict[str, list[str]], n_prompts
         rng = random.Random(f"{seed}-{task}")
         stats: dict[str, dict] = {}
         lengths = []
-        prompts = min(n_prompts, 3) if task == "long_facts" else n_prompts
+        prompts = min(n_prompts, 3) if task.startswith("long_") else n_prompts
+        answers: dict[tuple, int] = {}  # the prompted model's answers (argmax tokens), counted
         for i in range(prompts):
             text, facts = few_shot(task, rng)
             prompt = encode_prompt(tokenizer, text)
@@ -118,6 +124,9 @@ def run(folder: Path, tasks: list[str], methods: dict[str, list[str]], n_prompts
             with torch.no_grad():
                 cache = model(input_ids=torch.tensor([prompt]), use_cache=True, logits_to_keep=1).cache
             prompted = [answer_logits(model, q + t, len(t), copy.deepcopy(cache)) for q, t in queries]
+            for want in prompted:
+                answer = tuple(want.argmax(-1).tolist())
+                answers[answer] = answers.get(answer, 0) + 1
             for name in ["prompted", "none", *methods[task]]:
                 s = stats.setdefault(name, {"right": 0, "n": 0, "kl": 0.0, "bytes": [], "seconds": 0.0, "budgets": [],
                                             "same_top": 0, "positions": 0})
@@ -141,6 +150,7 @@ def run(folder: Path, tasks: list[str], methods: dict[str, list[str]], n_prompts
             accuracy = s["right"] / s["n"]
             rows.append({"task": task, "method": name, "accuracy": accuracy, "prompted_accuracy": base,
                          "kept": accuracy / base if base else None, "kl": s["kl"] / s["n"], "queries": s["n"],
+                         "prompted_mode_share": max(answers.values()) / sum(answers.values()),
                          "top1_agreement": s["same_top"] / s["positions"],
                          "patch_bytes": sum(s["bytes"]) / len(s["bytes"]) if s["bytes"] else None,
                          "mean_budget": sum(s["budgets"]) / len(s["budgets"]) if s["budgets"] else None,
@@ -207,7 +217,8 @@ def main() -> None:
         return
     dev = args.stage == "dev"
     tasks = args.tasks or list(DEV_TASKS if dev else HELDOUT_TASKS)
-    methods = {t: DEV_METHODS if dev else LONG_METHODS if t == "long_facts" else HELDOUT_METHODS for t in tasks}
+    methods = {t: (DEV_LONG_METHODS if dev else LONG_METHODS) if t.startswith("long_") else
+               DEV_METHODS if dev else HELDOUT_METHODS for t in tasks}
     n = args.prompts or (3 if dev else 5)
     t0 = time.perf_counter()
     folder = smollm2_folder(args.folder)

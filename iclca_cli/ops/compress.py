@@ -84,10 +84,12 @@ def reference(k: torch.Tensor, v: torch.Tensor, q: torch.Tensor, scaling: float,
     received = k.new_zeros(k.shape[:2])  # (B, P)
     for c in q.split(CHUNK_TOKENS, dim=1):
         scores = soft_cap(c @ k.transpose(-1, -2) * scaling, softcap)  # (B, C, P): never (B, N, P)
-        lse = torch.logsumexp(scores, -1)  # (B, C)
-        weights = torch.exp(scores - lse[..., None])
+        top = scores.amax(-1, keepdim=True)  # (B, C, 1)
+        weights = scores.sub_(top).exp_()  # in place: one (B, C, P) buffer
+        total = weights.sum(-1, keepdim=True)
+        weights.div_(total)
         outputs.append(weights @ v)
-        masses.append(lse)
+        masses.append((top + total.log())[..., 0])  # (B, C): logsumexp of the scores
         received = torch.maximum(received, weights.amax(1))
     return Reference(q, torch.cat(outputs, 1), torch.cat(masses, 1), received)
 
@@ -133,27 +135,61 @@ def nnls(A: torch.Tensor, b: torch.Tensor, steps: int = NNLS_STEPS) -> torch.Ten
     return w
 
 
-def output_error(ref: Reference, keys, values, bias, scaling, softcap, weights=None) -> torch.Tensor:
-    """(B,) mean squared error of attention over the entries against attention over the prompt (`weights`: the
-    attention over the entries (B, N, R), when the caller has it)."""
-    if weights is None:
-        scores = soft_cap(ref.queries @ keys.transpose(-1, -2) * scaling, softcap)  # (B, N, R)
-        weights = torch.softmax(scores if bias is None else scores + bias[:, None, :], -1)
+def output_error(ref: Reference, keys, values, bias, scaling, softcap) -> torch.Tensor:
+    """(B,) mean squared error of attention over the entries against attention over the prompt."""
+    scores = soft_cap(ref.queries @ keys.transpose(-1, -2) * scaling, softcap)  # (B, N, R)
+    weights = torch.softmax(scores if bias is None else scores + bias[:, None, :], -1)
     return ((weights @ values - ref.outputs) ** 2).sum(-1).mean(-1)
 
 
 def fit(ref: Reference, keys: torch.Tensor, scaling, softcap: float | None) -> Summary:
     """Bias and values for entries with these keys (B, R, D), fitted to the reference (module docstring, 3-4)."""
-    work = torch.float64  # the (R, R) systems are small: solve them in double precision
     scores = soft_cap(ref.queries @ keys.transpose(-1, -2) * scaling, softcap)  # (B, N, R)
-    share = torch.exp(scores - ref.log_mass[..., None])  # (B, N, R): each entry's share of a query's mass
-    # min |share w - 1|^2: the whole mass, for every query
-    w = nnls((share.transpose(-1, -2) @ share).to(work), share.sum(1).to(work))
-    bias = w.clamp_min(MIN_WEIGHT).log().to(keys.dtype)  # (B, R)
+    return fit_scored(ref, keys, scores, *mass_system(ref, scores), output_power(ref))
+
+
+def mass_system(ref: Reference, scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(A (B, R, R), b (B, R)) in float64 of min_w |share w - 1|^2, share (B, N, R) each entry's share of a reference
+    query's mass: the whole mass, for every query. The system of a subset of entries is A's and b's subset."""
+    share = torch.exp(scores - ref.log_mass[..., None])  # (B, N, R)
+    return (share.transpose(-1, -2) @ share).double(), share.sum(1).double()
+
+
+def output_power(ref: Reference) -> torch.Tensor:
+    """(B,) sum over the reference queries of |output|^2, in float64 (fit_scored's error)."""
+    return ref.outputs.double().square().sum((1, 2))
+
+
+def fit_scored(ref: Reference, keys: torch.Tensor, scores: torch.Tensor, A: torch.Tensor, b: torch.Tensor,
+               power: torch.Tensor) -> Summary:
+    """fit, given the entries' scores (B, N, R), their mass_system and the output_power."""
+    work = torch.float64  # the (R, R) systems are small: solve them in double precision
+    bias = nnls(A, b).clamp_min(MIN_WEIGHT).log().to(keys.dtype)  # (B, R)
     weights = torch.softmax(scores + bias[:, None, :], -1)  # (B, N, R): attention over the entries
     gram = (weights.transpose(-1, -2) @ weights).to(work)  # (B, R, R)
-    values = spd_solve(gram, (weights.transpose(-1, -2) @ ref.outputs).to(work), RIDGE).to(keys.dtype)
-    return Summary(keys, values, bias, output_error(ref, keys, values, bias, scaling, softcap, weights))
+    cross = (weights.transpose(-1, -2) @ ref.outputs).to(work)  # (B, R, D)
+    values = spd_solve(gram, cross, RIDGE)
+    # mean |weights values - outputs|^2 over the queries, from the normal equations: no (B, N, D) product
+    error = ((values * (gram @ values - 2 * cross)).sum((1, 2)) + power) / scores.shape[1]
+    error = error.clamp_min(0).to(keys.dtype)
+    return Summary(keys, values.to(keys.dtype), bias, error)
+
+
+def fit_ranked(k: torch.Tensor, ref: Reference, budgets: list[int], scaling, softcap: float | None) -> dict[int, Summary]:
+    """{budget: Summary} with `attention` keys at each budget (< P). A budget's keys are the first of one ranking, so
+    the scores and the mass system of the largest budget serve every smaller one: one (B, N, top) score matrix, not
+    one per budget. Entries in prompt order."""
+    rank = ranking(ref)[:, :max(budgets)]  # (B, top)
+    keys = gather(k, rank)  # (B, top, D), most attended first
+    scores = soft_cap(ref.queries @ keys.transpose(-1, -2) * scaling, softcap)  # (B, N, top)
+    A, b = mass_system(ref, scores)
+    power = output_power(ref)
+    out = {}
+    for r in budgets:
+        s = fit_scored(ref, keys[:, :r], scores[..., :r], A[:, :r, :r], b[:, :r], power)
+        order = rank[:, :r].argsort(-1)  # (B, r): the entries in prompt order
+        out[r] = Summary(gather(s.keys, order), gather(s.values, order), s.bias.gather(1, order), s.error)
+    return out
 
 
 def kmeans_keys(k: torch.Tensor, v: torch.Tensor, budget: int, iters: int = 20) -> torch.Tensor:
@@ -176,15 +212,18 @@ def kmeans_keys(k: torch.Tensor, v: torch.Tensor, budget: int, iters: int = 20) 
     return torch.stack(out)
 
 
-def summarise(k: torch.Tensor, v: torch.Tensor, ref: Reference, budget: int, scaling, softcap: float | None,
-              keys: str = "attention") -> Summary:
-    """B heads' prompt keys/values (B, P, D) in `budget` entries each; budget >= P: the entries themselves, bias 0
-    (exactly the prefix)."""
+def summarise(k: torch.Tensor, v: torch.Tensor, ref: Reference, budgets: list[int], scaling, softcap: float | None,
+              keys: str = "attention") -> dict[int, Summary]:
+    """{budget: B heads' prompt keys/values (B, P, D) in `budget` entries each}; budget >= P: the entries themselves,
+    bias 0 (exactly the prefix)."""
     P = k.shape[1]
-    if budget >= P:
-        return Summary(k, v, k.new_zeros(k.shape[:2]), k.new_zeros(k.shape[0]))
-    chosen = gather(k, ranking(ref)[:, :budget].sort(-1).values) if keys == "attention" else kmeans_keys(k, v, budget)
-    return fit(ref, chosen, scaling, softcap)
+    out = {r: Summary(k, v, k.new_zeros(k.shape[:2]), k.new_zeros(k.shape[0])) for r in budgets if r >= P}
+    fitted = [r for r in budgets if r < P]
+    if fitted and keys == "attention":
+        out.update(fit_ranked(k, ref, fitted, scaling, softcap))
+    for r in fitted if keys == "kmeans" else []:
+        out[r] = fit(ref, kmeans_keys(k, v, r), scaling, softcap)
+    return out
 
 
 def budget_grid(budget: int, prompt_tokens: int) -> list[int]:
