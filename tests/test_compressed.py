@@ -71,6 +71,22 @@ def test_matching_beats_eviction_and_both_keep_the_sink():
     assert (compress.summarise(k, v, ref, [24], S, None)[24].error < fitted.error).all()  # more entries, closer
 
 
+def test_one_ranking_serves_every_budget_of_the_grid():
+    """fit_ranked (one score matrix and mass system for the whole grid, the error from the normal equations) equals
+    fit on each budget's own keys (the most attended, in prompt order), and its error is the definition's."""
+    k, v, q = heads(P=50)
+    ref = compress.reference(k, v, q, S, 20.0)
+    grid = [2, 5, 11, 23]
+    ranked = compress.fit_ranked(k, ref, grid, S, 20.0)
+    for r in grid:
+        own = compress.fit(ref, compress.gather(k, compress.ranking(ref)[:, :r].sort(-1).values), S, 20.0)
+        for name in ("keys", "values", "bias", "error"):
+            torch.testing.assert_close(getattr(ranked[r], name), getattr(own, name), rtol=1e-9, atol=1e-9)
+        direct = compress.output_error(ref, own.keys, own.values, own.bias, S, 20.0)
+        torch.testing.assert_close(ranked[r].error, direct, rtol=1e-9, atol=1e-12)
+    assert ranked[23].error.max() < ranked[2].error.min()  # the test has room: more entries fit better
+
+
 def test_kmeans_keys_keep_the_sink_and_fit_like_the_rest():
     k, v, q = heads()
     ref = compress.reference(k, v, q, S, None)

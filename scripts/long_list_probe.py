@@ -1,0 +1,127 @@
+"""Candidates for `compressed` on a long list, probed on development tasks (SmolLM2-135M-Instruct, R = 32): the
+default, an on-policy fit, a wider split, and all reference queries. None is part of iclca; the README says why.
+
+    python scripts/long_list_probe.py [--task long_numbers] [--prompts 2] [--budget 32]
+
+- default: `compressed` as shipped (repeat-prefill reference queries, most-attended keys, split by heads);
+- on-policy: the same budgets per head, but every layer refitted in a second pass over the repeat, on the repeat's
+  queries as the layers below (already refitted) leave them, as attention matching's on-policy fit does;
+- grid 8x / 32x: a head may take up to 8 or 32 times the budget in the split (compress.GRID_TOP, default 4);
+- all queries: every reference query, not at most 2,048 per head (compress.MAX_QUERIES).
+Scored as in scripts/real_model.py (whole answers, KL at the answer positions).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import random
+
+import torch
+from common import convert_by, markdown_table, number
+from few_shot_tasks import few_shot
+from real_model import DEFAULT_FOLDER, answer_logits, score, smollm2_folder
+
+from iclca_cli import summaries
+from iclca_cli.families import family_of
+from iclca_cli.fingerprint import model_fingerprint
+from iclca_cli.inputs import encode_continuation, encode_prompt
+from iclca_cli.loading import load_model
+from iclca_cli.ops import compress
+from iclca_cli.patch import patched_copy, shared_copy
+from iclca_cli.softmax_layers import attach, attention_modules, capture_prompt_kv
+
+
+def head_budgets(captured: dict, P: int, budget: int) -> list[int]:
+    """Each key/value head's budget under the default split by heads (as summaries.summary_tensors chooses it)."""
+    heads = summaries._heads(captured, P)
+    grid = compress.budget_grid(budget, P)
+    fits = heads.summarise(grid, "attention")
+    errors = torch.stack([torch.cat([fits[b][h].error for h in range(len(heads.keys))]) for b in grid], -1)
+    return compress.split_budget(errors, grid, 1, budget * len(heads.keys))
+
+
+@torch.no_grad()
+def on_policy(model, prompt: list[int], budget: int):
+    """A patched copy of model whose layers are refitted in order, each on the repeat's queries computed with the
+    layers below already summarised."""
+    family, P = family_of(model), len(prompt)
+    with capture_prompt_kv(model, attention_modules(model, family)) as captured:
+        model.base_model(input_ids=torch.tensor([prompt + prompt]), use_cache=False)
+    per_head = head_budgets(captured, P, budget)
+    Hkv = next(iter(captured.values())).keys.shape[0]
+    # the second pass reads the repeat after the exact prompt (bias 0); each layer swaps in its summary as it runs
+    exact = {f"{n}.{b}": t for n, c in captured.items() for b, t in
+             (("prefix_keys", c.keys[:, :P]), ("prefix_values", c.values[:, :P]), ("prefix_bias", c.keys.new_zeros(Hkv, P)))}
+    runner = shared_copy(model)
+    attach(runner, family, {n: t.contiguous() for n, t in exact.items()}, P)
+    tensors = {}
+    for i, (name, module) in enumerate(attention_modules(runner, family).items()):
+        def refit(key, value, query, scaling, sliding_window, softcap, c=captured[name], module=module, i=i, name=name):
+            k, v = c.keys[:, :P], c.values[:, :P]  # (Hkv, P, D)
+            q = torch.cat([c.queries[:, :P], query[0]], 1)  # (H, 2P, D): the prompt's own, the repeat's now
+            ref = compress.reference(k, v, q.reshape(Hkv, -1, q.shape[-1]), scaling, softcap)
+            fitted = []
+            for h in range(Hkv):
+                r = per_head[i * Hkv + h]
+                one = compress.Reference(*(getattr(ref, f.name)[h:h + 1] for f in dataclasses.fields(ref)))
+                fitted.append(compress.summarise(k[h:h + 1], v[h:h + 1], one, [r], torch.tensor(scaling), softcap)[r])
+            for buffer, t in summaries.layer_tensors(fitted, k.dtype).items():
+                module.register_buffer(buffer, t.clone())
+                tensors[f"{name}.{buffer}"] = t
+            module._iclca_capture = None
+
+        module._iclca_capture = refit
+    runner.base_model(input_ids=torch.tensor([prompt]), use_cache=False)
+    out = shared_copy(model)
+    attach(out, family, tensors, P)
+    return out
+
+
+def with_constant(name: str, value, make):
+    def run():
+        before = getattr(compress, name)
+        setattr(compress, name, value)
+        try:
+            return make()
+        finally:
+            setattr(compress, name, before)
+
+    return run
+
+
+@torch.no_grad()
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--task", default="long_numbers")
+    ap.add_argument("--prompts", type=int, default=2)
+    ap.add_argument("--budget", type=int, default=32)
+    args = ap.parse_args()
+    model, tokenizer = load_model(str(smollm2_folder(DEFAULT_FOLDER)), "float32")
+    fingerprint = model_fingerprint(model)
+    default = lambda: patched_copy(model, convert_by(model, prompt, f"compressed-{args.budget}", fingerprint=fingerprint))  # noqa: E731
+    candidates = {"default": default, "on-policy": lambda: on_policy(model, prompt, args.budget),
+                  "grid 8x": with_constant("GRID_TOP", 8, default), "grid 32x": with_constant("GRID_TOP", 32, default),
+                  "all queries": with_constant("MAX_QUERIES", 1 << 30, default)}
+    rng = random.Random(f"dev-{args.task}")
+    totals = {name: [0, 0.0, 0] for name in ["prompted", *candidates]}
+    for i in range(args.prompts):
+        text, facts = few_shot(args.task, rng)
+        prompt = encode_prompt(tokenizer, text)
+        queries = [(encode_continuation(tokenizer, q), encode_continuation(tokenizer, t)) for q, t in facts]
+        cache = model(input_ids=torch.tensor([prompt]), use_cache=True, logits_to_keep=1).cache
+        wants = [answer_logits(model, q + t, len(t), copy.deepcopy(cache)) for q, t in queries]
+        for name, make in [("prompted", lambda: None), *candidates.items()]:
+            patched = make()
+            for (q, t), want in zip(queries, wants):
+                right, kl, _ = score(want if patched is None else answer_logits(patched, q + t, len(t)), want, t)
+                totals[name] = [totals[name][0] + right, totals[name][1] + kl, totals[name][2] + 1]
+        print(f"prompt {i + 1}/{args.prompts} (P = {len(prompt)})")
+    print(f"\n{args.task}, R = {args.budget}, {args.prompts} prompts\n")
+    print(markdown_table(["candidate", "right", "KL(prompted‖x)"],
+                        [[name, f"{r} / {n}", number(kl / n)] for name, (r, kl, n) in totals.items()]))
+
+
+if __name__ == "__main__":
+    main()
