@@ -64,7 +64,7 @@ class Heads:
 FIT_ELEMENTS = 1 << 25  # reference queries x entries per fitting step (a few hundred MB at most)
 
 
-def _heads(captured: dict, prompt_tokens: int) -> Heads:
+def captured_heads(captured: dict, prompt_tokens: int) -> Heads:
     """The captured full-attention layers' prompt keys, values and reference queries, in float32 at least."""
     keys, values, refs, scalings = [], [], [], []
     softcaps = {c.softcap for c in captured.values()}
@@ -110,7 +110,7 @@ def summary_tensors(captured: dict, prompt_tokens: int, method: str, budget: int
     """{full-attention layer: {buffer: tensor}} for a `compressed` or `evict` patch of `budget` entries per layer and
     key/value head (on average, with a split). captured: the layers' Captured from running capture_ids."""
     P = prompt_tokens
-    heads = _heads(captured, P)
+    heads = captured_heads(captured, P)
     L = len(heads.names)
     Hkv = len(heads.keys) // L
     if method == "evict":
@@ -118,22 +118,31 @@ def summary_tensors(captured: dict, prompt_tokens: int, method: str, budget: int
         return {name: {"prefix_keys": s.keys[i * Hkv:(i + 1) * Hkv].to(heads.dtype).contiguous(),
                        "prefix_values": s.values[i * Hkv:(i + 1) * Hkv].to(heads.dtype).contiguous()}
                 for i, name in enumerate(heads.names)}
-    if options.split == "uniform" or budget >= P:
-        per_head = [min(budget, P)] * len(heads.keys)
-        fits = heads.summarise(per_head[:1], options.keys)
-    else:
-        grid = compress.budget_grid(budget, P)
-        fits = heads.summarise(grid, options.keys)
-        errors = torch.stack([torch.cat([fits[b][h].error for h in range(len(heads.keys))]) for b in grid], -1)  # (B, grid)
-        if options.split == "layers":  # whole layers: Hkv heads move together
-            per_layer = compress.split_budget(errors.view(L, Hkv, -1).sum(1), grid, Hkv, budget * L * Hkv)
-            per_head = [b for b in per_layer for _ in range(Hkv)]
-        else:
-            per_head = compress.split_budget(errors, grid, 1, budget * L * Hkv)
-        for b in set(per_head) - set(fits):  # budgets off the grid: only the heads that took them
-            fits.update(heads.summarise([b], options.keys, [h for h, hb in enumerate(per_head) if hb == b]))
+    per_head, fits = head_budgets(heads, budget, options)
     return {name: layer_tensors([fits[per_head[i * Hkv + h]][i * Hkv + h] for h in range(Hkv)], heads.dtype)
             for i, name in enumerate(heads.names)}
+
+
+def head_budgets(heads: Heads, budget: int, options: Options) -> tuple[list[int], dict[int, dict[int, compress.Summary]]]:
+    """(each head's budget under options.split, {budget: {head: Summary}} fitted on the way: every head at each
+    budget it holds)."""
+    P = heads.keys.shape[1]
+    L = len(heads.names)
+    Hkv = len(heads.keys) // L
+    if options.split == "uniform" or budget >= P:
+        per_head = [min(budget, P)] * len(heads.keys)
+        return per_head, heads.summarise(per_head[:1], options.keys)
+    grid = compress.budget_grid(budget, P)
+    fits = heads.summarise(grid, options.keys)
+    errors = torch.stack([torch.cat([fits[b][h].error for h in range(len(heads.keys))]) for b in grid], -1)  # (B, grid)
+    if options.split == "layers":  # whole layers: Hkv heads move together
+        per_layer = compress.split_budget(errors.view(L, Hkv, -1).sum(1), grid, Hkv, budget * L * Hkv)
+        per_head = [b for b in per_layer for _ in range(Hkv)]
+    else:
+        per_head = compress.split_budget(errors, grid, 1, budget * L * Hkv)
+    for b in set(per_head) - set(fits):  # budgets off the grid: only the heads that took them
+        fits.update(heads.summarise([b], options.keys, [h for h, hb in enumerate(per_head) if hb == b]))
+    return per_head, fits
 
 
 def _one(s: compress.Summary, h: int) -> compress.Summary:

@@ -29,17 +29,9 @@ from iclca_cli.fingerprint import model_fingerprint
 from iclca_cli.inputs import encode_continuation, encode_prompt
 from iclca_cli.loading import load_model
 from iclca_cli.ops import compress
+from iclca_cli.ops.compress import Options
 from iclca_cli.patch import patched_copy, shared_copy
 from iclca_cli.softmax_layers import attach, attention_modules, capture_prompt_kv
-
-
-def head_budgets(captured: dict, P: int, budget: int) -> list[int]:
-    """Each key/value head's budget under the default split by heads (as summaries.summary_tensors chooses it)."""
-    heads = summaries._heads(captured, P)
-    grid = compress.budget_grid(budget, P)
-    fits = heads.summarise(grid, "attention")
-    errors = torch.stack([torch.cat([fits[b][h].error for h in range(len(heads.keys))]) for b in grid], -1)
-    return compress.split_budget(errors, grid, 1, budget * len(heads.keys))
 
 
 @torch.no_grad()
@@ -49,7 +41,7 @@ def on_policy(model, prompt: list[int], budget: int):
     family, P = family_of(model), len(prompt)
     with capture_prompt_kv(model, attention_modules(model, family)) as captured:
         model.base_model(input_ids=torch.tensor([prompt + prompt]), use_cache=False)
-    per_head = head_budgets(captured, P, budget)
+    per_head, _ = summaries.head_budgets(summaries.captured_heads(captured, P), budget, Options())
     Hkv = next(iter(captured.values())).keys.shape[0]
     # the second pass reads the repeat after the exact prompt (bias 0); each layer swaps in its summary as it runs
     exact = {f"{n}.{b}": t for n, c in captured.items() for b, t in

@@ -12,8 +12,9 @@ Attention matching (after Zweiger, Fu, Guo, Kim 2026, arXiv 2602.16284), per key
 3. A score bias b_j = log w_j per entry: w >= 0 by non-negative least squares, so that the entries carry each
    reference query's attention mass: sum_j w_j exp(s q.c_j) ~ sum_{prompt i} exp(s q.k_i).
 4. Values: least squares so that attention over the entries reproduces each reference query's attention output.
-The budget split (`split_budget`): every head is fitted at each budget of a grid, and entries go to the heads (or
-layers) whose attention-output error drops most per entry, under the same total as a uniform budget.
+The budget split (`split_budget`): every head is fitted at each budget of a grid (`attention` keys: from one score
+matrix, fit_ranked), and entries go to the heads (or layers) whose attention-output error drops most per entry,
+under the same total as a uniform budget.
 """
 
 from __future__ import annotations
