@@ -41,6 +41,11 @@ class Heads:
     softcap: float | None
     dtype: torch.dtype  # the model's: what the patch stores
 
+    @property
+    def kv_heads(self) -> int:
+        """Key/value heads per layer."""
+        return len(self.keys) // len(self.names)
+
     def rows(self, index: list[int]) -> tuple:
         """(keys, values, Reference, scaling) of these heads (views where they are consecutive)."""
         at = slice(index[0], index[-1] + 1) if index == list(range(index[0], index[-1] + 1)) else torch.tensor(index)
@@ -111,8 +116,7 @@ def summary_tensors(captured: dict, prompt_tokens: int, method: str, budget: int
     key/value head (on average, with a split). captured: the layers' Captured from running capture_ids."""
     P = prompt_tokens
     heads = captured_heads(captured, P)
-    L = len(heads.names)
-    Hkv = len(heads.keys) // L
+    Hkv = heads.kv_heads
     if method == "evict":
         s = compress.evict(heads.keys, heads.values, heads.ref, min(budget, P), heads.scaling, heads.softcap)
         return {name: {"prefix_keys": s.keys[i * Hkv:(i + 1) * Hkv].to(heads.dtype).contiguous(),
@@ -126,9 +130,7 @@ def summary_tensors(captured: dict, prompt_tokens: int, method: str, budget: int
 def head_budgets(heads: Heads, budget: int, options: Options) -> tuple[list[int], dict[int, dict[int, compress.Summary]]]:
     """(each head's budget under options.split, {budget: {head: Summary}} fitted on the way: every head at each
     budget it holds)."""
-    P = heads.keys.shape[1]
-    L = len(heads.names)
-    Hkv = len(heads.keys) // L
+    P, L, Hkv = heads.keys.shape[1], len(heads.names), heads.kv_heads
     if options.split == "uniform" or budget >= P:
         per_head = [min(budget, P)] * len(heads.keys)
         return per_head, heads.summarise(per_head[:1], options.keys)

@@ -116,6 +116,13 @@ def save_json(path: Path, result: dict) -> None:
     path.write_text(json.dumps(result, indent=1) + "\n")
 
 
+def show_saved(args, markdown) -> bool:
+    """Print the markdown of the saved result --markdown names; whether there was one (then the script is done)."""
+    if args.markdown:
+        print(markdown(json.loads(args.markdown.read_text())))
+    return bool(args.markdown)
+
+
 def report(args, result: dict, markdown) -> None:
     """Save the result where --out says, and print it as JSON (--json) or markdown."""
     if args.out:

@@ -24,8 +24,8 @@ import sys
 from pathlib import Path
 
 import torch
-from common import (ROOT, best_of, cli, markdown_table, number, patched_by, report, result_arguments, random_decoder, random_gpt2, random_ids,
-                    random_linear, tiny_recurrent)
+from common import (ROOT, best_of, cli, markdown_table, number, patched_by, random_decoder, random_gpt2, random_ids,
+                    random_linear, report, result_arguments, show_saved, tiny_recurrent)
 
 from iclca_cli.convert import convert_prompt
 from iclca_cli.evaluate import greedy_continuation, top1_agrees
@@ -146,8 +146,7 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="small sizes (the test runs this on the CPU)")
     result_arguments(ap)
     args = ap.parse_args()
-    if args.markdown:
-        print(markdown(json.loads(args.markdown.read_text())))
+    if show_saved(args, markdown):
         return
     device = torch_device(args.device)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.machine()

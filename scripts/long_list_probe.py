@@ -14,19 +14,17 @@ Scored as in scripts/real_model.py (whole answers, KL at the answer positions).
 from __future__ import annotations
 
 import argparse
-import copy
 import dataclasses
 import random
 
 import torch
 from common import convert_by, markdown_table, number
 from few_shot_tasks import few_shot
-from real_model import DEFAULT_FOLDER, answer_logits, score, smollm2_folder
+from real_model import DEFAULT_FOLDER, answer_logits, prompted_answers, score, smollm2_folder
 
 from iclca_cli import summaries
 from iclca_cli.families import family_of
 from iclca_cli.fingerprint import model_fingerprint
-from iclca_cli.inputs import encode_continuation, encode_prompt
 from iclca_cli.loading import load_model
 from iclca_cli.ops import compress
 from iclca_cli.ops.compress import Options
@@ -99,11 +97,7 @@ def main() -> None:
     rng = random.Random(f"dev-{args.task}")
     totals = {name: [0, 0.0, 0] for name in ["prompted", *candidates]}
     for i in range(args.prompts):
-        text, facts = few_shot(args.task, rng)
-        prompt = encode_prompt(tokenizer, text)
-        queries = [(encode_continuation(tokenizer, q), encode_continuation(tokenizer, t)) for q, t in facts]
-        cache = model(input_ids=torch.tensor([prompt]), use_cache=True, logits_to_keep=1).cache
-        wants = [answer_logits(model, q + t, len(t), copy.deepcopy(cache)) for q, t in queries]
+        prompt, queries, wants = prompted_answers(model, tokenizer, *few_shot(args.task, rng))
         for name, make in [("prompted", lambda: None), *candidates.items()]:
             patched = make()
             for (q, t), want in zip(queries, wants):

@@ -105,6 +105,15 @@ def score(got: torch.Tensor, want: torch.Tensor, target: list[int]) -> tuple[int
     return right, float(kl_divergence(want, got).mean()), int((got.argmax(-1) == want.argmax(-1)).sum())
 
 
+@torch.no_grad()
+def prompted_answers(model, tokenizer, text: str, facts: list[tuple[str, str]]) -> tuple[list[int], list, list]:
+    """(prompt ids, [(query ids, target ids)], the prompted model's answer_logits for each query)."""
+    prompt = encode_prompt(tokenizer, text)
+    queries = [(encode_continuation(tokenizer, q), encode_continuation(tokenizer, t)) for q, t in facts]
+    cache = model(input_ids=torch.tensor([prompt]), use_cache=True, logits_to_keep=1).cache
+    return prompt, queries, [answer_logits(model, q + t, len(t), copy.deepcopy(cache)) for q, t in queries]
+
+
 def run(folder: Path, tasks: list[str], methods: dict[str, list[str]], n_prompts: int, seed: str, log=print) -> list[dict]:
     """One row per (task, method): accuracy, prompted accuracy, KL, bytes, prompt lengths, conversion seconds
     (long lists: at most 3 prompts). prompted_mode_share: the share of queries that get the prompted model's
@@ -119,13 +128,8 @@ def run(folder: Path, tasks: list[str], methods: dict[str, list[str]], n_prompts
         prompts = min(n_prompts, 3) if task.startswith("long_") else n_prompts
         answers: dict[tuple, int] = {}  # the prompted model's answers (argmax tokens), counted
         for i in range(prompts):
-            text, facts = few_shot(task, rng)
-            prompt = encode_prompt(tokenizer, text)
+            prompt, queries, prompted = prompted_answers(model, tokenizer, *few_shot(task, rng))
             lengths.append(len(prompt))
-            queries = [(encode_continuation(tokenizer, q), encode_continuation(tokenizer, t)) for q, t in facts]
-            with torch.no_grad():
-                cache = model(input_ids=torch.tensor([prompt]), use_cache=True, logits_to_keep=1).cache
-            prompted = [answer_logits(model, q + t, len(t), copy.deepcopy(cache)) for q, t in queries]
             for want in prompted:
                 answer = tuple(want.argmax(-1).tolist())
                 answers[answer] = answers.get(answer, 0) + 1
@@ -167,10 +171,9 @@ def cost(folder: Path, lengths=(256, 1024, 4096), repeats: int = 2, log=print) -
     model, _ = load_model(str(folder), "float32")
     fingerprint = model_fingerprint(model)
     rows = []
+    best = lambda fn: best_of({"fn": fn}, repeats)["fn"]  # noqa: E731
     for P in lengths:
         ids = torch.randint(100, model.config.vocab_size - 100, (P,), generator=torch.Generator().manual_seed(P)).tolist()
-        best = lambda fn: best_of({"fn": fn}, repeats)["fn"]  # noqa: E731
-
         with torch.no_grad():
             forward = best(lambda: model.model(input_ids=torch.tensor([ids]), use_cache=False))
         for method, budget in (("compressed", 32), ("evict", 32), ("compressed", P // 3)):

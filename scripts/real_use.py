@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 
 import torch
-from common import ROOT, cli, markdown_table, number, report, result_arguments
+from common import ROOT, cli, markdown_table, number, report, result_arguments, show_saved
 from real_model import DEFAULT_FOLDER, NAMES, smollm2_folder
 
 from iclca_cli import chat
@@ -235,8 +235,7 @@ def main() -> None:
     result_arguments(ap)
     ap.add_argument("--folder", type=Path, default=DEFAULT_FOLDER, help="the SmolLM2 checkpoint folder")
     args = ap.parse_args()
-    if args.markdown:
-        print(markdown(json.loads(args.markdown.read_text())))
+    if show_saved(args, markdown):
         return
     smollm2 = smollm2_folder(args.folder)
     torch.set_num_threads(2)
