@@ -27,7 +27,10 @@ WORDS = ("apple river stone cloud tiger lemon chair piano ocean candle forest ro
 ODD_LABELS = [" glorp", " vexil", " plim"]
 
 DEV_TASKS = ("digits", "words", "labels", "format", "long_numbers")
-HELDOUT_TASKS = ("associations", "odd_labels", "format_rules", "multi_token", "long_facts", "long_codes")
+# associations_words and multi_token_words: associations and multi_token keyed by one word, forms SmolLM2 reads
+# (chosen on dev seeds by the prompted model's accuracy alone; see the README)
+HELDOUT_TASKS = ("associations", "odd_labels", "format_rules", "multi_token", "associations_words", "multi_token_words",
+                 "long_facts", "long_codes")
 
 
 def few_shot(task: str, rng: random.Random) -> tuple[str, list[tuple[str, str]]]:
@@ -56,6 +59,11 @@ def few_shot(task: str, rng: random.Random) -> tuple[str, list[tuple[str, str]]]
                 [(f"Input: {w}\nOutput:", f" {w}-{w}!") for w in words[shown:shown + 8]])
     elif task == "multi_token":  # three-digit answers: every digit must come out right
         facts = [(f"Room of {k}:", f" {rng.randrange(100, 1000)}") for k in rng.sample(NAMES, rng.randint(4, 16))]
+    elif task == "associations_words":  # associations keyed by one word
+        facts = [(f"{k}'s favourite animal is the", f" {rng.choice(ANIMALS)}") for k in rng.sample(WORDS, rng.randint(4, 24))]
+        return "".join(f"{q}{t}.\n" for q, t in facts), facts
+    elif task == "multi_token_words":  # three-digit answers keyed by one word
+        facts = [(f"{k}:", f" {rng.randrange(100, 1000)}") for k in rng.sample(WORDS, rng.randint(6, 16))]
     elif task == "long_facts":  # a long list: 100 facts, about a thousand tokens; 24 of them asked
         keys = rng.sample([(c, n) for c in COLOURS for n in NOUNS], 100)
         facts = [(f"The {c} {n} is in box", f" {rng.randrange(10)}") for c, n in keys]

@@ -15,14 +15,24 @@ COLOURS = {"compressed": "#1f77b4", "evict": "#d62728"}
 W, H, PAD = 340, 240, 48  # one panel
 
 
-def curve(rows: list[dict], method: str, key: str) -> list[tuple[int, float]]:
-    """[(R, mean of `key` over the short held-out tasks)] for method-R rows."""
-    by_budget: dict[int, list[float]] = {}
+def curve(rows: list[dict], method: str, key: str, budgets: str = "numbers") -> list[tuple]:
+    """[(R, mean of `key` over the short held-out tasks)] for method-R rows (budgets="P/3": the method-P/3 rows)."""
+    by_budget: dict = {}
     for r in rows:
         name = r["method"]
-        if not r["task"].startswith("long_") and name.startswith(f"{method}-") and name.split("-", 1)[1].isdigit():
-            by_budget.setdefault(int(name.split("-", 1)[1]), []).append(r[key])
+        budget = name.split("-", 1)[1] if name.startswith(f"{method}-") else ""
+        if not r["task"].startswith("long_") and (budget.isdigit() if budgets == "numbers" else budget == budgets):
+            by_budget.setdefault(int(budget) if budget.isdigit() else budget, []).append(r[key])
     return sorted((b, sum(v) / len(v)) for b, v in by_budget.items())
+
+
+def curve_table(rows: list[dict]) -> list[list]:
+    """[[R, compressed top-1, evict top-1, compressed KL, evict KL]]: the curve's points, and R = P/3."""
+    points = {(m, key): dict(curve(rows, m, key) + curve(rows, m, key, "P/3")) for m in COLOURS
+              for key in ("top1_agreement", "kl")}
+    budgets = list(points["compressed", "kl"])
+    return [[b, *(f"{points[m, key].get(b, float('nan')):.{3 if key == 'kl' else 2}g}" for key in ("top1_agreement", "kl")
+                  for m in COLOURS)] for b in budgets]
 
 
 def panel(x0: int, title: str, series: dict[str, list[tuple[int, float]]], log_y: bool, y_range: tuple[float, float],

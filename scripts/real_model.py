@@ -13,7 +13,8 @@ needs the `llm` tool), has transformers de-quantise it (`gguf`), and saves it on
 checkpoint folder (default ~/.cache/iclca/smollm2-135m-instruct).
 
 Tasks: scripts/few_shot_tasks.py (development: digits, words, labels, format, and a long list, long_numbers, seeded
-"dev-<task>"; held out: associations, odd_labels, format_rules, multi_token with 30 to 300-token prompts, and two
+"dev-<task>"; held out: associations, odd_labels, format_rules, multi_token, and associations_words and
+multi_token_words (the same kinds keyed by one word, which SmolLM2 reads) with 30 to 300-token prompts, and two
 long lists of 100 facts, long_facts (~1k tokens) and long_codes (~1.1k), seeded "heldout-<task>"; long lists at R =
 32 and more). A query counts as right when every token of its target is the argmax (teacher-forced); KL is
 KL(prompted || method) at the target's positions, averaged; `top-1 = prompted` is the share of those positions where
@@ -203,10 +204,13 @@ def main() -> None:
     ap.add_argument("--json", action="store_true", help="print one JSON object")
     args = ap.parse_args()
     if args.stage == "plot":
-        from plot_curve import write_curve
+        from plot_curve import curve_table, write_curve
 
-        write_curve(json.loads((RESULTS / "real_model_heldout.json").read_text()), CURVE)
-        print(CURVE)
+        result = json.loads((RESULTS / "real_model_heldout.json").read_text())
+        write_curve(result, CURVE)
+        print(f"{CURVE}: the curve's points, averaged over the short held-out tasks\n")
+        print(markdown_table(["R", "top-1 = prompted: compressed", "evict", "KL: compressed", "evict"],
+                             curve_table(result["rows"])))
         return
     torch.manual_seed(0)
     if args.stage == "cost":
