@@ -21,7 +21,7 @@ import random
 import torch
 from common import markdown_table, number
 from few_shot_tasks import few_shot
-from real_model import DEFAULT_FOLDER, answer_logits, prompted_answers, score, smollm2_folder
+from real_model import DEFAULT_FOLDER, prompted_answers, scored, smollm2_folder
 
 from iclca_cli import summaries
 from iclca_cli.families import family_of
@@ -50,9 +50,8 @@ class Study:
         self.numbers = [i for i, t in enumerate(self.prompt) if tokenizer.decode([t]).strip().isdigit()]
 
     def exact(self, b: int) -> compress.Summary:
-        """Head row b as the prefix: every prompt entry, bias 0."""
-        k = self.heads.keys[b:b + 1]
-        return compress.Summary(k, self.heads.values[b:b + 1], k.new_zeros(1, self.P), k.new_zeros(1))
+        """Head row b as the prefix: every prompt entry, bias 0 (a summary of P entries)."""
+        return self.summary(b, self.P, "compressed")
 
     def summary(self, b: int, r: int, how: str) -> compress.Summary:
         k, v, ref, scaling = self.heads.rows([b])
@@ -77,11 +76,8 @@ class Study:
             tensors.update({f"{name}.{buffer}": t for buffer, t in summaries.layer_tensors(layer, self.heads.dtype).items()})
         patched = shared_copy(self.model)
         attach(patched, self.family, tensors, self.P)
-        right, kl = 0, 0.0
-        for (q, t), want in zip(self.queries, self.wants):
-            r, k, _ = score(answer_logits(patched, q + t, len(t)), want, t)
-            right, kl = right + r, kl + k
-        return right, kl / len(self.queries)
+        results = scored(patched, self.queries, self.wants)
+        return sum(r for r, _, _ in results), sum(kl for _, kl, _ in results) / len(results)
 
 
 def row(name: str, result: tuple[int, float], n: int) -> list:
@@ -97,7 +93,7 @@ def main() -> None:
     model, tokenizer = load_model(str(smollm2_folder(DEFAULT_FOLDER)), "float32")
     s = Study(model, tokenizer, "long_numbers", args.prompt, args.budget)
     n, Hkv, R = len(s.queries), s.Hkv, args.budget
-    prompted = sum(score(w, w, t)[0] for (_, t), w in zip(s.queries, s.wants))
+    prompted = sum(r for r, _, _ in scored(None, s.queries, s.wants))
     print(f"long_numbers, P = {s.P}, R = {R}: the prompted model gets {prompted} of {n} right\n")
 
     layers = [s.score(lambda b, i=i: s.default[b] if b // Hkv == i else s.exact(b)) for i in range(len(s.heads.names))]

@@ -25,7 +25,7 @@ import time
 import torch
 from common import convert_by, markdown_table, number
 from few_shot_tasks import few_shot
-from real_model import DEFAULT_FOLDER, answer_logits, prompted_answers, score, smollm2_folder
+from real_model import DEFAULT_FOLDER, prompted_answers, scored, smollm2_folder
 
 from iclca_cli import summaries
 from iclca_cli.families import family_of
@@ -133,8 +133,7 @@ def main() -> None:
             start = time.perf_counter()
             patched = make()
             totals[name][3] += time.perf_counter() - start
-            for (q, t), want in zip(queries, wants):
-                right, kl, _ = score(want if patched is None else answer_logits(patched, q + t, len(t)), want, t)
+            for right, kl, _ in scored(patched, queries, wants):
                 totals[name][:3] = [totals[name][0] + right, totals[name][1] + kl, totals[name][2] + 1]
         print(f"prompt {i + 1}/{args.prompts} (P = {len(prompt)})")
     print(f"\n{args.task}, R = {args.budget}, {args.prompts} prompts\n")

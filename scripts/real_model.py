@@ -106,6 +106,12 @@ def score(got: torch.Tensor, want: torch.Tensor, target: list[int]) -> tuple[int
     return right, float(kl_divergence(want, got).mean()), int((got.argmax(-1) == want.argmax(-1)).sum())
 
 
+def scored(patched, queries: list, wants: list) -> list[tuple[int, float, int]]:
+    """score() of each query's answer_logits on patched (None: the prompted model, whose logits are `wants`)."""
+    return [score(want if patched is None else answer_logits(patched, q + t, len(t)), want, t)
+            for (q, t), want in zip(queries, wants)]
+
+
 @torch.no_grad()
 def prompted_answers(model, tokenizer, text: str, facts: list[tuple[str, str]]) -> tuple[list[int], list, list]:
     """(prompt ids, [(query ids, target ids)], the prompted model's answer_logits for each query)."""
@@ -138,7 +144,7 @@ def run(folder: Path, tasks: list[str], methods: dict[str, list[str]], n_prompts
                 s = stats.setdefault(name, {"right": 0, "n": 0, "kl": 0.0, "bytes": [], "seconds": 0.0, "budgets": [],
                                             "same_top": 0, "positions": 0})
                 if name in ("prompted", "none"):
-                    patched = model
+                    patched = None if name == "prompted" else model
                 else:
                     start = time.perf_counter()
                     patch = convert_by(model, prompt, name, fingerprint=fingerprint)
@@ -146,9 +152,7 @@ def run(folder: Path, tasks: list[str], methods: dict[str, list[str]], n_prompts
                     s["bytes"].append(patch.nbytes)
                     s["budgets"].append(int(patch.extra.get("budget", 0)))
                     patched = patched_copy(model, patch)
-                for (q, t), want in zip(queries, prompted):
-                    got = want if name == "prompted" else answer_logits(patched, q + t, len(t))
-                    right, kl, same = score(got, want, t)
+                for (_, t), (right, kl, same) in zip(queries, scored(patched, queries, prompted)):
                     s["right"], s["n"], s["kl"] = s["right"] + right, s["n"] + 1, s["kl"] + kl
                     s["same_top"], s["positions"] = s["same_top"] + same, s["positions"] + len(t)
             log(f"{task}: prompt {i + 1}/{prompts} (P = {len(prompt)})")
