@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import hashlib
 
+import transformers
+
 from . import cache_layers, linear_layers, softmax_layers
 from .cache_layers import Progress
 from .errors import IclcaError
@@ -13,6 +15,7 @@ from .fingerprint import model_fingerprint
 from .ops.compress import Options
 from .patch import Patch, apply_patch, check_method, check_patch_fits, model_dtype_name
 from .positions import check_positions
+from .selftest import check_family
 
 
 def default_method(model) -> str:
@@ -50,6 +53,7 @@ def fill_patch(model, patch: Patch, prompt_ids: list[int], base_patch: Patch | N
     """The tensors of a patch describe_patch made for these prompt ids (its method, budget and order), computed by
     running the prompt through `model` (from `base_patch`, applied in place, if given); returns `patch`."""
     method, family = patch.method, family_of(model)
+    check_family(family)
     budget, order = int(patch.extra.get("budget", 0)), int(patch.extra.get("taylor_order", 2))
     options = Options.from_metadata(patch.extra)
     if base_patch is not None:
@@ -84,7 +88,7 @@ def describe_patch(
     if not prompt_ids:
         raise IclcaError("the prompt has no tokens", "write the demonstrations into the prompt file")
     fingerprint = fingerprint or model_fingerprint(model)
-    extra = {"layer_kinds": ",".join(family.layer_kinds(model.config))}
+    extra = {"layer_kinds": ",".join(family.layer_kinds(model.config)), "transformers_version": transformers.__version__}
     start = 0
     if base_patch is not None:
         if method != "exact" or base_patch.method != "exact":

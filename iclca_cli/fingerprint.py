@@ -5,12 +5,11 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 from pathlib import Path
 
 import torch
 
+from .cache_store import add_to_store, read_store
 from .devices import materialised
 
 # Config keys that describe how a model was saved or is run, not what it computes.
@@ -35,11 +34,6 @@ def model_fingerprint(model: torch.nn.Module) -> str:
     return h.hexdigest()
 
 
-def cache_dir() -> Path:
-    """Where iclca keeps what it can recompute: $ICLCA_CACHE_DIR, else ~/.cache/iclca."""
-    return Path(os.environ.get("ICLCA_CACHE_DIR") or Path.home() / ".cache" / "iclca")
-
-
 def _folder_identity(folder: Path, dtype: torch.dtype) -> str | None:
     """A key that changes whenever a file the model is loaded from changes (path, size, mtime in ns), or None."""
     try:
@@ -59,20 +53,9 @@ def folder_fingerprint(model: torch.nn.Module, folder: str | Path) -> str:
     key = _folder_identity(folder, dtype) if folder.is_dir() else None
     if key is None:
         return model_fingerprint(model)
-    store = cache_dir() / "fingerprints.json"
-    try:
-        known = json.loads(store.read_text())
-    except (OSError, ValueError):
-        known = {}
-    if isinstance(known, dict) and isinstance(known.get(key), str):
-        return known[key]
+    known = read_store("fingerprints.json").get(key)
+    if isinstance(known, str):
+        return known
     fingerprint = model_fingerprint(model)
-    try:  # a cache that cannot be written only costs time
-        store.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=".fingerprints.", dir=store.parent)
-        with os.fdopen(fd, "w") as f:
-            json.dump({**(known if isinstance(known, dict) else {}), key: fingerprint}, f)
-        os.replace(tmp, store)
-    except OSError:
-        pass
+    add_to_store("fingerprints.json", key, fingerprint)
     return fingerprint

@@ -263,5 +263,8 @@ def shared_copy(model: torch.nn.Module) -> torch.nn.Module:
 def apply_patch(model: torch.nn.Module, patch: Patch) -> None:
     """Make the patch part of the model (in place): the layers its method acts on take its tensors, and queries
     start at its position offset."""
+    from .selftest import check_family
+
     family = family_of(model)
+    check_family(family)
     layers_for(family, patch.method).attach(model, family, patch.tensors, patch.position_offset)

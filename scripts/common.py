@@ -143,21 +143,9 @@ def number(x: float | None, digits: int = 3) -> str:
 
 
 def tiny_recurrent(family: str, dtype=torch.float64, seed: int = 0):
-    """A tiny stock state-space / linear-attention / hybrid model of a family (configs/tiny/recurrent.json, the
-    tests' too) with random weights whose state matters: projections scaled by 4, time-step biases 0."""
-    import json
+    """A tiny stock state-space / linear-attention / hybrid model of a family in its published layout (Family.tiny,
+    the tests' and the self-test's too) with random weights whose state matters."""
+    from iclca_cli.families import family_named
+    from iclca_cli.selftest import tiny_model
 
-    import transformers
-
-    tiny = json.loads((ROOT / "configs/tiny/recurrent.json").read_text())[family]
-    torch.manual_seed(seed)
-    config = getattr(transformers, f"{tiny['class']}Config")(vocab_size=61, **tiny["config"])
-    cls = getattr(transformers, f"{tiny['class']}ForCausalLM")
-    model = cls._from_config(config, experts_implementation="eager").to(dtype).eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "proj" in name and p.dim() == 2:
-                p.mul_(4)
-            if "dt_bias" in name:
-                p.zero_()
-    return model
+    return tiny_model(family_named(family), dtype, seed)

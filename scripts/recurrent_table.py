@@ -1,5 +1,5 @@
 """Every state-space / linear-attention / hybrid family x what iclca does with it, measured on the tests' tiny random
-models (configs/tiny/recurrent.json), float64, a 30-token prompt and a 6-token query.
+models (each family's published layout at tiny widths: Family.tiny), float64, a 30-token prompt and a 6-token query.
 
     python scripts/recurrent_table.py
 
@@ -23,11 +23,12 @@ import tempfile
 from pathlib import Path
 
 import torch
-from common import ROOT, markdown_table, tiny_recurrent
+import transformers
+from common import markdown_table, tiny_recurrent
 
 from iclca_cli.convert import convert_prompt
 from iclca_cli.evaluate import kl_divergence
-from iclca_cli.families import family_of
+from iclca_cli.families import all_families, family_of
 from iclca_cli.merge import merge_patch
 from iclca_cli.patch import patched_copy
 from iclca_cli.word_tokenizer import build_word_tokenizer
@@ -62,7 +63,7 @@ def relative_difference(a: dict, b: dict) -> float:
 
 @torch.no_grad()
 def main() -> None:
-    families = json.loads((ROOT / "configs/tiny/recurrent.json").read_text())
+    families = [name for name, family in all_families().items() if family.tiny is not None]
     rows, fresh, expected = {}, {}, {}
     tokenizer = build_word_tokenizer(["a"])
     with tempfile.TemporaryDirectory() as tmp:
@@ -96,7 +97,8 @@ def main() -> None:
             sys.exit(proc.stderr[-3000:])
     merged = json.loads(proc.stdout.strip().splitlines()[-1])
     yes = lambda ok: "yes" if ok else "**no**"  # noqa: E731
-    print(f"float64, prompt {P} tokens, query {Q} tokens, {NEW} greedy tokens\n")
+    print(f"transformers {transformers.__version__}, torch {torch.__version__}; float64, prompt {P} tokens, "
+          f"query {Q} tokens, {NEW} greedy tokens\n")
     print(markdown_table(["family", "exact: max |Δlogit|", "generate", "merged (fresh process)", "stacking",
                           "compressed (R = 8)"],
                          [[f, r[0], yes(r[1]), yes(merged[f] == expected[f]), f"{r[2]:.1g}", r[3]]

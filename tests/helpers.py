@@ -4,7 +4,6 @@ CLI result checks. Fixtures are in conftest.py; test modules import only from he
 from __future__ import annotations
 
 import copy
-import functools
 import hashlib
 import importlib.util
 import json
@@ -17,7 +16,9 @@ import torch
 import iclca_cli.models  # noqa: F401  (registers iclca's classes with the Auto classes)
 from iclca_cli import patch as patch_lib
 from iclca_cli.convert import convert_prompt
+from iclca_cli.families import family_named
 from iclca_cli.models import IclcaLinearConfig, IclcaLinearForCausalLM
+from iclca_cli.selftest import tiny_model
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE_PROMPT = ROOT / "configs/examples/recall-prompt.txt"
@@ -63,14 +64,9 @@ def make_decoder(kind="Llama", dtype=torch.float64, seed=0, model_class=None, **
 
 
 def make_recurrent(family: str, dtype=torch.float64, seed=0):
-    """A tiny random stock state-space / linear-attention / hybrid model of a family (configs/tiny/recurrent.json)
-    whose state matters: scripts/common.tiny_recurrent, so that the tests and the scripts measure the same models."""
-    return _common().tiny_recurrent(family, dtype, seed)
-
-
-@functools.cache
-def _common():
-    return load_script("common")
+    """A tiny random stock state-space / linear-attention / hybrid model of a family, in its published layout
+    (Family.tiny), whose state matters: the model the family's self-test and the scripts build."""
+    return tiny_model(family_named(family), dtype, seed)
 
 
 def make_llama(dtype=torch.float64, seed=0, init=0.2):

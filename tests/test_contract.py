@@ -35,6 +35,10 @@ class Case:
     noise: float = 0.0  # the family's own float32 noise: stock model from its cache vs one pass (float64 runs)
 
 
+def recurrent(name: str, seed: int) -> Case:
+    return Case(lambda dtype: make_recurrent(name, dtype, seed), vocab=61, noise=all_families()[name].noise)
+
+
 FAMILIES = {
     "iclca_linear": Case(lambda dtype: make_linear_model(70, dtype), vocab=61),
     "gpt2": Case(lambda dtype: make_gpt2_model(71, dtype, vocab_size=97)),
@@ -51,23 +55,22 @@ FAMILIES = {
                                                    layer_types=["sliding_attention", "full_attention"], **WINDOW)),
     # prompts never hold the pad token (generate() would mask it)
     "phi3": Case(lambda dtype: make_decoder("Phi3", dtype, 78, pad_token_id=96, partial_rotary_factor=0.5), vocab=96),
-    # State-space, linear-attention and hybrid models (tiny configs in helpers.TINY_RECURRENT). Where a
-    # family computes parts in float32 (Mamba2's SSM state and scan, the delta rules of Qwen3-Next and Kimi-Linear),
-    # `noise` is the difference the stock model shows itself between continuing from its cache and one pass.
-    "mamba2": Case(lambda dtype: make_recurrent("mamba2", dtype, 80), vocab=61, noise=1e-6),
-    "lfm2": Case(lambda dtype: make_recurrent("lfm2", dtype, 81), vocab=61),
-    "falcon_h1": Case(lambda dtype: make_recurrent("falcon_h1", dtype, 82), vocab=61),
-    "granitemoehybrid": Case(lambda dtype: make_recurrent("granitemoehybrid", dtype, 83), vocab=61),
-    "nemotron_h": Case(lambda dtype: make_recurrent("nemotron_h", dtype, 84), vocab=61),
-    "zamba2": Case(lambda dtype: make_recurrent("zamba2", dtype, 85), vocab=61),
-    "qwen3_next": Case(lambda dtype: make_recurrent("qwen3_next", dtype, 86), vocab=61, noise=1e-6),
-    "kimi_linear": Case(lambda dtype: make_recurrent("kimi_linear", dtype, 87), vocab=61, noise=1e-6),
-    "mamba": Case(lambda dtype: make_recurrent("mamba", dtype, 88), vocab=61, noise=1e-6),
-    "falcon_mamba": Case(lambda dtype: make_recurrent("falcon_mamba", dtype, 89), vocab=61, noise=1e-6),
-    "jamba": Case(lambda dtype: make_recurrent("jamba", dtype, 90), vocab=61, noise=1e-6),
-    "bamba": Case(lambda dtype: make_recurrent("bamba", dtype, 91), vocab=61),
-    "xlstm": Case(lambda dtype: make_recurrent("xlstm", dtype, 92), vocab=61, noise=1e-6),
-    "rwkv": Case(lambda dtype: make_recurrent("rwkv", dtype, 93), vocab=61, noise=1e-6),
+    # State-space, linear-attention and hybrid models: each family's published layout at tiny widths (Family.tiny,
+    # the checkpoint named in its file), with the family's own float32 noise (Family.noise).
+    "mamba2": recurrent("mamba2", 80),
+    "lfm2": recurrent("lfm2", 81),
+    "falcon_h1": recurrent("falcon_h1", 82),
+    "granitemoehybrid": recurrent("granitemoehybrid", 83),
+    "nemotron_h": recurrent("nemotron_h", 84),
+    "zamba2": recurrent("zamba2", 85),
+    "qwen3_next": recurrent("qwen3_next", 86),
+    "kimi_linear": recurrent("kimi_linear", 87),
+    "mamba": recurrent("mamba", 88),
+    "falcon_mamba": recurrent("falcon_mamba", 89),
+    "jamba": recurrent("jamba", 90),
+    "bamba": recurrent("bamba", 91),
+    "xlstm": recurrent("xlstm", 92),
+    "rwkv": recurrent("rwkv", 93),
 }
 CACHE = [name for name in FAMILIES if all_families()[name].positions == "cache"]
 SOFTMAX = [name for name in FAMILIES if name != "iclca_linear" and name not in CACHE]

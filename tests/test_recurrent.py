@@ -3,6 +3,7 @@ stacking, chunked conversion, batches, each state's own dtype, the command line,
 
 import pytest
 import torch
+import transformers
 
 from helpers import (assert_one_line_error, convert, logits, make_recurrent, one_json, random_ids, save_checkpoint)
 from iclca_cli.errors import IclcaError
@@ -81,7 +82,8 @@ def test_cli_converts_inspects_evaluates_and_merges_a_hybrid(cli, tmp_path):
     info = one_json(cli("inspect", tmp_path / "p.st", "--json"))
     parts = info["patch_bytes_by_part"]
     assert parts["recurrent"] > 0 and parts["attention"] > 0 and sum(parts.values()) == info["patch_bytes"]
-    assert info["iclca.layer_kinds"] == "conv,full_attention,conv,full_attention"
+    assert info["iclca.layer_kinds"] == "conv,conv,full_attention,conv,conv,full_attention"  # LFM2-350M's order
+    assert info["iclca.transformers_version"] == transformers.__version__
     res = cli("eval", "-m", folder, "-p", tmp_path / "p.st", "--prompt", prompt, "--queries", queries, "--dtype",
               "float64", "--max-abs-logit-diff", "1e-9", "--json")
     assert res.exit_code == 0, res.stderr

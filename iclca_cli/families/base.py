@@ -9,7 +9,7 @@ window, and nothing else can expire entries as the query moves on).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 SOFTMAX_KINDS = ("full_attention", "sliding_attention")
 LINEAR_KINDS = ("linear_attention",)
@@ -29,6 +29,8 @@ KIND_METHODS = {
 #             (models/patched_cache.py; caller's position ids and masks are shifted by P);
 #   none    - no positions (NoPE, recurrent layers): nothing to do.
 POSITION_POLICIES = ("rotary", "learned", "config", "cache", "none")
+# Tiny configs (Family.tiny) use a 61-token vocabulary with these special ids; random prompts stay above them.
+SPECIAL_TOKENS = dict(pad_token_id=0, bos_token_id=1, eos_token_id=2)
 
 
 @dataclass(frozen=True)
@@ -52,6 +54,11 @@ class Family:
     restore_weights: str | None = None  # backbone method that, in train mode, puts weights it changed in place back
     attention: str | None = None  # a hybrid's attention module within a layer ("self_attn"): takes `compressed`
     layer_kind: str | None = None  # every layer's kind, where the config does not say
+    # The family's published layout at tiny widths (config keyword arguments of merged[0]; the checkpoint it follows
+    # is named beside it): the self-test (selftest.py) and the contract tests build random models from it.
+    tiny: dict | None = field(default=None, compare=False)
+    noise: float = 0.0  # float64 runs: what the stock model itself differs by between continuing from its cache and
+    #                     one pass, where it computes parts in float32 (Mamba2's scan, the delta rules); else 0
 
     def __post_init__(self):
         if self.positions not in POSITION_POLICIES:

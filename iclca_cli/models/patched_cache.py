@@ -81,8 +81,11 @@ def new_cache(model: torch.nn.Module, batch: int, like: torch.Tensor):
 
 
 @torch.no_grad()
-def fill_cache(cache, states: dict[int, dict[str, torch.Tensor]], batch: int, prompt_tokens: int) -> None:
-    """Put the prompt's states (without batch dimension) into an empty cache, for `batch` sequences."""
+def fill_cache(cache, states: dict[int, dict[str, torch.Tensor]], batch: int, prompt_tokens: int,
+               counts_prompt: bool = True) -> None:
+    """Put the prompt's states (without batch dimension) into an empty cache, for `batch` sequences. `counts_prompt`:
+    the cache's token count includes the prompt's (False for a compressed hybrid, whose attention layers' caches
+    hold only the query's tokens)."""
     if hasattr(cache, "rnn_state"):
         for i, buffers in states.items():
             for j, state in enumerate(cache.rnn_state[i]):
@@ -105,6 +108,12 @@ def fill_cache(cache, states: dict[int, dict[str, torch.Tensor]], batch: int, pr
                     layer.lazy_initialization(recurrent_states=state, state_idx=j)
                     layer.recurrent_states[j].copy_(state)
                 layer.has_previous_state[j] = True  # set by transformers only on conv updates
+        if hasattr(layer, "cumulative_length_linear") and counts_prompt:
+            # upstream (transformers 5.25, cache_utils): a linear layer counts the tokens it has seen
+            # (`cumulative_length_linear`, advanced by conv updates only) and `DynamicCache.get_seq_length()` reads
+            # layer 0 whatever its kind, so a model whose first layer is linear (LFM2, Qwen3-Next, Bamba) numbers the
+            # query's positions from this count: the prompt's P tokens are in the cache, so they count
+            layer.cumulative_length_linear.fill_(prompt_tokens)
         if "prompt_keys" in buffers:
             keys, values = buffers["prompt_keys"], buffers["prompt_values"]  # (Hkv, P, D)
             layer.update(keys.unsqueeze(0).expand(batch, *keys.shape), values.unsqueeze(0).expand(batch, *values.shape))
@@ -124,14 +133,14 @@ def start_from_prompt(backbone, args, kwargs):
             kwargs["state"], kwargs["use_cache"] = state_list(prompt_states(model), batch), True
         return args, kwargs
     cache = kwargs.get("cache", kwargs.get("past_key_values"))
+    in_cache = prompt_in_cache(model)
     if cache is None or not holds_tokens(cache):
         like = model.get_buffer(next(iter(model.config.iclca_buffers)))
         cache = new_cache(model, batch, like) if cache is None else cache
-        fill_cache(cache, prompt_states(model), batch, P)
+        fill_cache(cache, prompt_states(model), batch, P, counts_prompt=in_cache)
         kwargs.pop("past_key_values", None)
         kwargs["cache"], kwargs["use_cache"] = cache, True
     attention = hasattr(cache, "layers") and not all(cache.is_linear)
-    in_cache = prompt_in_cache(model)
     if kwargs.get("position_ids") is not None:
         kwargs["position_ids"] = kwargs["position_ids"] + P
     elif attention and (getattr(model.config, "iclca_count_positions", False) or not in_cache):
