@@ -51,8 +51,10 @@ FAMILIES = {
     # without a patch (float64 throughout); against the stock model the difference is that float32 softmax (~1e-6).
     "gemma2": Case(lambda dtype: make_decoder("Gemma2", dtype, 76, head_dim=16, attn_logit_softcapping=3.0,
                                               query_pre_attn_scalar=16, **WINDOW), reference_attention="iclca_patch"),
+    # google/gemma-3-1b-it's order: five sliding-window layers, then a full one
     "gemma3_text": Case(lambda dtype: make_decoder("Gemma3Text", dtype, 77, head_dim=16, model_class="Gemma3ForCausalLM",
-                                                   layer_types=["sliding_attention", "full_attention"], **WINDOW)),
+                                                   num_hidden_layers=6, **WINDOW,
+                                                   layer_types=["sliding_attention"] * 5 + ["full_attention"])),
     # prompts never hold the pad token (generate() would mask it)
     "phi3": Case(lambda dtype: make_decoder("Phi3", dtype, 78, pad_token_id=96, partial_rotary_factor=0.5), vocab=96),
     # State-space, linear-attention and hybrid models: each family's published layout at tiny widths (Family.tiny,
