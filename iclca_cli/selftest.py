@@ -4,7 +4,7 @@ the family's patches are exact on the transformers actually installed: float64 l
 query against the stock model on prompt + query.
 
 Why: a transformers release can change how a family keeps or counts its cache without changing what the stock model
-computes (5.25 did, for LFM2, Qwen3-Next and Bamba), and a patch would then be wrong in silence; greedy tokens often
+computes (5.25 did, for LFM2, Qwen3-Next, Bamba and Zamba2), and a patch would then be wrong in silence; greedy tokens often
 still agree. A pass is remembered per (family, transformers, torch, iclca) version, in this process and in
 cache_dir()/selftest.json, so the test runs once per installation (a few hundred milliseconds); a failure is an
 IclcaError naming the family and the transformers version.

@@ -111,7 +111,7 @@ def fill_cache(cache, states: dict[int, dict[str, torch.Tensor]], batch: int, pr
         if hasattr(layer, "cumulative_length_linear") and counts_prompt:
             # upstream (transformers 5.25, cache_utils): a linear layer counts the tokens it has seen
             # (`cumulative_length_linear`, advanced by conv updates only) and `DynamicCache.get_seq_length()` reads
-            # layer 0 whatever its kind, so a model whose first layer is linear (LFM2, Qwen3-Next, Bamba) numbers the
+            # layer 0 whatever its kind, so a model whose first layer is linear (LFM2, Qwen3-Next, Bamba, Zamba2) numbers the
             # query's positions from this count: the prompt's P tokens are in the cache, so they count
             layer.cumulative_length_linear.fill_(prompt_tokens)
         if "prompt_keys" in buffers:
