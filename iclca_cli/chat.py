@@ -13,9 +13,9 @@ from .inputs import jsonl_lines, read_prompt
 ROLES = ("system", "user", "assistant")
 
 
-def read_messages(path: str | Path) -> list[dict]:
+def read_messages(path: str | Path, max_bytes: int | None = None) -> list[dict]:
     """A `.jsonl` of {"role", "content"} lines (few-shot turns), or any other file: its text as the system message."""
-    text = read_prompt(path)
+    text = read_prompt(path, max_bytes)
     if not str(path).endswith(".jsonl"):
         return [{"role": "system", "content": text}]
     messages = []

@@ -7,19 +7,58 @@ from __future__ import annotations
 
 import functools
 import json
+import math
+import os
 import sys
+import warnings
 from contextlib import contextmanager
 from enum import Enum
 from pathlib import Path
 
 import typer
+import typer.core
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
+from typer.core import TyperGroup
 
 from . import __version__
-from .errors import IclcaError
+from .errors import IclcaError, IclcaWarning, printable
+
+
+class _Commands(TyperGroup):
+    """The command group, whose usage errors (a bad option value, a missing option, an unknown flag) end like every
+    other error: one `error:` line, one `hint:` line, exit code 2; not the parser's usage box."""
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        click = getattr(typer.core, "_click", None) or __import__("click")  # typer >= 0.26 carries its own click
+        try:
+            rv = super().main(args=args, prog_name=prog_name, complete_var=complete_var, standalone_mode=False, **extra)
+        except click.exceptions.NoArgsIsHelpError as e:  # `iclca` alone: the help
+            from typer import rich_utils
+
+            rich_utils.rich_format_error(e)
+            rv = e.exit_code
+        except click.exceptions.UsageError as e:
+            command = e.ctx.command_path if e.ctx is not None else "iclca"
+            err.print(f"error: {printable(e.format_message(), 500)}", markup=False, highlight=False)
+            err.print(f"hint: see `{printable(command)} --help` for the options and their values", markup=False,
+                      highlight=False)
+            rv = 2
+        except click.exceptions.ClickException as e:
+            err.print(f"error: {printable(e.format_message(), 500)}", markup=False, highlight=False)
+            err.print("hint: see `iclca --help`", markup=False, highlight=False)
+            rv = e.exit_code
+        except typer.Abort:
+            err.print("Aborted.", markup=False)
+            rv = 1
+        if not standalone_mode:
+            return rv
+        sys.exit(rv if isinstance(rv, int) else 0)
+
 
 app = typer.Typer(
+    cls=_Commands,
     add_completion=False,
     no_args_is_help=True,
     pretty_exceptions_enable=False,
@@ -58,6 +97,18 @@ def main(
     version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version."),
 ):
     _state["debug"] = debug
+    warnings.showwarning = _show_warning
+
+
+_library_showwarning = warnings.showwarning
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None):
+    """iclca's warnings as one `warning: ...` line on stderr; other libraries' as they print them."""
+    if issubclass(category, IclcaWarning):
+        err.print(f"warning: {printable(message, 500)}", markup=False, highlight=False)
+    else:
+        _library_showwarning(message, category, filename, lineno, file, line)
 
 
 def handled(fn):
@@ -72,14 +123,14 @@ def handled(fn):
         except IclcaError as e:
             if _state["debug"]:
                 raise
-            err.print(f"error: {e.message}", markup=False, highlight=False)
-            err.print(f"hint: {e.hint}", markup=False, highlight=False)
+            err.print(f"error: {printable(e.message, 500)}", markup=False, highlight=False)
+            err.print(f"hint: {printable(e.hint, 500)}", markup=False, highlight=False)
             raise typer.Exit(2) from None
         except Exception as e:  # not foreseen: still one line, and --debug shows where
             if _state["debug"]:
                 raise
-            first = str(e).splitlines()[0][:300] if str(e) else ""
-            err.print(f"error: {type(e).__name__}: {first}", markup=False, highlight=False)
+            first = str(e).splitlines()[0] if str(e) else ""
+            err.print(f"error: {type(e).__name__}: {printable(first, 300)}", markup=False, highlight=False)
             err.print("hint: rerun with --debug for a traceback, and report it if the input looks right", markup=False)
             raise typer.Exit(2) from None
 
@@ -112,19 +163,31 @@ def _progress(description: str):
 
 
 def _emit(as_json: bool, obj: dict, table_title: str) -> None:
+    """One JSON object (values in full), or a table whose cells show data as text: escaped, never read as markup,
+    long values cut (--json has them whole)."""
     if as_json:
         sys.stdout.write(json.dumps(obj, sort_keys=False) + "\n")
         return
-    table = Table(title=table_title, show_header=False)
+    table = Table(title=_cell(table_title), show_header=False)
     table.add_column(overflow="fold")
     table.add_column(overflow="fold")
     for key, value in obj.items():
         if isinstance(value, dict):
             for k, v in value.items():
-                table.add_row(f"{key}.{k}", _fmt(v))
+                table.add_row(_cell(f"{key}.{k}"), _cell(v))
         else:
-            table.add_row(key, _fmt(value))
+            table.add_row(_cell(key), _cell(value))
     out.print(table)
+
+
+def _cell(value, limit: int = 400) -> Text:
+    """A table cell of data: one printable line (errors.printable), cut at `limit` characters, no markup."""
+    return Text(printable(_fmt(value), limit))
+
+
+def _force_folder_option():
+    return typer.Option(False, "--force", help="Replace an output folder iclca wrote before (one with iclca.json; "
+                        "never another folder).")
 
 
 def _allow_pickle_option():
@@ -132,7 +195,7 @@ def _allow_pickle_option():
 
 
 def _device_option():
-    return typer.Option("cpu", "--device", help="Where to run: cpu, cuda, cuda:N or mps.")
+    return typer.Option(None, "--device", help="Where to run: cpu (the default), cuda, cuda:N or mps.")
 
 
 def _device_map_option():
@@ -153,30 +216,54 @@ def _fmt(v) -> str:
     return f"{v:.6g}" if isinstance(v, float) else str(v)
 
 
+def _max_input_option():
+    return typer.Option(16, "--max-input-mib", min=1, help="Refuse a prompt or queries file larger than this (MiB).")
+
+
+def _placement(device: str | None, device_map: str | None) -> str:
+    """The --device to use: cpu unless given; refused together with --device-map."""
+    if device is not None and device_map is not None:
+        raise IclcaError(f"--device {device} and --device-map {device_map} both say where to run",
+                         "pass one: --device-map auto places the model itself")
+    return device or "cpu"
+
+
+def _model_folder(spec: str, allow_pickle: bool) -> Path | None:
+    """The local folder a --model names (a built-in's too), or None for a hub id."""
+    from .loading import resolve_model
+
+    path = Path(resolve_model(spec, allow_pickle))
+    return path if path.exists() else None
+
+
 @app.command()
 @handled
 def convert(
     prompt_files: list[Path] = typer.Argument(..., help="UTF-8 text files: the demonstrations to fold into the weights "
                                               "(several with --out-dir: the model is loaded once)."),
-    model: str = typer.Option(..., "--model", "-m", help="Checkpoint folder, hub id, or built-in name (demo-linear)."),
-    out_path: Path = typer.Option(None, "--out", "-o", help="Patch file to write (.safetensors), for one prompt file."),
+    model: str = typer.Option(..., "--model", "-m", help="Checkpoint folder, built-in name (demo-linear), or hub id; "
+                              "a local path wins over a built-in name."),
+    out_path: str = typer.Option(None, "--out", "-o", help="Patch file to write (.safetensors), for one prompt file."),
     out_dir: Path = typer.Option(None, "--out-dir", help="Folder for one <prompt file stem>.safetensors per prompt file "
-                                 "(created if missing); a patch already there with the same provenance is kept, so a "
-                                 "rerun resumes."),
+                                 "(created if missing); a patch already there with the same provenance, whose data "
+                                 "verifies, is kept, so a rerun resumes."),
+    force: bool = typer.Option(False, "--force", help="Replace an iclca patch of other provenance already at the "
+                               "output (never a file iclca did not write)."),
     method: Method = typer.Option(
         None, "--method", help="exact (linear-attention layers, exact), prefix (softmax attention, exact), compressed "
         "(softmax, constant size, approximate, fitted), evict (softmax, constant size, the most attended entries kept: "
         "a baseline), taylor (softmax, constant size, approximate). Default: exact for "
         "linear-attention models, else prefix."),
-    order: int = typer.Option(2, "--order", min=1, max=2, help="Taylor order (method taylor)."),
-    budget: int = typer.Option(0, "--budget", min=0, help="Entries per layer and key/value head (methods compressed, "
+    order: int = typer.Option(None, "--order", min=1, max=2, help="Taylor order (method taylor; default 2)."),
+    budget: int = typer.Option(None, "--budget", min=0, help="Entries per layer and key/value head (methods compressed, "
                                "evict; compressed: on average, see --split)."),
-    reference: str = typer.Option("repeat", "--reference", help="compressed: the queries a summary is fitted to: the "
-                                  "prompt's own (own), or also those of a repeat of the prompt read after it (repeat)."),
-    keys: str = typer.Option("attention", "--keys", help="compressed: a summary's keys: the prompt keys that receive "
-                             "most attention (attention), or k-means centroids (kmeans)."),
-    split: str = typer.Option("heads", "--split", help="compressed: the same budget for every head (uniform), or the "
-                              "total split by fitted error across layers (layers) or across heads (heads)."),
+    reference: str = typer.Option(None, "--reference", help="compressed: the queries a summary is fitted to: the "
+                                  "prompt's own (own), or also those of a repeat of the prompt read after it (repeat, "
+                                  "the default)."),
+    keys: str = typer.Option(None, "--keys", help="compressed: a summary's keys: the prompt keys that receive most "
+                             "attention (attention, the default), or k-means centroids (kmeans)."),
+    split: str = typer.Option(None, "--split", help="compressed: the same budget for every head (uniform), or the "
+                              "total split by fitted error across layers (layers) or across heads (heads, the default)."),
     base_patch: Path = typer.Option(None, "--base-patch", help="Convert on top of this patch (stacking)."),
     dtype: DType = typer.Option(DType.float32, "--dtype", help="Dtype to run the prompt in; the patch stores each "
                                 "tensor as the model computes it (auto: the checkpoint's own dtype)."),
@@ -185,6 +272,7 @@ def convert(
     max_memory: str = _max_memory_option(),
     chunk_size: int = typer.Option(512, "--chunk-size", min=1, help="Prompt tokens per forward pass."),
     chat: bool = _chat_option(),
+    max_input_mib: int = _max_input_option(),
     allow_pickle: bool = _allow_pickle_option(),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
 ):
@@ -193,17 +281,22 @@ def convert(
     from .patch import load_patch
 
     _quiet_transformers()
-    targets = _convert_targets(prompt_files, out_path, out_dir)
+    method_name = method and method.value
+    _check_method_flags(method_name, order=order, budget=budget, reference=reference, keys=keys, split=split)
+    device = _placement(device, device_map)
+    folder = _model_folder(model, allow_pickle)
+    inputs = [("model folder", folder), ("base patch", base_patch), *(("prompt file", p) for p in prompt_files)]
+    targets = _convert_targets(prompt_files, out_path, out_dir, inputs)
     parent = load_patch(base_patch) if base_patch is not None else None
     m, tokenizer, fingerprint = load_fingerprinted(model, dtype.value, device, allow_pickle, device_map, max_memory)
-    settings = dict(method=method and method.value, order=order, budget=budget, base_patch=parent,
-                    options=summary_options(reference, keys, split),
-                    chunk_size=chunk_size, fingerprint=fingerprint, chat=chat)
-    if out_path is not None:  # one prompt, one patch: its errors are the command's
+    settings = dict(method=method_name, order=order or 2, budget=budget or 0, base_patch=parent,
+                    options=summary_options(reference, keys, split), chunk_size=chunk_size, fingerprint=fingerprint,
+                    chat=chat, force=force, max_bytes=max_input_mib << 20)
+    if out_dir is None:  # one prompt, one patch: its errors are the command's
         with _progress("converting") as progress:
-            row = _convert_one(m, tokenizer, prompt_files[0], out_path, progress=progress, **settings)
+            row = _convert_one(m, tokenizer, *targets[0], progress=progress, **settings)
         row.pop("status")
-        _emit(as_json, {"patch": str(out_path), **{k: v for k, v in row.items() if k != "prompt"}}, "iclca convert")
+        _emit(as_json, {"patch": row.pop("patch"), **{k: v for k, v in row.items() if k != "prompt"}}, "iclca convert")
         return
     rows, failed = [], []
     with _progress("prompts") as progress:
@@ -211,31 +304,53 @@ def convert(
             try:
                 rows.append(_convert_one(m, tokenizer, prompt_file, patch_file, **settings))
             except IclcaError as e:  # reported at the end; the other prompts still convert
-                failed.append({"prompt": str(prompt_file), "error": e.message})
+                failed.append({"prompt": str(prompt_file), "error": e.message, "hint": e.hint})
+            except MemoryError:
+                failed.append({"prompt": str(prompt_file), "error": "out of memory",
+                               "hint": "convert it alone, or on a machine with more memory"})
             if progress is not None:
                 progress(n, len(targets))
     summary = {"out_dir": str(out_dir), "converted": sum(r["status"] == "converted" for r in rows),
                "skipped": sum(r["status"] == "skipped" for r in rows), "failed": len(failed),
-               "base_fingerprint": fingerprint, "patches": rows, "errors": failed}
+               "base_fingerprint": fingerprint.full, "patches": rows, "errors": failed}
     if as_json:
         _emit(True, summary, "")
     else:
-        table = Table(title=f"iclca convert -> {out_dir}")
+        table = Table(title=_cell(f"iclca convert -> {out_dir}"))
         for column in ("prompt", "patch", "status", "method", "prompt_tokens", "patch_bytes"):
             table.add_column(column, overflow="fold")
         for r in rows:
-            table.add_row(*(str(r[c]) for c in ("prompt", "patch", "status", "method", "prompt_tokens", "patch_bytes")))
+            table.add_row(*(_cell(r[c]) for c in ("prompt", "patch", "status", "method", "prompt_tokens", "patch_bytes")))
         for f in failed:
-            table.add_row(f["prompt"], "", "failed", "", "", "")
+            table.add_row(_cell(f["prompt"]), "", "failed", "", "", "")
         out.print(table)
     if failed:
         listed = "; ".join(f"{f['prompt']}: {f['error']}" for f in failed)
+        hints = "; ".join(dict.fromkeys(f["hint"] for f in failed))
         raise IclcaError(f"{len(failed)} of {len(targets)} prompt files failed ({listed})",
-                         "fix them and rerun the same command: the patches already written are kept")
+                         f"{hints}; then rerun the same command: the patches already written are kept")
 
 
-def _convert_targets(prompt_files: list[Path], out_path: Path | None, out_dir: Path | None) -> list[tuple[Path, Path]]:
-    """(prompt file, patch file) pairs, or an IclcaError for outputs that are missing, ambiguous or collide."""
+_METHOD_FLAGS = {"order": ("taylor",), "budget": ("compressed", "evict"), "reference": ("compressed",),
+                 "keys": ("compressed",), "split": ("compressed",)}
+
+
+def _check_method_flags(method: str | None, **given) -> None:
+    """Refuse a method's option given for another method (it would be ignored in silence)."""
+    for flag, value in given.items():
+        methods = _METHOD_FLAGS[flag]
+        if value is not None and method not in methods:
+            raise IclcaError(f"--{flag} applies to --method {' or '.join(methods)}, not "
+                             f"{method or 'the default method'}", f"pass --method {methods[0]}, or drop --{flag}")
+
+
+def _convert_targets(prompt_files: list[Path], out_path: str | None, out_dir: Path | None,
+                     inputs: list[tuple[str, Path | None]]) -> list[tuple[Path, Path]]:
+    """(prompt file, patch file) pairs, or an IclcaError for outputs that are missing, ambiguous, collide, or would
+    write over an input or over a file iclca did not write."""
+    from .inputs import check_input_file
+    from .outputs import check_apart, check_patch_target
+
     if (out_path is None) == (out_dir is None):
         raise IclcaError("pass exactly one of --out and --out-dir",
                          "--out PATCH for one prompt file, --out-dir DIR for one patch per prompt file")
@@ -243,30 +358,42 @@ def _convert_targets(prompt_files: list[Path], out_path: Path | None, out_dir: P
         if len(prompt_files) > 1:
             raise IclcaError(f"--out names one patch, but {len(prompt_files)} prompt files were given",
                              "use --out-dir DIR to write one patch per prompt file")
-        if not out_path.parent.is_dir():
-            raise IclcaError(f"output folder does not exist: {out_path.parent}", "create it first, or choose another --out")
-        return [(prompt_files[0], out_path)]
-    if out_dir.exists() and not out_dir.is_dir():
-        raise IclcaError(f"--out-dir {out_dir} is a file", "pass a folder (it is created if missing)")
-    targets, seen = [], {}
-    for p in prompt_files:
-        if p.stem in seen:
-            raise IclcaError(f"prompt files {seen[p.stem]} and {p} would both write {p.stem}.safetensors",
-                             "rename one of them, or convert them into different --out-dir folders")
-        seen[p.stem] = p
-        targets.append((p, out_dir / f"{p.stem}.safetensors"))
-    try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise IclcaError(f"cannot create --out-dir {out_dir}: {e.strerror}", "choose a writable folder") from e
+        if out_path.endswith(("/", os.sep)):
+            raise IclcaError(f"--out {out_path} names a folder (it ends with a slash)",
+                             "--out names the patch file to write; use --out-dir for a folder of patches")
+        check_input_file(prompt_files[0], "prompt")  # its errors first: the output is checked against it
+        targets = [(prompt_files[0], Path(out_path))]
+    else:
+        if out_dir.exists() and not out_dir.is_dir():
+            raise IclcaError(f"--out-dir {out_dir} is a file", "pass a folder (it is created if missing)")
+        check_apart(out_dir, inputs[:1], "--out-dir", writes_into=True)  # files go into it: only the model matters
+        targets, seen = [], {}
+        for p in prompt_files:
+            if p.stem in seen:
+                raise IclcaError(f"prompt files {seen[p.stem]} and {p} would both write {p.stem}.safetensors",
+                                 "rename one of them, or convert them into different --out-dir folders")
+            seen[p.stem] = p
+            targets.append((p, out_dir / f"{p.stem}.safetensors"))
+    flag = "--out" if out_dir is None else "--out-dir"
+    for _, target in targets:
+        check_apart(target, inputs, flag)
+    if out_dir is not None:
+        try:
+            out_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise IclcaError(f"cannot create --out-dir {out_dir}: {e.strerror}", "choose a writable folder") from e
+    for _, target in targets:
+        check_patch_target(target, flag)
     return targets
 
 
-def summary_options(reference: str, keys: str, split: str):
-    """compressed's options from the command line (--reference sets Options.queries), or a one-line error."""
+def summary_options(reference: str | None, keys: str | None, split: str | None):
+    """compressed's options from the command line (--reference sets Options.queries; None: the default), or a
+    one-line error."""
     from .ops.compress import Options
 
-    options = Options(queries=reference, keys=keys, split=split)
+    given = {"queries": reference, "keys": keys, "split": split}
+    options = Options(**{k: v for k, v in given.items() if v is not None})
     for name, value in options.unknown().items():
         flag = "reference" if name == "queries" else name
         raise IclcaError(f"--{flag} {value!r} is not one of {', '.join(Options.CHOICES[name])}",
@@ -275,22 +402,27 @@ def summary_options(reference: str, keys: str, split: str):
 
 
 def _convert_one(m, tokenizer, prompt_file: Path, out: Path, method, order, budget, base_patch, chunk_size, fingerprint,
-                 options=None, chat=False, progress=None) -> dict:
-    """Convert one prompt file into `out`, or keep `out` if it already holds this patch; one row of the report."""
+                 options=None, chat=False, force=False, max_bytes=None, progress=None) -> dict:
+    """Convert one prompt file into `out`, or keep `out` if it already holds this patch (its data verified); one row
+    of the report. An iclca patch of other provenance at `out` is replaced only with `force`."""
     from . import chat as chats
     from .convert import describe_patch, fill_patch, sha256_text
     from .inputs import encode_prompt, read_prompt
-    from .patch import read_header, save_patch, shared_copy
+    from .outputs import check_patch_target
+    from .patch import save_patch, shared_copy
 
     if chat:  # the rendered conversation is the prompt (and what its sha256 is of)
-        text, ids = chats.prompt_ids(tokenizer, chats.read_messages(prompt_file))
+        text, ids = chats.prompt_ids(tokenizer, chats.read_messages(prompt_file, max_bytes))
     else:
-        text = read_prompt(prompt_file)
+        text = read_prompt(prompt_file, max_bytes)
         ids = encode_prompt(tokenizer, text)
     header = describe_patch(m, ids, sha256_text(text), method, order, base_patch, budget, fingerprint, options)
-    existing = read_header(out)
-    if existing is not None and existing[0] == header.metadata():
-        status, file_bytes, tensors = "skipped", out.stat().st_size, existing[1]
+    same, tensors = _kept(out, header) if check_patch_target(out) else (None, 0)
+    if same is False and not force:
+        raise IclcaError(f"{out} holds an iclca patch of other provenance (another prompt, model or method)",
+                         "pass --force to replace it, or choose another output")
+    if same:
+        status, file_bytes = "skipped", out.stat().st_size
     else:  # a base patch is applied in place: convert on a copy, so the next prompt starts from the plain model
         model = shared_copy(m) if base_patch is not None else m
         patch = fill_patch(model, header, ids, base_patch, chunk_size, progress)
@@ -300,23 +432,42 @@ def _convert_one(m, tokenizer, prompt_file: Path, out: Path, method, order, budg
             "patch_bytes": file_bytes, "base_fingerprint": header.base_fingerprint}
 
 
+def _kept(path: Path, header) -> tuple[bool | None, int]:
+    """(True, tensors) if the iclca patch at `path` is the one `header` describes and its data verifies (digest,
+    finite); (None, 0) if its provenance matches but its data does not (to be written again); (False, 0) if it is
+    another patch."""
+    from .patch import DIGEST, check_finite, load_patch, read_header
+
+    meta = read_header(path)[0]
+    if {k: v for k, v in meta.items() if k != DIGEST} != header.metadata():
+        return False, 0
+    try:
+        patch = load_patch(path)
+        check_finite(patch.tensors, str(path))
+    except IclcaError:
+        return None, 0
+    return (True, len(patch.tensors)) if DIGEST in meta else (None, 0)
+
+
 @app.command()
 @handled
 def merge(
     model: str = typer.Option(..., "--model", "-m", help="The base checkpoint the patch was made for."),
     patch_path: Path = typer.Option(..., "--patch", "-p", help="Patch file from `iclca convert`."),
     out_dir: Path = typer.Option(..., "--out", "-o", help="Folder to write the merged checkpoint to."),
-    force: bool = typer.Option(False, "--force", help="Replace an existing output folder."),
+    force: bool = _force_folder_option(),
     allow_pickle: bool = _allow_pickle_option(),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
 ):
     """Fold a patch into a new checkpoint folder that loads with Hugging Face tooling."""
     from .loading import load_fingerprinted
-    from .merge import check_output_folder, merge_patch
+    from .merge import merge_patch
+    from .outputs import check_apart, check_folder_target
     from .patch import check_patch_fits, load_patch
 
     _quiet_transformers()
-    check_output_folder(out_dir.absolute(), force)
+    check_apart(out_dir, [("model folder", _model_folder(model, allow_pickle)), ("patch", patch_path)])
+    check_folder_target(out_dir.absolute(), force)
     patch = load_patch(patch_path)
     # the merged checkpoint is stored in the patch's dtype
     m, tokenizer, fingerprint = load_fingerprinted(model, patch.dtype, allow_pickle=allow_pickle)
@@ -337,16 +488,19 @@ def export_peft(
     model: str = typer.Option(..., "--model", "-m", help="The checkpoint the prefix patch was made for."),
     patch_path: Path = typer.Option(..., "--patch", "-p", help="A prefix patch from `iclca convert --method prefix`."),
     out_dir: Path = typer.Option(..., "--out", "-o", help="Folder to write the PEFT adapter to."),
-    force: bool = typer.Option(False, "--force", help="Replace an existing output folder."),
+    force: bool = _force_folder_option(),
     allow_pickle: bool = _allow_pickle_option(),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
 ):
     """Write a prefix patch as a PEFT prefix-tuning adapter (load it with PeftModel.from_pretrained)."""
     from .loading import load_fingerprinted, resolve_model
+    from .outputs import check_apart, check_folder_target
     from .patch import check_patch_fits, load_patch
     from .peft_export import write_peft_prefix_adapter
 
     _quiet_transformers()
+    check_apart(out_dir, [("model folder", _model_folder(model, allow_pickle)), ("patch", patch_path)])
+    check_folder_target(out_dir.absolute(), force)
     patch = load_patch(patch_path)
     m, _, fingerprint = load_fingerprinted(model, patch.dtype, allow_pickle=allow_pickle)
     check_patch_fits(patch, m, fingerprint)
@@ -370,6 +524,7 @@ def eval_(
     max_abs_logit_diff: float = typer.Option(None, "--max-abs-logit-diff", help="Exit 1 if the max |Δlogit| exceeds this."),
     min_top1_agreement: float = typer.Option(None, "--min-top1-agreement", help="Exit 1 if top-1 agreement is below this."),
     chat: bool = _chat_option(),
+    max_input_mib: int = _max_input_option(),
     one_pass: bool = typer.Option(False, "--one-pass", help="Run the prompted model over prompt + query in one pass "
                                   "per query (slower), not on from a copy of the prompt's cache: the strictest "
                                   "reference, which rounds differently in reduced precision."),
@@ -378,7 +533,7 @@ def eval_(
 ):
     """Compare patched (or merged), prompted and plain outputs: fidelity, accuracy, speed, size."""
 
-    from .evaluate import evaluate
+    from .evaluate import evaluate, missed_gates
     from .chat import read_messages
     from .inputs import read_prompt, read_queries
     from .loading import load_fingerprinted, load_model
@@ -388,9 +543,18 @@ def eval_(
     _quiet_transformers()
     if (patch_path is None) == (merged is None):
         raise IclcaError("pass exactly one of --patch and --merged", "--patch PATCH evaluates a patch file, --merged DIR a merged folder")
-    messages = read_messages(prompt_file) if chat else None
-    prompt = None if chat else read_prompt(prompt_file)
-    queries = read_queries(queries_file)
+    for flag, threshold in (("--max-abs-logit-diff", max_abs_logit_diff), ("--min-top1-agreement", min_top1_agreement)):
+        if threshold is not None and not math.isfinite(threshold):
+            raise IclcaError(f"{flag} {threshold} is not a finite number", f"pass a number, e.g. {flag} 1e-4")
+    if min_top1_agreement is not None and not 0 <= min_top1_agreement <= 1:
+        raise IclcaError(f"--min-top1-agreement {min_top1_agreement:g} is not a fraction", "pass a number from 0 to 1")
+    if max_abs_logit_diff is not None and max_abs_logit_diff < 0:
+        raise IclcaError(f"--max-abs-logit-diff {max_abs_logit_diff:g} is negative", "pass a bound of 0 or more")
+    device = _placement(device, device_map)
+    limit = max_input_mib << 20
+    messages = read_messages(prompt_file, limit) if chat else None
+    prompt = None if chat else read_prompt(prompt_file, limit)
+    queries = read_queries(queries_file, limit)
     patch = load_patch(patch_path) if patch_path is not None else None
     placement = (device, allow_pickle, device_map, max_memory)
     base, tokenizer, fingerprint = load_fingerprinted(model, dtype.value, *placement)
@@ -406,11 +570,11 @@ def eval_(
         report = evaluate(base, patched, tokenizer, prompt, queries, method, nbytes, element, progress,
                           float32_base=float32_base, chat_messages=messages, reuse_cache=False if one_pass else None)
     _emit(as_json, report, "iclca eval")
-    missed = []
-    if max_abs_logit_diff is not None and report["max_abs_logit_diff"] > max_abs_logit_diff:
-        missed.append(f"max_abs_logit_diff {report['max_abs_logit_diff']:.3g} > {max_abs_logit_diff:g}")
-    if min_top1_agreement is not None and report["top1_agreement"] < min_top1_agreement:
-        missed.append(f"top1_agreement {report['top1_agreement']:.3g} < {min_top1_agreement:g}")
+    nonfinite = report["nonfinite_positions"]
+    if nonfinite["patched"] or nonfinite["prompted"]:
+        err.print(f"warning: NaN or Inf logits at {nonfinite['patched']} patched and {nonfinite['prompted']} prompted "
+                  "positions", markup=False, highlight=False)
+    missed = missed_gates(report, max_abs_logit_diff, min_top1_agreement)
     if missed:
         err.print(f"check failed: {'; '.join(missed)}", markup=False)
         raise typer.Exit(1)
@@ -423,10 +587,13 @@ def inspect(
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
 ):
     """Show a patch's metadata (provenance, fingerprint) and tensors."""
+    import torch
+
     from .patch import load_patch
 
     patch = load_patch(patch_path)
     info = dict(patch.metadata())
+    info["nonfinite_values"] = sum(int((~torch.isfinite(t)).sum()) for t in patch.tensors.values())
     info["patch_bytes"] = patch.nbytes
     info["patch_bytes_by_part"] = patch.bytes_by_part()
     info["tensors"] = {name: [list(t.shape), str(t.dtype).removeprefix("torch.")] for name, t in sorted(patch.tensors.items())}

@@ -11,9 +11,9 @@ from . import cache_layers, linear_layers, softmax_layers
 from .cache_layers import Progress
 from .errors import IclcaError
 from .families import family_of
-from .fingerprint import model_fingerprint
+from .fingerprint import Fingerprint, as_fingerprint, model_fingerprint
 from .ops.compress import Options
-from .patch import Patch, apply_patch, check_method, check_patch_fits, model_dtype_name
+from .patch import Patch, apply_patch, check_finite, check_method, check_patch_fits, model_dtype_name
 from .positions import check_positions
 from .selftest import check_family
 
@@ -34,7 +34,7 @@ def convert_prompt(
     chunk_size: int = 512,
     progress: Progress | None = None,
     budget: int = 0,
-    fingerprint: str | None = None,
+    fingerprint: str | Fingerprint | None = None,
     options: Options | None = None,
 ) -> Patch:
     """The patch of `prompt_ids` for `model` by `method` (default: the family's): `exact` (linear attention; on top
@@ -43,7 +43,8 @@ def convert_prompt(
 
     Stacking: with a base patch the prompt runs from the base patch's states and positions, so the result equals
     the patch of the concatenated prompts. The base patch is applied to `model` in place (pass a copy to keep it
-    plain). `fingerprint`: the model's, when the caller knows it (model_fingerprint reads every weight)."""
+    plain). `fingerprint`: the model's, when the caller knows it (model_fingerprint reads every weight); a
+    Fingerprint with the tokenizer's (loading.load_fingerprinted) makes the patch refuse another vocabulary."""
     patch = describe_patch(model, prompt_ids, prompt_sha256, method, order, base_patch, budget, fingerprint, options)
     return fill_patch(model, patch, prompt_ids, base_patch, chunk_size, progress)
 
@@ -66,8 +67,15 @@ def fill_patch(model, patch: Patch, prompt_ids: list[int], base_patch: Patch | N
         tensors = softmax_layers.convert_softmax(model, family, prompt_ids, method, budget, order, options)
         if progress is not None:
             progress(len(prompt_ids), len(prompt_ids))
+    check_finite(tensors, "the prompt's state", _overflow_hint(patch.dtype))
     patch.tensors = tensors
     return patch
+
+
+def _overflow_hint(dtype: str) -> str:
+    if dtype == "float16":
+        return "float16 overflows on long prompts: convert with --dtype bfloat16 or float32"
+    return "the model computes NaN or Inf on this prompt: check the checkpoint, or convert in float32"
 
 
 def describe_patch(
@@ -78,7 +86,7 @@ def describe_patch(
     order: int = 2,
     base_patch: Patch | None = None,
     budget: int = 0,
-    fingerprint: str | None = None,
+    fingerprint: str | Fingerprint | None = None,
     options: Options | None = None,
 ) -> Patch:
     """The patch convert_prompt will make, without its tensors: its metadata (which tells an existing identical
@@ -87,8 +95,9 @@ def describe_patch(
     family = check_method(model, method)
     if not prompt_ids:
         raise IclcaError("the prompt has no tokens", "write the demonstrations into the prompt file")
-    fingerprint = fingerprint or model_fingerprint(model)
-    extra = {"layer_kinds": ",".join(family.layer_kinds(model.config)), "transformers_version": transformers.__version__}
+    fingerprint = as_fingerprint(fingerprint or model_fingerprint(model))
+    extra = {"layer_kinds": ",".join(family.layer_kinds(model.config)), "transformers_version": transformers.__version__,
+             "fingerprint_covers": fingerprint.covers}
     start = 0
     if base_patch is not None:
         if method != "exact" or base_patch.method != "exact":
@@ -104,7 +113,7 @@ def describe_patch(
         tensors={},
         method=method,
         model_type=model.config.model_type,
-        base_fingerprint=fingerprint,
+        base_fingerprint=fingerprint.full,
         prompt_sha256=prompt_sha256,
         prompt_tokens=start + len(prompt_ids),
         position_offset=start + len(prompt_ids),

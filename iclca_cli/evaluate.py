@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import copy
+import math
 import time
 from collections.abc import Callable
 
@@ -141,6 +142,7 @@ def evaluate(
     prompted_s, patched_s = time.perf_counter() - t0, 0.0  # the prompt's one read counts once
     prompted32 = PromptedReference(float32_base, prompt, reuse_cache) if float32_base is not None else None
     yardstick, agree32 = 0.0, 0
+    nonfinite = {"prompted": 0, "patched": 0, "base": 0}
     for n, (q_ids, t_ids) in enumerate(encoded, start=1):
         t0 = time.perf_counter()
         k = len(t_ids or [])  # greedy tokens: the target's length
@@ -155,7 +157,10 @@ def evaluate(
             reference = prompted32.run(q_ids, 0)[0]  # (Tq, V) float32
             yardstick = max(yardstick, float((prompted_logits.float() - reference).abs().max()))
             agree32 += int(top1_agrees(reference, prompted_logits.float()).sum())
-        max_diff = max(max_diff, float((prompted_logits.float() - patched_logits.float()).abs().max()))
+        for name, value in (("prompted", prompted_logits), ("patched", patched_logits), ("base", base_logits)):
+            nonfinite[name] += int((~torch.isfinite(value)).any(-1).sum())  # positions with NaN or Inf
+        # torch's max keeps NaN (Python's max() would drop it): a NaN anywhere makes the difference NaN
+        max_diff = float(torch.tensor([max_diff, float((prompted_logits.float() - patched_logits.float()).abs().max())]).max())
         kl_patched += float(kl_divergence(prompted_logits, patched_logits).sum())
         kl_base += float(kl_divergence(prompted_logits, base_logits).sum())
         agree += int(top1_agrees(prompted_logits, patched_logits).sum())
@@ -187,6 +192,32 @@ def evaluate(
             # a yardstick of 0 (a model the dtype cannot change) leaves the ratio undefined unless both are 0
             "max_abs_logit_diff_over_yardstick": max_diff / yardstick if yardstick else (0.0 if max_diff == 0 else None),
         }
+    report["nonfinite_positions"] = nonfinite
     report["timing"] = {"prompted_s": prompted_s, "patched_s": patched_s}
     report["sizes"] = {"patch_bytes": patch_bytes, "prompt_kv_bytes": prompt_kv_bytes(base.config, P, patch_element_size)}
-    return report
+    return {k: _json_safe(v) for k, v in report.items()}
+
+
+def _json_safe(value):
+    """NaN and Inf, which JSON cannot hold, as None (null); nonfinite_positions says where they came from."""
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    return None if isinstance(value, float) and not math.isfinite(value) else value
+
+
+def missed_gates(report: dict, max_abs_logit_diff: float | None = None, min_top1_agreement: float | None = None,
+                 ) -> list[str]:
+    """The thresholds a report misses; NaN or Inf in the patched or prompted logits misses every one given."""
+    bad = report["nonfinite_positions"]["patched"] + report["nonfinite_positions"]["prompted"]
+    gates = {"max_abs_logit_diff": (max_abs_logit_diff, lambda v, t: v <= t, ">"),
+             "top1_agreement": (min_top1_agreement, lambda v, t: v >= t, "<")}
+    missed = []
+    for key, (threshold, ok, sign) in gates.items():
+        if threshold is None:
+            continue
+        value = report[key]
+        if bad or value is None:
+            missed.append(f"{key}: the logits hold NaN or Inf at {bad} positions")
+        elif not ok(value, threshold):
+            missed.append(f"{key} {value:.3g} {sign} {threshold:g}")
+    return missed

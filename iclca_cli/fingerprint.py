@@ -1,10 +1,13 @@
-"""A model's identity: sha256 over its architecture config and its weights, whatever dtype it runs in; cached per
-checkpoint folder against the identity (path, size, modification time) of its files."""
+"""A model's identity: sha256 over its architecture config and its weights, whatever dtype it runs in (cached per
+checkpoint folder against the identity (path, size, modification time) of its files), and over its tokenizer: a patch
+never meets another vocabulary. Patches record what their fingerprint covers (iclca.fingerprint_covers); one made
+before the tokenizer was covered is checked the old way, on config and weights."""
 
 from __future__ import annotations
 
 import hashlib
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -18,6 +21,51 @@ _RUNTIME_KEYS = {
     "return_dict", "output_hidden_states", "output_attentions", "name_or_path",
 }
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".json")  # weights, their indexes, config.json
+
+
+WITH_TOKENIZER, WITHOUT_TOKENIZER = "config,weights,tokenizer", "config,weights"
+_PROBE = " Hello, World! 12345 naïve café — ß 東京 \n\tdone.<|endoftext|></s><s>"  # normaliser, splits, special tokens
+
+
+@dataclass(frozen=True)
+class Fingerprint:
+    """A base model's identity: `model` over config and weights, `tokenizer` over its tokenizer (None where the
+    caller has no tokenizer, as in the Python API's convert_prompt)."""
+
+    model: str
+    tokenizer: str | None = None
+
+    @property
+    def covers(self) -> str:
+        return WITH_TOKENIZER if self.tokenizer else WITHOUT_TOKENIZER
+
+    @property
+    def full(self) -> str:
+        """What a patch records as iclca.base_fingerprint."""
+        if not self.tokenizer:
+            return self.model
+        return hashlib.sha256(f"{self.model}+{self.tokenizer}".encode()).hexdigest()
+
+    def made_for(self, recorded: str, covers: str | None) -> bool:
+        """Whether a patch that recorded fingerprint `recorded` over `covers` was made for this model."""
+        if (covers or WITHOUT_TOKENIZER) == WITHOUT_TOKENIZER:  # before the tokenizer was covered
+            return recorded == self.model
+        return covers == WITH_TOKENIZER and self.tokenizer is not None and recorded == self.full
+
+
+def as_fingerprint(value: str | Fingerprint) -> Fingerprint:
+    """A Fingerprint from what a caller passed: a bare string is a model fingerprint (config and weights)."""
+    return value if isinstance(value, Fingerprint) else Fingerprint(value)
+
+
+def tokenizer_fingerprint(tokenizer) -> str:
+    """sha256 over what decides a prompt's ids: the vocabulary (token -> id, added tokens included), the special
+    tokens, and the ids of a probe text with and without special tokens (the normaliser, pre-tokeniser and merges at
+    work). Not the tokenizer's class or file bytes, which change with library versions while the ids do not."""
+    vocab = sorted(tokenizer.get_vocab().items())
+    special = sorted(getattr(tokenizer, "all_special_tokens", []) or [])
+    probe = [tokenizer(_PROBE).input_ids, tokenizer(_PROBE, add_special_tokens=False).input_ids]
+    return hashlib.sha256(json.dumps([vocab, special, probe], ensure_ascii=False).encode()).hexdigest()
 
 
 def model_fingerprint(model: torch.nn.Module) -> str:

@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import difflib
 import json
+import os
 import re
+import socket
+import warnings
 from pathlib import Path
 
 import torch
 
 from .devices import offload_folder, parse_max_memory, torch_device
-from .errors import IclcaError
+from .errors import IclcaError, IclcaWarning
 from .patch import DTYPES
 
 BUILTIN_DIR = Path(__file__).parent / "builtin"
@@ -21,12 +25,17 @@ def builtin_models() -> list[str]:
 
 
 def resolve_model(spec: str, allow_pickle: bool = False) -> str:
-    """The folder (or hub id) that `spec` names; an IclcaError when a local folder is not a checkpoint
-    or holds only pickled weights and `allow_pickle` is off."""
-    if spec in builtin_models():
-        return str(BUILTIN_DIR / spec)
+    """The folder (or hub id) that `spec` names: a local path first, then a built-in name, then a hub id; an
+    IclcaError when a local folder is not a checkpoint or holds only pickled weights and `allow_pickle` is off, or
+    when a name is neither here nor reachable."""
     p = Path(spec)
+    if spec in builtin_models():
+        if not p.exists():
+            return str(BUILTIN_DIR / spec)
+        warnings.warn(f"{spec} is both a local path and a built-in model name; using the local path "
+                      f"(the built-in is {BUILTIN_DIR / spec})", IclcaWarning, stacklevel=2)
     if not p.exists() and _HUB_ID.match(spec):
+        _check_hub_id(spec)
         return spec  # a hub id such as "gpt2" or "org/name": loaded by transformers (needs the network once)
     if not p.is_dir():
         raise IclcaError(
@@ -44,6 +53,38 @@ def resolve_model(spec: str, allow_pickle: bool = False) -> str:
                 "re-save it as safetensors (save_pretrained), or pass --allow-pickle if you trust its source",
             )
     return str(p)
+
+
+def _check_hub_id(spec: str) -> None:
+    """Fail at once, not after a minute of retries, for a hub id that cannot be had: a near miss of a built-in name,
+    or a model neither in the local hub cache nor reachable (offline)."""
+    close = difflib.get_close_matches(spec, builtin_models(), n=1, cutoff=0.75)
+    if close and "/" not in spec:
+        raise IclcaError(f"model {spec!r} is not a folder, a built-in model or a hub id iclca can find",
+                         f"did you mean {close[0]}?")
+    from huggingface_hub import try_to_load_from_cache
+
+    try:
+        cached = isinstance(try_to_load_from_cache(spec, "config.json"), str)
+    except Exception:  # an id the hub library refuses: transformers will say why
+        return
+    if cached:
+        return
+    offline = os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE")
+    if offline or not _hub_reachable():
+        raise IclcaError(f"model {spec!r} is not a local folder or a built-in model, and the Hugging Face hub cannot "
+                         "be reached to download it", f"pass a checkpoint folder or a built-in model "
+                         f"({', '.join(builtin_models())}), or connect to the network")
+
+
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    host = (os.environ.get("HF_ENDPOINT") or "https://huggingface.co").split("://")[-1].split("/")[0]
+    name, _, port = host.partition(":")
+    try:
+        socket.create_connection((name, int(port or 443)), timeout=timeout).close()
+        return True
+    except (OSError, ValueError):
+        return False
 
 
 def _has_safetensors(folder: Path) -> bool:
@@ -100,19 +141,28 @@ def load_model(spec: str, dtype: str = "float32", device: str = "cpu", allow_pic
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dt, use_safetensors=use_safetensors,
                                                      trust_remote_code=False, **experts, **placement)
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
+    except ImportError as e:
+        missing = getattr(e, "name", None) or "a package"
+        raise IclcaError(f"loading model {spec!r} needs {missing}: {str(e).splitlines()[0][:160]}",
+                         f"pip install {missing}" if getattr(e, "name", None) else "install the package it names") from e
     except (OSError, ValueError, KeyError) as e:
         raise IclcaError(
             f"cannot load model {spec!r}: {str(e).splitlines()[0][:200]}",
             f"pass a local checkpoint folder or a built-in model ({', '.join(builtin_models())}); hub ids need the network",
         ) from e
+    if not any(token not in set(getattr(tokenizer, "all_special_tokens", []) or []) for token in tokenizer.get_vocab()):
+        raise IclcaError(f"model {spec!r} has no tokenizer (no tokenizer files, only special tokens)",
+                         "add the tokenizer files of the model it was trained with (tokenizer.json, "
+                         "tokenizer_config.json, ...): save_pretrained of its tokenizer")
     return (model.to(dev) if dev is not None else model).eval(), tokenizer
 
 
 def load_fingerprinted(spec: str, dtype: str = "float32", device: str = "cpu", allow_pickle: bool = False,
                        device_map: str | None = None, max_memory: str | None = None):
-    """(model, tokenizer, fingerprint): load_model, and the model's fingerprint from the cache kept per checkpoint
-    folder (fingerprint.folder_fingerprint)."""
-    from .fingerprint import folder_fingerprint
+    """(model, tokenizer, Fingerprint): load_model, the model's fingerprint from the cache kept per checkpoint
+    folder (fingerprint.folder_fingerprint), and its tokenizer's."""
+    from .fingerprint import Fingerprint, folder_fingerprint, tokenizer_fingerprint
 
     model, tokenizer = load_model(spec, dtype, device, allow_pickle, device_map, max_memory)
-    return model, tokenizer, folder_fingerprint(model, resolve_model(spec, allow_pickle))
+    path = resolve_model(spec, allow_pickle)
+    return model, tokenizer, Fingerprint(folder_fingerprint(model, path), tokenizer_fingerprint(tokenizer))

@@ -3,43 +3,31 @@
 The folder carries one self-contained modeling file (models/merged.py, bundle.py) and an `auto_map`, so it loads
 with plain transformers (`trust_remote_code=True`) where iclca is not installed, and through iclca without it;
 `iclca.json` records the patch's metadata and tensor shapes.
-It is written into a temporary folder beside the target and renamed into place.
+It is written into a temporary folder beside the target and renamed into place (outputs.py).
 """
 
 from __future__ import annotations
 
 import json
 import math
-import shutil
-import tempfile
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
 from .errors import IclcaError
 from .families import Family, family_of
+from .fingerprint import Fingerprint, as_fingerprint
 from .models.merged import auto_classes, modeling_file
+from .outputs import PROVENANCE_FILE, check_folder_target, write_folder
 from .patch import Patch, layers_for, patched_copy
 from .patch_buffers import buffer_specs
-
-PROVENANCE_FILE = "iclca.json"
-
-
-def check_output_folder(out: Path, force: bool) -> None:
-    if not out.parent.is_dir():
-        raise IclcaError(f"parent folder of {out} does not exist", "create it first, or choose another --out")
-    if out.exists() and not force:
-        raise IclcaError(f"output folder {out} already exists", "choose another --out, or pass --force to replace it")
-    if out.exists() and not out.is_dir():
-        raise IclcaError(f"output path {out} is a file, not a folder", "choose another --out")
 
 
 def merge_patch(model, tokenizer, patch: Patch, out_dir: str | Path, force: bool = False) -> Path:
     """Write `model` with `patch` folded in to `out_dir`; the patch must already fit the model, which is left as
     it was."""
     out = Path(out_dir).absolute()
-    check_output_folder(out, force)
+    check_folder_target(out, force)
     family = family_of(model)
     merged = merged_model(model, patch, family)
     filename, source, auto_map = modeling_file(family)
@@ -81,42 +69,12 @@ def merged_model(model, patch: Patch, family: Family):
     return merged.eval()
 
 
-def write_folder(out: Path, write: Callable[[Path], None]) -> None:
-    """Run write(tmp) in a temporary folder beside `out`, then move it into place; on any failure
-    the temporary folder is removed and `out` is as it was."""
-    try:
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    except OSError as e:
-        raise IclcaError(f"cannot write into {out.parent}: {e.strerror}", "choose an --out in a writable folder") from e
-    try:
-        write(tmp)
-        move_into_place(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
-def move_into_place(tmp: Path, out: Path) -> None:
-    """Rename the finished folder to `out`; an old `out` is removed only after the new one is in place."""
-    if not out.exists():
-        tmp.rename(out)
-        return
-    old = out.with_name(f".{out.name}.old-{tmp.name}")
-    out.rename(old)
-    try:
-        tmp.rename(out)
-    except BaseException:
-        old.rename(out)
-        raise
-    shutil.rmtree(old, ignore_errors=True)
-
-
 def read_provenance(folder: str | Path) -> dict[str, str] | None:
     p = Path(folder) / PROVENANCE_FILE
     return json.loads(p.read_text()) if p.is_file() else None
 
 
-def load_merged(folder: str | Path, base_fingerprint: str, dtype: str = "float32", device: str = "cpu",
+def load_merged(folder: str | Path, base_fingerprint: str | Fingerprint, dtype: str = "float32", device: str = "cpu",
                 device_map: str | None = None, max_memory: str | None = None):
     """(merged model, method, patch bytes, bytes per element of the model's dtype) of a folder written by merge_patch,
     refused unless it was merged from the base model with `base_fingerprint`."""
@@ -131,7 +89,7 @@ def load_merged(folder: str | Path, base_fingerprint: str, dtype: str = "float32
     except (TypeError, KeyError, ValueError, AttributeError) as e:
         raise IclcaError(f"{folder} has no readable {PROVENANCE_FILE}: not a folder written by `iclca merge`",
                          "pass --merged DIR from `iclca merge`") from e
-    if made_from != base_fingerprint:
+    if not as_fingerprint(base_fingerprint).made_for(made_from, provenance.get("iclca.fingerprint_covers")):
         raise IclcaError(f"merged folder {folder} was made from another base model", "pass the --model it was merged from")
     model, _ = load_model(str(folder), dtype, device, device_map=device_map, max_memory=max_memory)
     return model, method, nbytes, element

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
-import os
-import tempfile
+import re
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -15,13 +16,16 @@ from safetensors.torch import save
 
 from . import __version__
 from .devices import shared_memo
-from .errors import IclcaError
+from .errors import IclcaError, IclcaWarning, printable
 from .families import KIND_METHODS, Family, family_of
+from .fingerprint import WITH_TOKENIZER, WITHOUT_TOKENIZER, Fingerprint, as_fingerprint
 from .positions import check_positions
 
 FORMAT_VERSION = "1"
 METHODS = ("exact", "prefix", "taylor", "compressed", "evict")
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DIGEST = "iclca.tensors_sha256"
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
 _REQUIRED = (
     "format", "iclca.format_version", "iclca.method", "iclca.model_type", "iclca.base_fingerprint",
     "iclca.prompt_sha256", "iclca.prompt_tokens", "iclca.position_offset", "iclca.dtype", "iclca.version",
@@ -61,6 +65,7 @@ class Patch:
         return parts
 
     def metadata(self) -> dict[str, str]:
+        """The file's metadata; with tensors, their digest too (iclca.tensors_sha256)."""
         meta = {
             "format": "pt",
             "iclca.format_version": FORMAT_VERSION,
@@ -74,26 +79,39 @@ class Patch:
             "iclca.version": __version__,
         }
         meta.update({f"iclca.{k}": v for k, v in sorted(self.extra.items())})
+        if self.tensors:
+            meta[DIGEST] = tensors_sha256(self.tensors)
         return meta
 
 
+def tensors_sha256(tensors: dict[str, torch.Tensor]) -> str:
+    """sha256 over every tensor's name, dtype, shape and bytes, in name order: what a patch's data must verify to."""
+    h = hashlib.sha256()
+    for name, t in sorted(tensors.items()):
+        t = t.detach().cpu().contiguous()
+        h.update(f"{name}:{str(t.dtype).removeprefix('torch.')}:{list(t.shape)};".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def check_finite(tensors: dict[str, torch.Tensor], what: str, hint: str = "convert the prompt again") -> None:
+    """Refuse tensors holding NaN or Inf: a patch of them would make every output NaN or wrong, silently."""
+    for name, t in sorted(tensors.items()):
+        bad = int((~torch.isfinite(t)).sum())
+        if bad:
+            raise IclcaError(f"{what} tensor {name} holds {bad} non-finite values (NaN or Inf)", hint)
+
+
 def save_patch(patch: Patch, path: str | Path) -> int:
-    """Write the patch atomically (temporary file beside it, then rename); returns its size in bytes."""
+    """Write the patch atomically (outputs.write_file); returns its size in bytes. Non-finite tensors are refused."""
+    from .outputs import write_file
+
     path = Path(path)
     if not path.parent.is_dir():
         raise IclcaError(f"output folder does not exist: {path.parent}", "create it first, or choose another --out")
+    check_finite(patch.tensors, "the patch")
     tensors = {name: t.detach().cpu().contiguous() for name, t in sorted(patch.tensors.items())}
-    try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    except OSError as e:
-        raise IclcaError(f"cannot write into {path.parent}: {e.strerror}", "choose an --out in a writable folder") from e
-    os.close(fd)
-    try:
-        Path(tmp).write_bytes(canonical_safetensors(tensors, patch.metadata()))
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_file(path, canonical_safetensors(tensors, patch.metadata()))
     return path.stat().st_size
 
 
@@ -146,15 +164,15 @@ def load_patch(path: str | Path) -> Patch:
     method = meta["iclca.method"]
     if method not in METHODS:
         raise IclcaError(f"{path} uses unknown method {method!r}", f"this iclca knows {', '.join(METHODS)}")
-    try:
-        prompt_tokens, offset = int(meta["iclca.prompt_tokens"]), int(meta["iclca.position_offset"])
-    except ValueError as e:
-        raise IclcaError(f"{path} has non-integer token counts in its metadata", "convert the prompt again") from e
+    prompt_tokens, offset = _consistent(path, meta)
     if not tensors:
         raise IclcaError(f"{path} holds no tensors", "convert the prompt again")
     if any(t.dtype not in DTYPES.values() for t in tensors.values()):
         raise IclcaError(f"{path} holds tensors of an unsupported dtype", f"patches are {' or '.join(DTYPES)}")
-    known = {k.removeprefix("iclca.") for k in _REQUIRED} | {"format"}
+    if DIGEST in meta and meta[DIGEST] != tensors_sha256(tensors):  # patches before iclca 0.2 have no digest
+        raise IclcaError(f"{path}'s tensors do not match the digest in its metadata (changed or damaged since written)",
+                         "convert the prompt again")
+    known = {k.removeprefix("iclca.") for k in (*_REQUIRED, DIGEST)} | {"format"}
     extra = {k.removeprefix("iclca."): v for k, v in meta.items() if k.startswith("iclca.") and k.removeprefix("iclca.") not in known}
     return Patch(
         tensors=tensors,
@@ -167,6 +185,23 @@ def load_patch(path: str | Path) -> Patch:
         extra=extra,
         model_dtype=meta["iclca.dtype"],
     )
+
+
+def _consistent(path: Path, meta: dict[str, str]) -> tuple[int, int]:
+    """(prompt tokens, position offset) of metadata whose values agree with each other, or an IclcaError."""
+    tokens, offset = meta["iclca.prompt_tokens"], meta["iclca.position_offset"]
+    if not (tokens.isdigit() and offset.isdigit()):
+        raise IclcaError(f"{path} has non-integer token counts in its metadata", "convert the prompt again")
+    if int(tokens) < 1 or int(offset) != int(tokens):
+        raise IclcaError(f"{path} has iclca.position_offset {offset} for iclca.prompt_tokens {tokens}: the query "
+                         "starts right after the prompt's tokens", "convert the prompt again")
+    if meta["iclca.dtype"] not in DTYPES:
+        raise IclcaError(f"{path} has iclca.dtype {printable(meta['iclca.dtype'], 40)!r}",
+                         f"patches are {' or '.join(DTYPES)}; convert the prompt again")
+    for key in ("iclca.base_fingerprint", "iclca.prompt_sha256"):
+        if not _SHA256.match(meta[key]):
+            raise IclcaError(f"{path} has a {key} that is not a sha256 digest", "convert the prompt again")
+    return int(tokens), int(offset)
 
 
 def layers_for(family: Family, method: str):
@@ -207,8 +242,11 @@ def expected_shapes(model, family: Family, patch: Patch) -> dict[str, tuple[int,
     return layers_for(family, patch.method).expected_shapes(model, family, patch)
 
 
-def check_patch_fits(patch: Patch, model: torch.nn.Module, fingerprint: str, patch_name: str = "patch") -> None:
-    """Refuse a patch made for another model, model type or method, or with tensors that do not fit the model."""
+def check_patch_fits(patch: Patch, model: torch.nn.Module, fingerprint: str | Fingerprint,
+                     patch_name: str = "patch") -> None:
+    """Refuse a patch made for another model, model type or method, with tensors that do not fit the model, or
+    with NaN or Inf in them."""
+    check_finite(patch.tensors, patch_name)
     if patch.model_type != model.config.model_type:
         raise IclcaError(
             f"{patch_name} is for a {patch.model_type!r} model, this model is {model.config.model_type!r}",
@@ -217,14 +255,22 @@ def check_patch_fits(patch: Patch, model: torch.nn.Module, fingerprint: str, pat
     family = check_method(model, patch.method)
     model_dtype = model_dtype_name(model)
     lossy = {patch.dtype, model_dtype} & {"bfloat16", "float16"}  # weights rounded to another precision differ
-    if patch.base_fingerprint != fingerprint and patch.dtype != model_dtype and lossy:
+    fingerprint = as_fingerprint(fingerprint)
+    made_for = fingerprint.made_for(patch.base_fingerprint, patch.extra.get("fingerprint_covers"))
+    if not made_for and patch.dtype != model_dtype and lossy:
         raise IclcaError(f"{patch_name} was converted in {patch.dtype}, this model runs in {model_dtype}",
                          f"pass --dtype {patch.dtype} (the model's weights in another precision are another model)")
-    if patch.base_fingerprint != fingerprint:
+    if not made_for:
         raise IclcaError(
-            f"{patch_name} was made for model {patch.base_fingerprint[:12]}, this model is {fingerprint[:12]}",
-            "use the same --model as `iclca convert` did (`iclca inspect PATCH` shows its fingerprint)",
+            f"{patch_name} was made for model {patch.base_fingerprint[:12]}, this model is {fingerprint.full[:12]} "
+            f"(fingerprints over {patch.extra.get('fingerprint_covers', WITHOUT_TOKENIZER)})",
+            "use the same --model, with the same tokenizer, as `iclca convert` did (`iclca inspect PATCH` shows its "
+            "fingerprint)",
         )
+    if WITH_TOKENIZER != patch.extra.get("fingerprint_covers", WITHOUT_TOKENIZER) and fingerprint.tokenizer:
+        warnings.warn(f"{patch_name} was made before iclca fingerprinted the tokenizer: its config and weights match "
+                      "this model, its tokenizer is not checked (convert the prompt again to check it)",
+                      IclcaWarning, stacklevel=2)
     if patch.method == "taylor" and patch.extra.get("taylor_order") not in ("1", "2"):
         raise IclcaError(f"{patch_name} is a taylor patch without a valid iclca.taylor_order", "convert the prompt again")
     if patch.method in ("compressed", "evict") and not patch.extra.get("budget", "").isdigit():
@@ -267,4 +313,5 @@ def apply_patch(model: torch.nn.Module, patch: Patch) -> None:
 
     family = family_of(model)
     check_family(family)
+    check_finite(patch.tensors, "the patch")
     layers_for(family, patch.method).attach(model, family, patch.tensors, patch.position_offset)

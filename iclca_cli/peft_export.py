@@ -8,11 +8,12 @@ Needs the optional dependency `peft` (`pip install "iclca[peft]"`).
 from __future__ import annotations
 
 import copy
+import json
 from pathlib import Path
 
 from .errors import IclcaError
 from .families import family_of
-from .merge import check_output_folder, write_folder
+from .outputs import PROVENANCE_FILE, check_folder_target, write_folder
 from .patch import Patch
 
 
@@ -36,10 +37,16 @@ def write_peft_prefix_adapter(model, patch: Patch, base_model_name_or_path: str,
         raise IclcaError("a PEFT prefix has one length for every layer, but this model's sliding-window layers keep "
                          "only the last window-1 prompt tokens", "use a prompt shorter than the window, or `iclca merge`")
     out = Path(out_dir).absolute()
-    check_output_folder(out, force)
+    check_folder_target(out, force)
     config = PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=patch.prompt_tokens,
                                 base_model_name_or_path=base_model_name_or_path)
     peft_model = get_peft_model(copy.deepcopy(model), config)
     initialize_kv_prefix_from_past_key_values(peft_model, past_key_values=past)
-    write_folder(out, peft_model.save_pretrained)
+    provenance = {**patch.metadata(), "iclca.written_as": "peft prefix-tuning adapter"}
+
+    def write(tmp: Path) -> None:
+        peft_model.save_pretrained(tmp)
+        (tmp / PROVENANCE_FILE).write_text(json.dumps(provenance, indent=2, sort_keys=True) + "\n")
+
+    write_folder(out, write)
     return out

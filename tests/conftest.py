@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import shutil
+
 import pytest
 from typer.testing import CliRunner
+
+from helpers import EXAMPLE_PROMPT, EXAMPLE_QUERIES
+from iclca_cli.loading import BUILTIN_DIR
 
 from iclca_cli.cli import app
 
@@ -33,3 +38,16 @@ def gpt2_tokenizer():
     from iclca_cli.gpt2_tokenizer import offline_gpt2_tokenizer
 
     return offline_gpt2_tokenizer()
+
+
+@pytest.fixture
+def work(tmp_path, cli):
+    """A copy of demo-linear, the example prompt and queries, and a patch of the prompt, in tmp_path."""
+    model = tmp_path / "model"
+    shutil.copytree(BUILTIN_DIR / "demo-linear", model)
+    prompt, queries = tmp_path / "prompt.txt", tmp_path / "queries.jsonl"
+    prompt.write_bytes(EXAMPLE_PROMPT.read_bytes())
+    queries.write_bytes(EXAMPLE_QUERIES.read_bytes())
+    patch = tmp_path / "patch.safetensors"
+    assert cli("convert", prompt, "-m", model, "-o", patch).exit_code == 0
+    return {"dir": tmp_path, "model": model, "prompt": prompt, "queries": queries, "patch": patch}

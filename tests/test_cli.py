@@ -156,7 +156,7 @@ def test_missing_model_folder_and_missing_config(cli, tmp_path):
 
 
 def test_existing_merge_output_needs_force(cli, tmp_path, demo_patch):
-    (tmp_path / "out").mkdir()
+    assert cli("merge", "-m", "demo-linear", "-p", demo_patch, "-o", tmp_path / "out").exit_code == 0
     assert_one_line_error(cli("merge", "-m", "demo-linear", "-p", demo_patch, "-o", tmp_path / "out"), "already exists")
     assert cli("merge", "-m", "demo-linear", "-p", demo_patch, "-o", tmp_path / "out", "--force").exit_code == 0
 

@@ -60,13 +60,17 @@ def test_a_rerun_keeps_identical_patches_and_redoes_the_others(cli, tmp_path):
     out = tmp_path / "many"
     assert cli("convert", *paths, "-m", "demo-gpt2", "--out-dir", out).exit_code == 0
     stamps = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
-    (tmp_path / "prompts/second.txt").write_text("gamma: six\n")  # a changed prompt is converted again
-    res = cli("convert", *paths, "-m", "demo-gpt2", "--out-dir", out, "--json")
+    (tmp_path / "prompts/second.txt").write_text("gamma: six\n")  # a changed prompt: its old patch is replaced
+    res = cli("convert", *paths, "-m", "demo-gpt2", "--out-dir", out, "--json")  # only with --force
+    assert res.exit_code == 2 and [e["prompt"] for e in json.loads(res.stdout)["errors"]] == [str(paths[1])]
+    assert "other provenance" in res.stderr and "--force" in res.stderr
+    res = cli("convert", *paths, "-m", "demo-gpt2", "--out-dir", out, "--force", "--json")
     report = one_json(res)
     assert [r["status"] for r in report["patches"]] == ["skipped", "converted", "skipped"]
     for stem in ("first", "third"):  # not rewritten
         assert (out / f"{stem}.safetensors").stat().st_mtime_ns == stamps[f"{stem}.safetensors"]
-    res = cli("convert", *paths, "-m", "demo-gpt2", "--out-dir", out, "--method", "compressed", "--budget", "2", "--json")
+    res = cli("convert", *paths, "-m", "demo-gpt2", "--out-dir", out, "--method", "compressed", "--budget", "2",
+              "--force", "--json")
     assert [r["status"] for r in one_json(res)["patches"]] == ["converted"] * 3  # other provenance: not the same patch
 
 

@@ -69,7 +69,7 @@ def _merge_setup(tmp_path, seed=36):
 def test_existing_output_is_refused_without_force_and_replaced_with_it(tmp_path):
     base, m, tok, patch = _merge_setup(tmp_path)
     out = tmp_path / "out"
-    out.mkdir()
+    merge_patch(m, tok, patch, out)  # --force replaces only a folder iclca wrote
     (out / "keep.txt").write_text("mine")
     with pytest.raises(IclcaError, match="already exists"):
         merge_patch(m, tok, patch, out)
@@ -83,8 +83,9 @@ def test_a_failure_half_way_leaves_nothing_behind(tmp_path, monkeypatch):
     base, m, tok, patch = _merge_setup(tmp_path)
     before = tree_digest(base)
     out = tmp_path / "out"
-    out.mkdir()
+    merge_patch(m, tok, patch, out)
     (out / "keep.txt").write_text("mine")
+    kept = tree_digest(out)
 
     def broken(*args, **kwargs):
         raise OSError("No space left on device")
@@ -92,8 +93,8 @@ def test_a_failure_half_way_leaves_nothing_behind(tmp_path, monkeypatch):
     monkeypatch.setattr(tok, "save_pretrained", broken)
     for force in (False, True):
         target = out if force else tmp_path / "new"
-        with pytest.raises(OSError, match="No space"):
+        with pytest.raises(IclcaError, match="No space"):
             merge_patch(m, tok, patch, target, force=force)
-    assert (out / "keep.txt").read_text() == "mine" and sorted(p.name for p in out.iterdir()) == ["keep.txt"]
+    assert tree_digest(out) == kept
     assert sorted(p.name for p in tmp_path.iterdir()) == ["base", "out"]
     assert tree_digest(base) == before

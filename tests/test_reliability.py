@@ -1,31 +1,16 @@
 """Every bad input gets a one-line answer and exit code 2, nothing is lost, no code runs by surprise."""
 
 import json
-import shutil
 
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from helpers import EXAMPLE_PROMPT, EXAMPLE_QUERIES, make_linear_model, save_checkpoint, tree_digest
-from iclca_cli.loading import BUILTIN_DIR
+from helpers import EXAMPLE_PROMPT, make_linear_model, save_checkpoint, tree_digest
 from helpers import assert_one_line_error, one_json
 
 FUZZ = settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-
-
-@pytest.fixture
-def work(tmp_path, cli):
-    """A copy of demo-linear, the example prompt and queries, and a patch, with their digests."""
-    model = tmp_path / "model"
-    shutil.copytree(BUILTIN_DIR / "demo-linear", model)
-    prompt, queries = tmp_path / "prompt.txt", tmp_path / "queries.jsonl"
-    prompt.write_bytes(EXAMPLE_PROMPT.read_bytes())
-    queries.write_bytes(EXAMPLE_QUERIES.read_bytes())
-    patch = tmp_path / "patch.safetensors"
-    assert cli("convert", prompt, "-m", model, "-o", patch).exit_code == 0
-    return {"dir": tmp_path, "model": model, "prompt": prompt, "queries": queries, "patch": patch}
 
 
 def inputs_digest(w):
