@@ -12,11 +12,10 @@ from transformers.cache_utils import LinearAttentionCacheLayerMixin
 
 from .devices import input_device, module_device
 from .families import Family
+from .methods import Method
 from .models.patched_cache import start_backbone_from_prompt
 from .patch_buffers import buffer_specs
-from .ops.compress import Options
-from .softmax_layers import capture_prompt_kv, check_method_arguments, patch_tensors, summary_shapes
-from .summaries import SUMMARY_METHODS, capture_ids
+from .softmax_layers import capture_prompt_kv, patch_tensors
 
 Progress = Callable[[int, int], None]  # (tokens done, tokens in all)
 
@@ -67,29 +66,27 @@ def attention_modules(model, family: Family) -> dict[str, torch.nn.Module]:
             for path, kind in zip(family.layer_paths(model.config), kinds) if kind in ("full_attention", "hybrid")}
 
 
-def convert_cache(model, family: Family, prompt_ids: list[int], chunk_size: int = 512,
-                  progress: Progress | None = None, method: str = "exact", budget: int = 0,
-                  options: Options = Options()) -> dict[str, torch.Tensor]:
+def convert(model, family: Family, prompt_ids: list[int], method: Method, chunk_size: int = 512,
+            progress: Progress | None = None) -> dict[str, torch.Tensor]:
     """The states the cache holds after the prompt, by '<layer path>.<state>'. A family whose mixers cannot continue
     a multi-token call from a cache (`step_modules`) runs the prompt in one pass (memory grows with P).
 
-    `compressed` / `evict`: the attention layers' keys and values are summarised into about `budget` entries per
-    key/value head (summaries.py, on the keys, values and queries captured through iclca's attention function, in
-    one pass over the prompt and its repeat), buffers of the attention modules; the recurrent states stay exact
-    (from a pass over the prompt alone, when a repeat was read)."""
-    if method not in SUMMARY_METHODS:
+    A method that summarises (compressed, evict): the attention layers' keys and values become its summaries
+    (captured through iclca's attention function in one pass over method.capture_ids, the prompt and maybe its
+    repeat), buffers of the attention modules; the recurrent states stay exact (from a pass over the prompt alone,
+    when a repeat was read)."""
+    if not method.summarises:
         chunk_size = len(prompt_ids) if family.step_modules else chunk_size
         cache = run_prompt(model, prompt_ids, chunk_size, progress, family.cache_kwarg)
         return cache_tensors(cache, family.layer_paths(model.config))
-    check_method_arguments(method, budget, 2)
-    ids = capture_ids(prompt_ids, options, None)
+    ids = method.capture_ids(prompt_ids, None)
     with capture_prompt_kv(model, attention_modules(model, family)) as captured:
         cache = run_prompt(model, ids, len(ids), progress if ids == prompt_ids else None, family.cache_kwarg)
     if ids != prompt_ids:
         cache = run_prompt(model, prompt_ids, len(prompt_ids), progress, family.cache_kwarg)
     tensors = {n: t for n, t in cache_tensors(cache, family.layer_paths(model.config)).items()
                if not n.endswith(("prompt_keys", "prompt_values"))}
-    tensors.update(patch_tensors(captured, len(prompt_ids), method, budget, 2, options))
+    tensors.update(patch_tensors(captured, len(prompt_ids), method))
     return tensors
 
 
@@ -104,10 +101,10 @@ def expected_shapes(model, family: Family, patch) -> dict[str, tuple[int, ...]]:
         out = model.base_model(input_ids=torch.zeros(1, 1, dtype=torch.long, device=device), use_cache=True)
     cache = getattr(out, family.cache_kwarg)
     shapes = {name: tuple(t.shape) for name, t in cache_tensors(cache, family.layer_paths(model.config)).items()}
-    if patch.method in SUMMARY_METHODS:
+    if patch.method.summarises:
         shapes = {n: s for n, s in shapes.items() if not n.endswith(("prompt_keys", "prompt_values"))}
         for name, c in captured.items():
-            shapes.update(summary_shapes(patch, name, c.keys.shape[0], c.keys.shape[-1]))
+            shapes.update(patch.method.full_layer_shapes(patch, name, c.keys.shape[0], c.keys.shape[-1]))
         return shapes
     for path, layer in zip(family.layer_paths(model.config), getattr(cache, "layers", ())):
         window = getattr(layer, "sliding_window", None)

@@ -23,7 +23,9 @@ from rich.text import Text
 from typer.core import TyperGroup
 
 from . import __version__
+from .dtypes import DTYPE_NAMES
 from .errors import IclcaError, IclcaWarning, printable
+from .methods import all_methods, taking
 
 
 class _Commands(TyperGroup):
@@ -69,20 +71,22 @@ err = Console(stderr=True, soft_wrap=True)
 _state = {"debug": False}
 
 
-class Method(str, Enum):
-    exact = "exact"
-    prefix = "prefix"
-    taylor = "taylor"
-    compressed = "compressed"
-    evict = "evict"
+Method = Enum("Method", {name: name for name in all_methods()}, type=str)  # the registry's, in order of preference
+DType = Enum("DType", {name: name for name in ("auto", *DTYPE_NAMES)}, type=str)
 
 
-class DType(str, Enum):
-    auto = "auto"
-    float32 = "float32"
-    float64 = "float64"
-    bfloat16 = "bfloat16"
-    float16 = "float16"
+def _method_help() -> str:
+    listed = "; ".join(f"{m.name}: {m.help}" for m in all_methods().values())
+    return f"{listed}. Default: exact where every layer keeps a finite state, else prefix."
+
+
+def _param_help(field: str) -> str:
+    """A method parameter's help, from the registry: what it is, which methods take it, its default."""
+    owners = taking(field)
+    p = next(p for p in owners[0].params if p.field == field)
+    default = owners[0].default(p)
+    shown = f" (default {default})" if default not in (None, 0) else ""
+    return f"{' and '.join(m.name for m in owners)}: {p.help}{shown}."
 
 
 def _version(value: bool):
@@ -249,21 +253,13 @@ def convert(
                                  "verifies, is kept, so a rerun resumes."),
     force: bool = typer.Option(False, "--force", help="Replace an iclca patch of other provenance already at the "
                                "output (never a file iclca did not write)."),
-    method: Method = typer.Option(
-        None, "--method", help="exact (linear-attention layers, exact), prefix (softmax attention, exact), compressed "
-        "(softmax, constant size, approximate, fitted), evict (softmax, constant size, the most attended entries kept: "
-        "a baseline), taylor (softmax, constant size, approximate). Default: exact for "
-        "linear-attention models, else prefix."),
-    order: int = typer.Option(None, "--order", min=1, max=2, help="Taylor order (method taylor; default 2)."),
-    budget: int = typer.Option(None, "--budget", min=0, help="Entries per layer and key/value head (methods compressed, "
-                               "evict; compressed: on average, see --split)."),
-    reference: str = typer.Option(None, "--reference", help="compressed: the queries a summary is fitted to: the "
-                                  "prompt's own (own), or also those of a repeat of the prompt read after it (repeat, "
-                                  "the default)."),
-    keys: str = typer.Option(None, "--keys", help="compressed: a summary's keys: the prompt keys that receive most "
-                             "attention (attention, the default), or k-means centroids (kmeans)."),
-    split: str = typer.Option(None, "--split", help="compressed: the same budget for every head (uniform), or the "
-                              "total split by fitted error across layers (layers) or across heads (heads, the default)."),
+    method: Method = typer.Option(None, "--method", help=_method_help()),
+    order: int = typer.Option(None, "--order", min=1, max=2, help=_param_help("order")),
+    budget: int = typer.Option(None, "--budget", min=0, help=_param_help("budget") + " Entries per layer and "
+                               "key/value head (compressed: on average, see --split)."),
+    reference: str = typer.Option(None, "--reference", help=_param_help("queries")),
+    keys: str = typer.Option(None, "--keys", help=_param_help("keys")),
+    split: str = typer.Option(None, "--split", help=_param_help("split")),
     base_patch: Path = typer.Option(None, "--base-patch", help="Convert on top of this patch (stacking)."),
     dtype: DType = typer.Option(DType.float32, "--dtype", help="Dtype to run the prompt in; the patch stores each "
                                 "tensor as the model computes it (auto: the checkpoint's own dtype)."),
@@ -281,17 +277,19 @@ def convert(
     from .patch import load_patch
 
     _quiet_transformers()
-    method_name = method and method.value
-    _check_method_flags(method_name, order=order, budget=budget, reference=reference, keys=keys, split=split)
+    from .methods import build, check_parameters
+
+    given = dict(order=order, budget=budget, queries=reference, keys=keys, split=split)
+    check_parameters(method and method.value, **given)
+    chosen = build(method.value, **given) if method else None  # None: the model's default, decided once it loads
     device = _placement(device, device_map)
     folder = _model_folder(model, allow_pickle)
     inputs = [("model folder", folder), ("base patch", base_patch), *(("prompt file", p) for p in prompt_files)]
     targets = _convert_targets(prompt_files, out_path, out_dir, inputs)
     parent = load_patch(base_patch) if base_patch is not None else None
     m, tokenizer, fingerprint = load_fingerprinted(model, dtype.value, device, allow_pickle, device_map, max_memory)
-    settings = dict(method=method_name, order=order or 2, budget=budget or 0, base_patch=parent,
-                    options=summary_options(reference, keys, split), chunk_size=chunk_size, fingerprint=fingerprint,
-                    chat=chat, force=force, max_bytes=max_input_mib << 20)
+    settings = dict(method=chosen, base_patch=parent, chunk_size=chunk_size, fingerprint=fingerprint, chat=chat,
+                    force=force, max_bytes=max_input_mib << 20)
     if out_dir is None:  # one prompt, one patch: its errors are the command's
         with _progress("converting") as progress:
             row = _convert_one(m, tokenizer, *targets[0], progress=progress, **settings)
@@ -329,19 +327,6 @@ def convert(
         hints = "; ".join(dict.fromkeys(f["hint"] for f in failed))
         raise IclcaError(f"{len(failed)} of {len(targets)} prompt files failed ({listed})",
                          f"{hints}; then rerun the same command: the patches already written are kept")
-
-
-_METHOD_FLAGS = {"order": ("taylor",), "budget": ("compressed", "evict"), "reference": ("compressed",),
-                 "keys": ("compressed",), "split": ("compressed",)}
-
-
-def _check_method_flags(method: str | None, **given) -> None:
-    """Refuse a method's option given for another method (it would be ignored in silence)."""
-    for flag, value in given.items():
-        methods = _METHOD_FLAGS[flag]
-        if value is not None and method not in methods:
-            raise IclcaError(f"--{flag} applies to --method {' or '.join(methods)}, not "
-                             f"{method or 'the default method'}", f"pass --method {methods[0]}, or drop --{flag}")
 
 
 def _convert_targets(prompt_files: list[Path], out_path: str | None, out_dir: Path | None,
@@ -387,22 +372,8 @@ def _convert_targets(prompt_files: list[Path], out_path: str | None, out_dir: Pa
     return targets
 
 
-def summary_options(reference: str | None, keys: str | None, split: str | None):
-    """compressed's options from the command line (--reference sets Options.queries; None: the default), or a
-    one-line error."""
-    from .ops.compress import Options
-
-    given = {"queries": reference, "keys": keys, "split": split}
-    options = Options(**{k: v for k, v in given.items() if v is not None})
-    for name, value in options.unknown().items():
-        flag = "reference" if name == "queries" else name
-        raise IclcaError(f"--{flag} {value!r} is not one of {', '.join(Options.CHOICES[name])}",
-                         f"pass --{flag} {getattr(Options(), name)} (the default)")
-    return options
-
-
-def _convert_one(m, tokenizer, prompt_file: Path, out: Path, method, order, budget, base_patch, chunk_size, fingerprint,
-                 options=None, chat=False, force=False, max_bytes=None, progress=None) -> dict:
+def _convert_one(m, tokenizer, prompt_file: Path, out: Path, method, base_patch, chunk_size, fingerprint, chat=False,
+                 force=False, max_bytes=None, progress=None) -> dict:
     """Convert one prompt file into `out`, or keep `out` if it already holds this patch (its data verified); one row
     of the report. An iclca patch of other provenance at `out` is replaced only with `force`."""
     from . import chat as chats
@@ -416,7 +387,7 @@ def _convert_one(m, tokenizer, prompt_file: Path, out: Path, method, order, budg
     else:
         text = read_prompt(prompt_file, max_bytes)
         ids = encode_prompt(tokenizer, text)
-    header = describe_patch(m, ids, sha256_text(text), method, order, base_patch, budget, fingerprint, options)
+    header = describe_patch(m, ids, sha256_text(text), method, base_patch, fingerprint)
     same, tensors = _kept(out, header) if check_patch_target(out) else (None, 0)
     if same is False and not force:
         raise IclcaError(f"{out} holds an iclca patch of other provenance (another prompt, model or method)",
@@ -427,7 +398,7 @@ def _convert_one(m, tokenizer, prompt_file: Path, out: Path, method, order, budg
         model = shared_copy(m) if base_patch is not None else m
         patch = fill_patch(model, header, ids, base_patch, chunk_size, progress)
         status, file_bytes, tensors = "converted", save_patch(patch, out), len(patch.tensors)
-    return {"prompt": str(prompt_file), "patch": str(out), "status": status, "method": header.method,
+    return {"prompt": str(prompt_file), "patch": str(out), "status": status, "method": header.method.name,
             "prompt_tokens": header.prompt_tokens, "position_offset": header.position_offset, "tensors": tensors,
             "patch_bytes": file_bytes, "base_fingerprint": header.base_fingerprint}
 
@@ -475,7 +446,7 @@ def merge(
     folder = merge_patch(m, tokenizer, patch, out_dir, force)
     _emit(as_json, {
         "merged": str(folder),
-        "method": patch.method,
+        "method": patch.method.name,
         "prompt_tokens": patch.prompt_tokens,
         "position_offset": patch.position_offset,
         "base_fingerprint": patch.base_fingerprint,

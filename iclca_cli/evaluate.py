@@ -176,7 +176,7 @@ def evaluate(
     report = {
         "queries": len(encoded),
         "prompt_tokens": P,
-        "method": method,
+        "method": getattr(method, "name", method),
         "max_abs_logit_diff": max_diff,
         "kl_prompted_patched": kl_patched / positions,
         "kl_prompted_base": kl_base / positions,

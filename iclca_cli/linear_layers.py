@@ -20,10 +20,10 @@ def linear_layers(model, family: Family) -> dict[int, str]:
     return {i: path for i, (path, kind) in enumerate(zip(family.layer_paths(model.config), kinds)) if kind in LINEAR_KINDS}
 
 
-def convert_linear(model, family: Family, prompt_ids: list[int], chunk_size: int = 512,
-                   progress: Progress | None = None) -> dict[str, torch.Tensor]:
+def convert(model, family: Family, prompt_ids: list[int], method=None, chunk_size: int = 512,
+            progress: Progress | None = None) -> dict[str, torch.Tensor]:
     """Run the prompt from the model's current state (its bias buffers) through its cache, and return the final
-    states '<layer path>.<state name>' (batch dimension dropped)."""
+    states '<layer path>.<state name>' (batch dimension dropped). The method is `exact`: nothing else acts here."""
     cache = run_prompt(model, prompt_ids, chunk_size, progress)
     return {f"{path}.{name}": cache.get_recurrent_state(i, j)[0].contiguous()
             for i, path in linear_layers(model, family).items() for j, name in enumerate(family.state_names)}

@@ -19,7 +19,8 @@ from .families import Family, family_of
 from .fingerprint import Fingerprint, as_fingerprint
 from .models.merged import auto_classes, modeling_file
 from .outputs import PROVENANCE_FILE, check_folder_target, write_folder
-from .patch import Patch, layers_for, patched_copy
+from .handlers import handler_for
+from .patch import Patch, patched_copy
 from .patch_buffers import buffer_specs
 
 
@@ -59,8 +60,8 @@ def merged_model(model, patch: Patch, family: Family):
     classes = auto_classes(family)
     fields = {k: v for k, v in patched.config.to_dict().items()
               if k not in ("model_type", "architectures", "auto_map", "transformers_version") and not k.startswith("_")}
-    fields.update(iclca_method=patch.method,
-                  **layers_for(family, patch.method).merged_config(patched, family, patch.tensors, patch.position_offset))
+    fields.update(iclca_method=patch.method.name,
+                  **handler_for(family).merged_config(patched, family, patch.tensors, patch.position_offset))
     merged = classes["AutoModelForCausalLM"](classes["AutoConfig"](**fields)).to(patched.dtype)
     merged.load_state_dict(patched.state_dict(), strict=True)  # shifted position table, patch buffers included
     for name in patch.tensors:  # each patch buffer in its own dtype again (the cast above gave them the model's)

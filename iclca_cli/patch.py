@@ -16,14 +16,16 @@ from safetensors.torch import save
 
 from . import __version__
 from .devices import shared_memo
+from .dtypes import DTYPE_NAMES
 from .errors import IclcaError, IclcaWarning, printable
-from .families import KIND_METHODS, Family, family_of
+from .families import Family, family_of
 from .fingerprint import WITH_TOKENIZER, WITHOUT_TOKENIZER, Fingerprint, as_fingerprint
+from .handlers import handler_for
+from .methods import Method, all_methods, applicable, from_metadata, metadata_keys
 from .positions import check_positions
 
 FORMAT_VERSION = "1"
-METHODS = ("exact", "prefix", "taylor", "compressed", "evict")
-DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPES = {name: getattr(torch, name) for name in DTYPE_NAMES}
 DIGEST = "iclca.tensors_sha256"
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 _REQUIRED = (
@@ -37,7 +39,7 @@ class Patch:
     """What a prompt became: tensors named `<module path>.<name>` and where the query starts."""
 
     tensors: dict[str, torch.Tensor]
-    method: str
+    method: Method  # with its parameters
     model_type: str
     base_fingerprint: str
     prompt_sha256: str
@@ -60,8 +62,7 @@ class Patch:
         parts = {"recurrent": 0, "attention": 0}
         for name, t in self.tensors.items():
             buffer = name.rsplit(".", 1)[-1]
-            attention = buffer.startswith(("prompt_", "prefix_")) or self.method == "taylor"  # Taylor memories
-            parts["attention" if attention else "recurrent"] += t.numel() * t.element_size()
+            parts["attention" if self.method.is_attention_buffer(buffer) else "recurrent"] += t.numel() * t.element_size()
         return parts
 
     def metadata(self) -> dict[str, str]:
@@ -69,7 +70,7 @@ class Patch:
         meta = {
             "format": "pt",
             "iclca.format_version": FORMAT_VERSION,
-            "iclca.method": self.method,
+            "iclca.method": self.method.name,
             "iclca.model_type": self.model_type,
             "iclca.base_fingerprint": self.base_fingerprint,
             "iclca.prompt_sha256": self.prompt_sha256,
@@ -78,7 +79,7 @@ class Patch:
             "iclca.dtype": self.dtype,
             "iclca.version": __version__,
         }
-        meta.update({f"iclca.{k}": v for k, v in sorted(self.extra.items())})
+        meta.update({f"iclca.{k}": v for k, v in sorted({**self.extra, **self.method.metadata()}.items())})
         if self.tensors:
             meta[DIGEST] = tensors_sha256(self.tensors)
         return meta
@@ -161,9 +162,6 @@ def load_patch(path: str | Path) -> Patch:
             f"{path} has patch format {meta['iclca.format_version']!r}; this iclca reads {FORMAT_VERSION!r}",
             "convert the prompt again with this version of iclca",
         )
-    method = meta["iclca.method"]
-    if method not in METHODS:
-        raise IclcaError(f"{path} uses unknown method {method!r}", f"this iclca knows {', '.join(METHODS)}")
     prompt_tokens, offset = _consistent(path, meta)
     if not tensors:
         raise IclcaError(f"{path} holds no tensors", "convert the prompt again")
@@ -174,6 +172,8 @@ def load_patch(path: str | Path) -> Patch:
                          "convert the prompt again")
     known = {k.removeprefix("iclca.") for k in (*_REQUIRED, DIGEST)} | {"format"}
     extra = {k.removeprefix("iclca."): v for k, v in meta.items() if k.startswith("iclca.") and k.removeprefix("iclca.") not in known}
+    method = from_metadata(meta["iclca.method"], extra, str(path))
+    extra = {k: v for k, v in extra.items() if k not in metadata_keys()}  # the method holds its own
     return Patch(
         tensors=tensors,
         method=method,
@@ -204,42 +204,24 @@ def _consistent(path: Path, meta: dict[str, str]) -> tuple[int, int]:
     return int(tokens), int(offset)
 
 
-def layers_for(family: Family, method: str):
-    """The module that handles the layers a method acts on in this family: cache_layers where every layer keeps its
-    state in a transformers cache, linear_layers for `exact` on a model's own bias buffers, softmax_layers for
-    prefix / compressed / taylor."""
-    from . import cache_layers, linear_layers, softmax_layers
-
-    if family.positions == "cache":
-        return cache_layers
-    return linear_layers if method == "exact" else softmax_layers
-
-
-def check_method(model, method: str) -> Family:
-    """The model's family, or an IclcaError if the method does not apply to every layer of the model."""
+def check_method(model, method: Method | None) -> Family:
+    """The model's family, or an IclcaError if the method does not apply to every layer of the model (None: if no
+    method does)."""
     family = family_of(model)
-    methods = family.methods(model.config)
+    methods = applicable(family, model.config)
     if not methods:
-        kinds = sorted(set(family.layer_kinds(model.config)) - set(KIND_METHODS))
-        raise IclcaError(f"{family.model_type!r} models have layers of kind {', '.join(kinds)}, which iclca cannot patch yet",
-                         f"iclca patches layers of kind {', '.join(KIND_METHODS)}")
-    if method not in methods:
-        raise IclcaError(f"method {method!r} does not apply to {family.model_type!r} models",
-                         f"use --method {' or '.join(methods)}")
+        kinds = sorted(set(family.layer_kinds(model.config)))
+        raise IclcaError(f"{family.model_type!r} models have layers of kinds {', '.join(kinds)}, which no method of "
+                         "iclca patches together yet", f"iclca's methods: {', '.join(all_methods())}")
+    if type(method) not in methods:
+        raise IclcaError(f"method {method.name!r} does not apply to {family.model_type!r} models",
+                         f"use --method {' or '.join(m.name for m in methods)}")
     return family
-
-
-def check_summary_options(extra: dict[str, str], patch_name: str) -> None:
-    from .ops.compress import Options
-
-    for name, value in Options.from_metadata(extra).unknown().items():
-        raise IclcaError(f"{patch_name} has iclca.summary_{name} {value!r}, not one of {', '.join(Options.CHOICES[name])}",
-                         "convert the prompt again with this version of iclca")
 
 
 def expected_shapes(model, family: Family, patch: Patch) -> dict[str, tuple[int, ...]]:
     """Tensor name -> shape that a patch of this method must have for this model."""
-    return layers_for(family, patch.method).expected_shapes(model, family, patch)
+    return handler_for(family).expected_shapes(model, family, patch)
 
 
 def check_patch_fits(patch: Patch, model: torch.nn.Module, fingerprint: str | Fingerprint,
@@ -271,12 +253,6 @@ def check_patch_fits(patch: Patch, model: torch.nn.Module, fingerprint: str | Fi
         warnings.warn(f"{patch_name} was made before iclca fingerprinted the tokenizer: its config and weights match "
                       "this model, its tokenizer is not checked (convert the prompt again to check it)",
                       IclcaWarning, stacklevel=2)
-    if patch.method == "taylor" and patch.extra.get("taylor_order") not in ("1", "2"):
-        raise IclcaError(f"{patch_name} is a taylor patch without a valid iclca.taylor_order", "convert the prompt again")
-    if patch.method in ("compressed", "evict") and not patch.extra.get("budget", "").isdigit():
-        raise IclcaError(f"{patch_name} is a {patch.method} patch without a valid iclca.budget", "convert the prompt again")
-    if patch.method == "compressed":
-        check_summary_options(patch.extra, patch_name)
     want = expected_shapes(model, family, patch)
     for name in sorted(set(want) | set(patch.tensors)):
         if name not in want:
@@ -314,4 +290,4 @@ def apply_patch(model: torch.nn.Module, patch: Patch) -> None:
     family = family_of(model)
     check_family(family)
     check_finite(patch.tensors, "the patch")
-    layers_for(family, patch.method).attach(model, family, patch.tensors, patch.position_offset)
+    handler_for(family).attach(model, family, patch.tensors, patch.position_offset)

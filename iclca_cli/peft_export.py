@@ -14,6 +14,7 @@ from pathlib import Path
 from .errors import IclcaError
 from .families import family_of
 from .outputs import PROVENANCE_FILE, check_folder_target, write_folder
+from .methods.prefix import Prefix
 from .patch import Patch
 
 
@@ -28,8 +29,8 @@ def write_peft_prefix_adapter(model, patch: Patch, base_model_name_or_path: str,
     if not family.peft:
         raise IclcaError(f"PEFT prefix tuning does not reproduce {family.model_type!r} prefix patches",
                          "use the patch itself, or `iclca merge`")
-    if patch.method != "prefix":
-        raise IclcaError(f"only prefix patches become PEFT adapters, this one is {patch.method!r}",
+    if not isinstance(patch.method, Prefix):
+        raise IclcaError(f"only prefix patches become PEFT adapters, this one is {patch.method.name!r}",
                          "convert with --method prefix")
     past = [(patch.tensors[f"{path}.prefix_keys"][None],  # (1, Hkv, P, D)
              patch.tensors[f"{path}.prefix_values"][None]) for path in family.layer_paths(model.config)]

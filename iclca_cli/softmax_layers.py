@@ -5,8 +5,8 @@ have, and putting a patch on a model.
 - Capture: the model runs the prompt with its attention implementation switched to iclca's (ops/softmax_attention),
   which hands each attention module's post-rotary keys, values (and queries) and how the layer attends.
 - Per layer: a sliding-window layer keeps the prompt's last window-1 tokens exactly, whatever the method (nothing
-  else could let entries expire as the query moves on); a full layer takes `prefix` (keys and values, exact),
-  `compressed` or `evict` (about R entries per key/value head, summaries.py) or `taylor` (memories, ops/taylor.py).
+  else could let entries expire as the query moves on); a full layer takes what the method makes of its keys and
+  values (methods/: one layer at a time, or all of them at once for a method that summarises).
 - Grouped-query attention: patch tensors are per key/value head, (Hkv, R, D); a compressed layer whose heads hold
   different numbers of entries keeps them in one list, (1, E, D), with a bias per head (summaries.layer_tensors).
 """
@@ -22,16 +22,11 @@ import torch
 from torch import nn
 
 from .devices import input_device, module_device
-from .errors import IclcaError
 from .families import SOFTMAX_KINDS, Family
-from .ops import compress
-from .ops.compress import Options
+from .methods import Method
 from .ops.softmax_attention import ATTENTION_NAME
-from .ops.taylor import taylor_feature_dim, taylor_features
 from .patch_buffers import buffer_specs
 from .positions import position_table, rotary_modules, start_queries_at
-from .summaries import SUMMARY_METHODS, capture_ids, summary_tensors
-
 
 
 @dataclass
@@ -92,37 +87,13 @@ def window_entries(prompt_tokens: int, sliding_window: int) -> int:
     return min(prompt_tokens, sliding_window - 1)
 
 
-def layer_tensors(c: Captured, method: str, budget: int, order: int) -> dict[str, torch.Tensor]:
-    """Patch tensors of one layer, by buffer name."""
-    k, v = c.keys, c.values  # (Hkv, P, D)
+def layer_tensors(c: Captured, method: Method) -> dict[str, torch.Tensor]:
+    """Patch tensors of one layer, by buffer name: a sliding-window layer's last window-1 keys and values, or what
+    the method makes of a full layer's."""
     if c.sliding_window is not None:
-        R = window_entries(k.shape[-2], c.sliding_window)
-        return {"prefix_keys": k[:, -R:].contiguous(), "prefix_values": v[:, -R:].contiguous()}
-    if method == "prefix":
-        return {"prefix_keys": k.contiguous(), "prefix_values": v.contiguous()}
-    if k.dtype in (torch.bfloat16, torch.float16):  # Taylor sums in float32, stored as the model computes
-        work = dataclasses.replace(c, keys=k.float(), values=v.float())
-        return {name: t.to(k.dtype) for name, t in layer_tensors(work, method, budget, order).items()}
-    if method == "taylor":
-        if c.softcap is not None:
-            raise IclcaError("Taylor memories cannot express soft-capped attention scores",
-                             "use --method prefix or --method compressed for this model")
-        F = taylor_feature_dim(k.shape[-1], order)
-        S, z = k.new_zeros(k.shape[0], F, v.shape[-1]), k.new_zeros(k.shape[0], F)  # (Hkv, F, D), (Hkv, F)
-        for kc, vc in zip(k.split(compress.CHUNK_TOKENS, dim=1), v.split(compress.CHUNK_TOKENS, dim=1)):
-            phi = taylor_features(kc, c.scaling, order)  # (Hkv, C, F): never (Hkv, P, F)
-            S += phi.transpose(-1, -2) @ vc
-            z += phi.sum(-2)
-        return {"memory_kv": S, "memory_k": z}
-    raise ValueError(f"layer_tensors does not make {method!r} tensors (summaries.summary_tensors does)")
-
-
-def check_method_arguments(method: str, budget: int, order: int) -> None:
-    if method == "taylor" and order not in (1, 2):
-        raise IclcaError(f"Taylor order {order} is not supported", "use --order 1 or --order 2")
-    if method in SUMMARY_METHODS and budget < 2:
-        raise IclcaError(f"method {method} needs a budget of at least 2 (the first token is kept apart)",
-                         "pass --budget R, the entries per layer and key/value head (e.g. a third of the prompt's tokens)")
+        R = window_entries(c.keys.shape[-2], c.sliding_window)
+        return {"prefix_keys": c.keys[:, -R:].contiguous(), "prefix_values": c.values[:, -R:].contiguous()}
+    return method.full_layer_tensors(c)
 
 
 def positions_left(model, family: Family) -> int | None:
@@ -131,75 +102,47 @@ def positions_left(model, family: Family) -> int | None:
     return None if table is None else table.num_embeddings
 
 
-def patch_tensors(captured: dict[str, Captured], prompt_tokens: int, method: str, budget: int, order: int,
-                  options: Options) -> dict[str, torch.Tensor]:
-    """'<attention module path>.<buffer>' -> tensor, from layers captured over capture_ids (the prompt's first
-    `prompt_tokens` tokens, maybe a repeat after them): summaries for the full-attention layers of `compressed` and
-    `evict`, layer_tensors for the others."""
-    summarised = {n: c for n, c in captured.items() if method in SUMMARY_METHODS and c.sliding_window is None}
+def patch_tensors(captured: dict[str, Captured], prompt_tokens: int, method: Method) -> dict[str, torch.Tensor]:
+    """'<attention module path>.<buffer>' -> tensor, from layers captured over method.capture_ids (the prompt's
+    first `prompt_tokens` tokens, maybe a repeat after them): the method's summaries of the full-attention layers
+    where it summarises, layer_tensors for the others."""
+    summarised = {n: c for n, c in captured.items() if method.summarises and c.sliding_window is None}
     tensors = {f"{name}.{buffer}": t for name, bufs in
-               (summary_tensors(summarised, prompt_tokens, method, budget, options) if summarised else {}).items()
+               (method.summary_tensors(summarised, prompt_tokens) if summarised else {}).items()
                for buffer, t in bufs.items()}
     for name, c in captured.items():
         if name not in summarised:
             prompt = dataclasses.replace(c, keys=c.keys[:, :prompt_tokens], values=c.values[:, :prompt_tokens])
-            tensors.update({f"{name}.{buffer}": t for buffer, t in layer_tensors(prompt, method, budget, order).items()})
+            tensors.update({f"{name}.{buffer}": t for buffer, t in layer_tensors(prompt, method).items()})
     return tensors
 
 
 @torch.no_grad()
-def convert_softmax(model, family: Family, prompt_ids: list[int], method: str, budget: int = 0,
-                    order: int = 2, options: Options = Options()) -> dict[str, torch.Tensor]:
-    """Patch tensors '<attention module path>.<buffer>' of the prompt for every softmax layer."""
-    check_method_arguments(method, budget, order)
-    summarised = method in SUMMARY_METHODS
-    ids = capture_ids(prompt_ids, options, positions_left(model, family)) if summarised else prompt_ids
-    with capture_prompt_kv(model, attention_modules(model, family), with_queries=summarised) as captured:
+def convert(model, family: Family, prompt_ids: list[int], method: Method, chunk_size: int = 512,
+            progress=None) -> dict[str, torch.Tensor]:
+    """Patch tensors '<attention module path>.<buffer>' of the prompt for every softmax layer (one pass: the
+    chunk size does not apply)."""
+    ids = method.capture_ids(prompt_ids, positions_left(model, family))
+    with capture_prompt_kv(model, attention_modules(model, family), with_queries=method.summarises) as captured:
         model.base_model(input_ids=torch.tensor([ids], device=input_device(model)), use_cache=False)
-    return patch_tensors(captured, len(prompt_ids), method, budget, order, options)
+    if progress is not None:
+        progress(len(prompt_ids), len(prompt_ids))
+    return patch_tensors(captured, len(prompt_ids), method)
 
 
 def expected_shapes(model, family: Family, patch) -> dict[str, tuple[int, ...]]:
     """Tensor name -> shape a patch of this method must have for this model."""
-    method, prompt_tokens = patch.method, patch.prompt_tokens
-    order = int(patch.extra.get("taylor_order", 0))
     Hkv, D = kv_shape(model.config)
     shapes = {}
-    kinds = family.layer_kinds(model.config)
-    for path, kind in zip(family.layer_paths(model.config), kinds):
+    for path, kind in zip(family.layer_paths(model.config), family.layer_kinds(model.config)):
         if kind == "sliding_attention":
-            R = window_entries(prompt_tokens, model.config.sliding_window)
+            R = window_entries(patch.prompt_tokens, model.config.sliding_window)
             shapes[f"{path}.prefix_keys"] = shapes[f"{path}.prefix_values"] = (Hkv, R, D)
-        elif method == "taylor":
-            F = taylor_feature_dim(D, order)
-            shapes[f"{path}.memory_kv"], shapes[f"{path}.memory_k"] = (Hkv, F, D), (Hkv, F)
-        elif kind == "full_attention" and method == "prefix":
-            shapes[f"{path}.prefix_keys"] = shapes[f"{path}.prefix_values"] = (Hkv, prompt_tokens, D)
         elif kind == "full_attention":
-            shapes.update(summary_shapes(patch, path, Hkv, D))
+            shapes.update(patch.method.full_layer_shapes(patch, path, Hkv, D))
     return shapes
 
 
-def summary_shapes(patch, module: str, Hkv: int, D: int) -> dict[str, tuple[int, ...]]:
-    """Shapes of an `evict` or `compressed` layer's buffers ('<module>.<buffer>'). evict and uniform budgets: R =
-    min(budget, P) per key/value head. A split by layers: the layer's R, as its tensor says, up to the grid's top;
-    by heads: the same, or the heads' entries in one list, (1, E, D) with E up to Hkv x the grid's top
-    (summaries.layer_tensors)."""
-    budget = int(patch.extra.get("budget", 0))
-    R = min(budget, patch.prompt_tokens)
-    keys = patch.tensors.get(f"{module}.prefix_keys")
-    shared = 1 if keys is not None and keys.dim() == 3 and keys.shape[0] == 1 else Hkv
-    if patch.method == "compressed" and Options.from_metadata(patch.extra).split != "uniform" and keys is not None:
-        held = keys.shape[-2] if keys.dim() == 3 else -1
-        top = compress.budget_grid(budget, patch.prompt_tokens)[-1] * (Hkv // shared)
-        R = held if 1 <= held <= top else R
-    shapes = {f"{module}.prefix_keys": (shared, R, D), f"{module}.prefix_values": (shared, R, D)}
-    if patch.method == "compressed":
-        shapes[f"{module}.prefix_bias"] = (Hkv, R)
-    return shapes
-
-
-@torch.no_grad()
 def register_patch_buffers(model: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
     """Put patch tensors ('<module path>.<buffer>') on their modules as buffers, in the model's dtype."""
     dtype = next(model.parameters()).dtype

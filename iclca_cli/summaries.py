@@ -1,5 +1,6 @@
-"""`compressed` and `evict` for a model's full-attention layers: what to run (the prompt, and a repeat of it for the
-reference queries), the budget split across layers and heads, and the layers' patch tensors (ops/compress.py fits).
+"""Summaries of a model's full-attention layers (methods compressed and evict): what to run (the prompt, and a repeat
+of it for the reference queries), the captured heads as one batch, the budget split across layers and heads, and the
+layers' patch tensors (ops/compress.py fits).
 
 A layer whose heads hold R entries each has tensors (Hkv, R, D); a layer whose heads took different budgets (a
 split by heads) keeps its heads' entries in one list, (1, E, D), with a bias per head that hides the other heads'
@@ -15,16 +16,11 @@ from dataclasses import dataclass
 import torch
 
 from .ops import compress
-from .ops.compress import Options
-
-SUMMARY_METHODS = ("compressed", "evict")
 
 
-def capture_ids(prompt_ids: list[int], options: Options, positions_left: int | None) -> list[int]:
-    """What to run to capture a prompt's keys, values and reference queries: the prompt, and with `repeat` queries a
-    second copy right after it (as much as a learned position table leaves room for)."""
-    if options.queries == "own":
-        return list(prompt_ids)
+def repeat_ids(prompt_ids: list[int], positions_left: int | None) -> list[int]:
+    """The prompt and a second copy right after it (as much as a learned position table leaves room for): the
+    repeat's queries are the look-ups a later question makes into the prompt, at the right distance."""
     repeat = len(prompt_ids) if positions_left is None else max(0, min(len(prompt_ids), positions_left - len(prompt_ids)))
     return list(prompt_ids) + list(prompt_ids[:repeat])
 
@@ -110,40 +106,35 @@ def layer_tensors(summaries: list[compress.Summary], dtype) -> dict[str, torch.T
             "prefix_values": torch.cat([s.values for s in summaries], 1).to(dtype), "prefix_bias": bias.to(dtype)}
 
 
-def summary_tensors(captured: dict, prompt_tokens: int, method: str, budget: int,
-                    options: Options = Options()) -> dict[str, dict[str, torch.Tensor]]:
-    """{full-attention layer: {buffer: tensor}} for a `compressed` or `evict` patch of `budget` entries per layer and
-    key/value head (on average, with a split). captured: the layers' Captured from running capture_ids."""
-    P = prompt_tokens
-    heads = captured_heads(captured, P)
+def compressed_tensors(captured: dict, prompt_tokens: int, budget: int, keys: str = "attention",
+                       split: str = "heads") -> dict[str, dict[str, torch.Tensor]]:
+    """{full-attention layer: {buffer: tensor}} of a `compressed` patch of `budget` entries per layer and key/value
+    head (on average, with a split by layers or heads), keys chosen by `keys`. captured: the layers' Captured."""
+    heads = captured_heads(captured, prompt_tokens)
     Hkv = heads.kv_heads
-    if method == "evict":
-        s = compress.evict(heads.keys, heads.values, heads.ref, min(budget, P), heads.scaling, heads.softcap)
-        return {name: {"prefix_keys": s.keys[i * Hkv:(i + 1) * Hkv].to(heads.dtype).contiguous(),
-                       "prefix_values": s.values[i * Hkv:(i + 1) * Hkv].to(heads.dtype).contiguous()}
-                for i, name in enumerate(heads.names)}
-    per_head, fits = head_budgets(heads, budget, options)
+    per_head, fits = head_budgets(heads, budget, keys, split)
     return {name: layer_tensors([fits[per_head[i * Hkv + h]][i * Hkv + h] for h in range(Hkv)], heads.dtype)
             for i, name in enumerate(heads.names)}
 
 
-def head_budgets(heads: Heads, budget: int, options: Options) -> tuple[list[int], dict[int, dict[int, compress.Summary]]]:
-    """(each head's budget under options.split, {budget: {head: Summary}} fitted on the way: every head at each
-    budget it holds)."""
+def head_budgets(heads: Heads, budget: int, keys: str = "attention", split: str = "heads",
+                 ) -> tuple[list[int], dict[int, dict[int, compress.Summary]]]:
+    """(each head's budget under `split`, {budget: {head: Summary}} fitted on the way: every head at each budget it
+    holds)."""
     P, L, Hkv = heads.keys.shape[1], len(heads.names), heads.kv_heads
-    if options.split == "uniform" or budget >= P:
+    if split == "uniform" or budget >= P:
         per_head = [min(budget, P)] * len(heads.keys)
-        return per_head, heads.summarise(per_head[:1], options.keys)
+        return per_head, heads.summarise(per_head[:1], keys)
     grid = compress.budget_grid(budget, P)
-    fits = heads.summarise(grid, options.keys)
+    fits = heads.summarise(grid, keys)
     errors = torch.stack([torch.cat([fits[b][h].error for h in range(len(heads.keys))]) for b in grid], -1)  # (B, grid)
-    if options.split == "layers":  # whole layers: Hkv heads move together
+    if split == "layers":  # whole layers: Hkv heads move together
         per_layer = compress.split_budget(errors.view(L, Hkv, -1).sum(1), grid, Hkv, budget * L * Hkv)
         per_head = [b for b in per_layer for _ in range(Hkv)]
     else:
         per_head = compress.split_budget(errors, grid, 1, budget * L * Hkv)
     for b in set(per_head) - set(fits):  # budgets off the grid: only the heads that took them
-        fits.update(heads.summarise([b], options.keys, [h for h, hb in enumerate(per_head) if hb == b]))
+        fits.update(heads.summarise([b], keys, [h for h, hb in enumerate(per_head) if hb == b]))
     return per_head, fits
 
 

@@ -25,8 +25,8 @@ from common import ROOT, best_of, markdown_table, patched_by, random_gpt2, rando
 from iclca_cli.evaluate import greedy_continuation as greedy
 from iclca_cli.patch import apply_patch
 from iclca_cli.families import family_of
-from iclca_cli.linear_layers import convert_linear
-from iclca_cli.softmax_layers import convert_softmax
+from iclca_cli.handlers import handler_for
+from iclca_cli.methods import build
 
 QUERY, NEW = 16, 32  # query tokens, greedy continuation tokens
 
@@ -50,10 +50,8 @@ def conversion(model, P: int, repeats: int) -> dict:
     ids = random_ids(P, model.config.vocab_size)
     x = torch.tensor([ids])
     family = family_of(model)
-    if model.config.model_type == "iclca_linear":
-        convert = lambda: convert_linear(model, family, ids, chunk_size=2048)  # noqa: E731
-    else:
-        convert = lambda: convert_softmax(model, family, ids, "prefix")  # noqa: E731
+    method = build("exact" if model.config.model_type == "iclca_linear" else "prefix")
+    convert = lambda: handler_for(family).convert(model, family, ids, method, chunk_size=2048)  # noqa: E731
     t = best_of({"convert": convert, "forward": lambda: model.base_model(input_ids=x, use_cache=False),
                  "fingerprint": lambda: model_fingerprint(model)}, repeats)
     return {"model": model.config.model_type, "P": P, "convert_s": t["convert"], "forward_s": t["forward"],

@@ -56,27 +56,13 @@ def random_decoder(kind: str = "Llama", dtype=torch.float64, seed: int = 0, **co
     return getattr(transformers, f"{kind}ForCausalLM")(config).to(dtype).eval()
 
 
-def method_arguments(name: str, prompt_tokens: int) -> tuple[str, dict]:
-    """A method as the tables name it -> (method, convert_prompt keywords): exact, prefix, taylor1, taylor2,
-    compressed-R / evict-R (R entries per layer and key/value head) and compressed-P/3 / evict-P/3 (a third of the
-    prompt's tokens); compressed-R:reference:keys:split names compressed's options (ops/compress.Options)."""
-    from iclca_cli.ops.compress import Options
-
-    name, *choices = name.split(":")
-    if name.startswith("taylor"):
-        return "taylor", {"order": int(name.removeprefix("taylor"))}
-    if name.startswith(("compressed-", "evict-")):
-        method, budget = name.split("-", 1)
-        kw = {"budget": max(2, prompt_tokens // 3) if budget == "P/3" else int(budget)}
-        return method, {**kw, "options": Options(*choices)} if choices else kw
-    return name, {}
-
-
 def convert_by(model, prompt_ids: list[int], name: str, chunk_size: int = 512, fingerprint: str | None = None):
-    """The patch of a method named as in the tables (converted on `model` itself)."""
-    method, kw = method_arguments(name, len(prompt_ids))
-    return convert_prompt(model, prompt_ids, "-", method, kw.get("order", 2), chunk_size=chunk_size,
-                          budget=kw.get("budget", 0), options=kw.get("options"), fingerprint=fingerprint)
+    """The patch of a method named as in the tables (a spec: exact, prefix, taylor1, compressed-32, evict-P/3,
+    compressed-P/3:own:kmeans:uniform; methods.from_spec), converted on `model` itself."""
+    from iclca_cli.methods import from_spec
+
+    return convert_prompt(model, prompt_ids, "-", from_spec(name, len(prompt_ids)), chunk_size=chunk_size,
+                          fingerprint=fingerprint)
 
 
 def patched_by(model, prompt_ids: list[int], name: str, chunk_size: int = 512):

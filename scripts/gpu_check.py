@@ -71,7 +71,7 @@ def golden_rows(device: torch.device, dtypes: list[torch.dtype]) -> list[dict]:
             diff = float((got - prompted).abs().max())
             agree = float(top1_agrees(prompted, got).double().mean())
             same_greedy = greedy_continuation(patched, ids[P:], NEW) == greedy_continuation(model, ids, NEW)
-            rows.append({"family": name, "dtype": str(dtype).removeprefix("torch."), "method": patch.method,
+            rows.append({"family": name, "dtype": str(dtype).removeprefix("torch."), "method": patch.method.name,
                          "max_abs_logit_diff": diff, "yardstick": yardstick, "top1_agreement": agree,
                          "greedy_identical": same_greedy,
                          "holds": diff <= 2 * max(yardstick, 1e-12) and agree >= 0.99})
@@ -93,14 +93,15 @@ def cli_rows(device: torch.device, tmp: Path) -> list[dict]:
 @torch.no_grad()
 def bench_rows(device: torch.device, quick: bool) -> list[dict]:
     from iclca_cli.families import family_of
-    from iclca_cli.softmax_layers import convert_softmax
+    from iclca_cli.methods import build
+    from iclca_cli.softmax_layers import convert
 
     repeats = 2 if quick else 5
     gpt = random_gpt2(2 if quick else 12).to(device)
     Pg = 128 if quick else 1023
     prompt, query = random_ids(Pg, gpt.config.vocab_size, 1), random_ids(16, gpt.config.vocab_size, 2)
     x = torch.tensor([prompt], device=device)
-    t = best_of({"convert": lambda: convert_softmax(gpt, family_of(gpt), prompt, "prefix"),
+    t = best_of({"convert": lambda: convert(gpt, family_of(gpt), prompt, build("prefix")),
                  "forward": lambda: gpt.base_model(input_ids=x, use_cache=False)}, repeats, device)
     rows = [{"name": f"gpt2 conversion / plain forward, P={Pg}", "value": t["convert"] / t["forward"]}]
     for method in ("prefix", "taylor1"):

@@ -27,7 +27,6 @@ from iclca_cli import summaries
 from iclca_cli.families import family_of
 from iclca_cli.loading import load_model
 from iclca_cli.ops import compress
-from iclca_cli.ops.compress import Options
 from iclca_cli.patch import shared_copy
 from iclca_cli.softmax_layers import attach, attention_modules, capture_prompt_kv
 
@@ -45,7 +44,7 @@ class Study:
             model.base_model(input_ids=torch.tensor([self.prompt + self.prompt]), use_cache=False)
         self.heads = summaries.captured_heads(captured, P)
         self.Hkv = self.heads.kv_heads
-        self.budgets, fits = summaries.head_budgets(self.heads, budget, Options())
+        self.budgets, fits = summaries.head_budgets(self.heads, budget)
         self.default = {b: fits[r][b] for b, r in enumerate(self.budgets)}  # head row -> its Summary at R
         self.numbers = [i for i, t in enumerate(self.prompt) if tokenizer.decode([t]).strip().isdigit()]
 

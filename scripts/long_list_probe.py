@@ -32,7 +32,6 @@ from iclca_cli.families import family_of
 from iclca_cli.fingerprint import model_fingerprint
 from iclca_cli.loading import load_model
 from iclca_cli.ops import compress
-from iclca_cli.ops.compress import Options
 from iclca_cli.patch import patched_copy, shared_copy
 from iclca_cli.softmax_layers import attach, attention_modules, capture_prompt_kv
 
@@ -44,7 +43,7 @@ def on_policy(model, prompt: list[int], budget: int):
     family, P = family_of(model), len(prompt)
     with capture_prompt_kv(model, attention_modules(model, family)) as captured:
         model.base_model(input_ids=torch.tensor([prompt + prompt]), use_cache=False)
-    per_head, _ = summaries.head_budgets(summaries.captured_heads(captured, P), budget, Options())
+    per_head, _ = summaries.head_budgets(summaries.captured_heads(captured, P), budget)
     Hkv = next(iter(captured.values())).keys.shape[0]
     # the second pass reads the repeat after the exact prompt (bias 0); each layer swaps in its summary as it runs
     exact = {f"{n}.{b}": t for n, c in captured.items() for b, t in

@@ -26,6 +26,8 @@ import torch
 import transformers
 from common import markdown_table, tiny_recurrent
 
+from iclca_cli.methods import applicable
+from iclca_cli.methods.compressed import Compressed
 from iclca_cli.convert import convert_prompt
 from iclca_cli.evaluate import kl_divergence
 from iclca_cli.families import all_families, family_of
@@ -81,8 +83,8 @@ def main() -> None:
             a = convert_prompt(model, prompt[:12], "-")
             stacked = convert_prompt(copy.deepcopy(model), prompt[12:], "-", base_patch=a)  # --base-patch
             compressed = "—"
-            if "compressed" in family_of(model).methods(model.config):
-                summary = patched_copy(model, convert_prompt(model, prompt, "-", "compressed", budget=8))
+            if Compressed in applicable(family_of(model), model.config):
+                summary = patched_copy(model, convert_prompt(model, prompt, "-", Compressed(budget=8)))
                 got = summary(input_ids=torch.tensor([query])).logits[0]
                 alone_logits = model(input_ids=torch.tensor([query])).logits[0]
                 compressed = (f"KL {float(kl_divergence(want, got).mean()):.2g} "

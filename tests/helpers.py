@@ -17,6 +17,7 @@ import iclca_cli.models  # noqa: F401  (registers iclca's classes with the Auto 
 from iclca_cli import patch as patch_lib
 from iclca_cli.convert import convert_prompt
 from iclca_cli.families import family_named
+from iclca_cli.methods import build
 from iclca_cli.models import IclcaLinearConfig, IclcaLinearForCausalLM
 from iclca_cli.selftest import tiny_model
 
@@ -100,10 +101,12 @@ def greedy(model, ids, n):
         return model.generate(torch.tensor([ids]), max_new_tokens=n, do_sample=False)[0, len(ids):].tolist()
 
 
-def convert(model, prompt_ids, method=None, budget=0, order=2, base_patch=None, chunk_size=512, options=None):
-    """(patched copy of model sharing its weights, patch); the model itself is left as it was."""
-    patch = convert_prompt(copy.deepcopy(model), prompt_ids, "0" * 64, method, order, base_patch, chunk_size,
-                           budget=budget, options=options)
+def convert(model, prompt_ids, method=None, base_patch=None, chunk_size=512, **params):
+    """(patched copy of model sharing its weights, patch); the model itself is left as it was. method: a name, with
+    its parameters as keywords (budget=8, split="uniform", order=1), or None (the model's default)."""
+    if method is not None:
+        method = build(method, **params)
+    patch = convert_prompt(copy.deepcopy(model), prompt_ids, "0" * 64, method, base_patch, chunk_size)
     return patch_lib.patched_copy(model, patch), patch
 
 

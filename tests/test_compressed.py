@@ -7,10 +7,10 @@ import pytest
 import torch
 
 from helpers import convert, logits, make_gpt2_model, make_llama
+from iclca_cli.methods import build
 from iclca_cli.errors import IclcaError
 from iclca_cli.ops import compress
-from iclca_cli.ops.compress import Options
-from iclca_cli.patch import check_patch_fits, load_patch
+from iclca_cli.patch import canonical_safetensors, check_patch_fits, load_patch
 from iclca_cli.fingerprint import model_fingerprint
 
 S = 8**-0.5
@@ -141,7 +141,7 @@ def test_a_layer_of_heads_with_different_budgets_attends_as_each_heads_own_entri
 def test_a_split_never_holds_more_entries_than_the_uniform_budget(split):
     model = make_llama()
     prompt = torch.randint(0, 97, (60,), generator=torch.Generator().manual_seed(2)).tolist()
-    _, patch = convert(model, prompt, "compressed", budget=10, options=Options(split=split))
+    _, patch = convert(model, prompt, "compressed", budget=10, split=split)
     bias = [t for n, t in patch.tensors.items() if n.endswith("prefix_bias")]  # (Hkv, R) or (Hkv, E)
     keys = [t for n, t in patch.tensors.items() if n.endswith("prefix_keys")]  # (Hkv, R, D) or (1, E, D)
     held = sum(int((b > compress.PAD_BIAS / 2).sum()) for b in bias)
@@ -152,14 +152,12 @@ def test_a_split_never_holds_more_entries_than_the_uniform_budget(split):
 
 
 def test_repeat_queries_run_a_second_copy_within_the_position_table():
-    from iclca_cli.summaries import capture_ids
-
-    assert capture_ids([5, 6, 7], Options(queries="own"), None) == [5, 6, 7]
-    assert capture_ids([5, 6, 7], Options(), None) == [5, 6, 7, 5, 6, 7]
-    assert capture_ids([5, 6, 7], Options(), 5) == [5, 6, 7, 5, 6]
+    assert build("compressed", budget=2, queries="own").capture_ids([5, 6, 7], None) == [5, 6, 7]
+    assert build("compressed", budget=2).capture_ids([5, 6, 7], None) == [5, 6, 7, 5, 6, 7]
+    assert build("compressed", budget=2).capture_ids([5, 6, 7], 5) == [5, 6, 7, 5, 6]
     model = make_gpt2_model(vocab_size=97, n_positions=24)  # a 20-token prompt leaves room for 4 repeated tokens
     _, patch = convert(model, list(range(20)), "compressed", budget=6)
-    assert patch.extra["summary_queries"] == "repeat"
+    assert patch.method.queries == "repeat" and patch.metadata()["iclca.summary_queries"] == "repeat"
 
 
 @pytest.mark.parametrize("method", ["compressed", "evict"])
@@ -193,9 +191,12 @@ def test_a_patch_with_a_layer_wider_than_the_split_allows_is_refused(tmp_path):
         patch.tensors[f"{name}.{buffer}"] = t.repeat_interleave(40, dim=1)[:, :33]  # > 2 heads x the grid's top, 16
     with pytest.raises(IclcaError, match="shape"):
         check_patch_fits(patch, model, model_fingerprint(model))
-    patch.extra["summary_split"] = "diagonal"
-    with pytest.raises(IclcaError, match="summary_split"):
-        check_patch_fits(patch, model, model_fingerprint(model))
+    meta = {**patch.metadata(), "iclca.summary_split": "diagonal"}
+    meta.pop("iclca.tensors_sha256")
+    tensors = {k: t.contiguous() for k, t in patch.tensors.items()}
+    (tmp_path / "p.st").write_bytes(canonical_safetensors(tensors, meta))
+    with pytest.raises(IclcaError, match="iclca.summary_split 'diagonal', not one of uniform, layers, heads"):
+        load_patch(tmp_path / "p.st")
 
 
 def test_cli_options_reach_the_patch_and_bad_ones_are_one_line_errors(cli, tmp_path):
@@ -205,8 +206,8 @@ def test_cli_options_reach_the_patch_and_bad_ones_are_one_line_errors(cli, tmp_p
     res = cli("convert", prompt, "-m", "demo-gpt2", "-o", out, "--method", "compressed", "--budget", "6",
               "--split", "uniform", "--reference", "own", "--json")
     assert res.exit_code == 0, res.stderr
-    extra = load_patch(out).extra
-    assert (extra["summary_split"], extra["summary_queries"], extra["summary_keys"]) == ("uniform", "own", "attention")
+    method = load_patch(out).method
+    assert (method.split, method.queries, method.keys) == ("uniform", "own", "attention")
     res = cli("convert", prompt, "-m", "demo-gpt2", "-o", out, "--method", "compressed", "--budget", "6", "--split", "rows")
     assert res.exit_code == 2 and "--split 'rows'" in res.stderr and "Traceback" not in res.stderr
     res = cli("convert", prompt, "-m", "demo-gpt2", "-o", tmp_path / "e.safetensors", "--method", "evict", "--budget", "6",
@@ -241,9 +242,9 @@ def test_demo_gpt2_keeps_its_answers_at_a_third_of_the_prompt():
         prompt, queries = task.sample(rng)
         ids = encode_prompt(tokenizer, prompt)
         R = len(ids) // 3
-        for name, method, options in (("default", "compressed", Options()), ("uniform", "compressed", Options(split="uniform")),
-                                      ("evict", "evict", Options())):
-            patch = convert(model, ids, method, budget=R, options=options)[1]
+        for name, method, options in (("default", "compressed", {}), ("uniform", "compressed", {"split": "uniform"}),
+                                      ("evict", "evict", {})):
+            patch = convert(model, ids, method, budget=R, **options)[1]
             r = evaluate(model, patched_copy(model, patch), tokenizer, prompt, queries, method, patch.nbytes, 0)
             accuracy[name].append(r["accuracy"]["patched"])
     mean = {k: sum(v) / len(v) for k, v in accuracy.items()}

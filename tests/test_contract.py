@@ -18,6 +18,8 @@ import torch
 
 from helpers import (convert, greedy, logits, make_decoder, make_gpt2_model, make_linear_model, make_recurrent,
                      random_ids, run_fresh_process, save_checkpoint)
+from iclca_cli.methods import applicable
+from iclca_cli.methods.compressed import Compressed
 from iclca_cli.families import all_families, family_named
 from iclca_cli.loading import load_model
 from iclca_cli.merge import merge_patch
@@ -101,7 +103,7 @@ def test_patched_equals_prompted(name, dtype, bound):
     model = case.make(dtype)
     prompt, query = prompt_and_query(case)
     patched, patch = convert(model, prompt)
-    assert patch.method == all_families()[name].methods(model.config)[0]  # the default: exact or prefix
+    assert type(patch.method) is applicable(all_families()[name], model.config)[0]  # the default: exact or prefix
     want = logits(prompted_model(case, dtype), prompt + query)[P:]
     assert want.std() > 0.1
     assert (logits(model, query) - want).abs().max() > 1e3 * max(bound, case.noise)  # the prompt matters, far beyond
@@ -170,7 +172,7 @@ def test_generate_on_patched_equals_generate_on_prompt_plus_query(name):
     assert greedy(patched, query, NEW_TOKENS) == greedy(prompted_model(case), prompt + query, NEW_TOKENS)
 
 
-COMPRESSIBLE = [name for name in FAMILIES if "compressed" in all_families()[name].methods(FAMILIES[name].make(
+COMPRESSIBLE = [name for name in FAMILIES if Compressed in applicable(all_families()[name], FAMILIES[name].make(
     torch.float32).config)]
 
 
@@ -181,7 +183,7 @@ def test_compressed_at_full_budget_is_the_exact_patch(name):
     case = FAMILIES[name]
     model = case.make(torch.float64)
     prompt, query = prompt_and_query(case, seed=7)
-    exact, _ = convert(model, prompt, all_families()[name].methods(model.config)[0])
+    exact, _ = convert(model, prompt, applicable(all_families()[name], model.config)[0].name)
     full, patch = convert(model, prompt, "compressed", budget=P)
     assert (logits(full, query) - logits(exact, query)).abs().max() <= 1e-10
     assert all(t.abs().max() == 0 for n, t in patch.tensors.items() if n.endswith("prefix_bias"))
@@ -190,7 +192,7 @@ def test_compressed_at_full_budget_is_the_exact_patch(name):
 def methods_of(name: str, model) -> list[tuple[str, dict]]:
     case, family = FAMILIES[name], family_named(name)
     out = []
-    for method in family.methods(model.config):
+    for method in (m.name for m in applicable(family, model.config)):
         if name == "gemma2" and method == "taylor":
             continue  # refused: Taylor memories cannot express a soft cap (test_softmax_decoders)
         out.append((method, case.methods_kw.get(method, {})))

@@ -15,7 +15,7 @@ V = 50257
 
 
 def patched(model, prompt, method="prefix", order=2):
-    return convert(model, prompt, method, order=order)
+    return convert(model, prompt, method, **({"order": order} if method == "taylor" else {}))
 
 
 def test_real_gpt2_tokenizer_offline(gpt2_tokenizer):

@@ -7,7 +7,6 @@ import transformers
 
 from helpers import (assert_one_line_error, convert, logits, make_recurrent, one_json, random_ids, save_checkpoint)
 from iclca_cli.errors import IclcaError
-from iclca_cli.ops.compress import Options
 
 HYBRIDS = ["lfm2", "falcon_h1", "granitemoehybrid", "zamba2"]
 FLOAT64_THROUGHOUT = {"lfm2"}  # the others keep Mamba2-style SSM states (and their arithmetic) in float32
@@ -148,7 +147,7 @@ def test_a_compressed_hybrid_patch_has_a_constant_size_and_keeps_the_recurrent_s
     sizes = []
     for P in (20, 40):
         prompt = ids(P, P)
-        patched, patch = convert(model, prompt, "compressed", budget=6, options=Options(split="uniform"))
+        patched, patch = convert(model, prompt, "compressed", budget=6, split="uniform")
         _, exact = convert(model, prompt)
         parts = patch.bytes_by_part()
         assert parts["attention"] > 0 and parts["recurrent"] == exact.bytes_by_part()["recurrent"] > 0

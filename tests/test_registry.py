@@ -10,23 +10,28 @@ from iclca_cli.bundle import standalone_source
 from iclca_cli.errors import IclcaError
 from iclca_cli.families import all_families, family_named
 from iclca_cli.models.merged import modeling_file
+from iclca_cli.methods import applicable, build
 from iclca_cli.patch import check_method
 
 PACKAGE = ROOT / "iclca_cli"
 
 
+def names(family, config) -> list[str]:
+    return [m.name for m in applicable(family, config)]
+
+
 def test_methods_are_operations_on_layer_kinds():
-    assert family_named("llama").methods(make_llama().config) == ("prefix", "compressed", "evict", "taylor")
-    assert family_named("iclca_linear").methods(make_linear_model().config) == ("exact",)
+    assert names(family_named("llama"), make_llama().config) == ["prefix", "compressed", "evict", "taylor"]
+    assert names(family_named("iclca_linear"), make_linear_model().config) == ["exact"]
     with pytest.raises(IclcaError, match="method 'exact' does not apply to 'llama' models"):
-        check_method(make_llama(), "exact")
+        check_method(make_llama(), build("exact"))
 
 
 def test_a_layer_kind_iclca_cannot_patch_is_named_in_the_error():
     model = make_llama()
     model.config.layer_types = ["full_attention", "conv"]
-    with pytest.raises(IclcaError, match="layers of kind conv, which iclca cannot patch yet"):
-        check_method(model, "prefix")
+    with pytest.raises(IclcaError, match="layers of kinds conv, full_attention, which no method"):
+        check_method(model, build("prefix"))
 
 
 def test_no_family_is_named_outside_its_file():
@@ -75,3 +80,50 @@ def test_the_readme_family_table_is_the_registry():
     from helpers import load_script
 
     assert load_script("families").table() in (ROOT / "README.md").read_text()
+
+
+def test_no_method_is_named_outside_its_file():
+    """What a method does lives in iclca_cli/methods/: no other module of the package holds a method's name as a
+    string (so none compares one)."""
+    from iclca_cli.methods import all_methods
+
+    names = set(all_methods())
+    for path in PACKAGE.rglob("*.py"):
+        if path.parent.name == "methods":
+            continue
+        literals = {n.value for n in ast.walk(ast.parse(path.read_text())) if isinstance(n, ast.Constant)}
+        assert not literals & names, f"{path.relative_to(ROOT)} names {literals & names}"
+
+
+def test_the_architecture_pages_example_method_is_one_file(tmp_path, monkeypatch):
+    """docs/architecture.md's `stride` method, dropped as one file on the registry's path: it is listed, applies to
+    softmax decoders, round-trips through a patch file, and at a stride of 1 equals the prefix patch."""
+    import re
+
+    import iclca_cli.methods as methods
+    from helpers import convert, logits, random_ids
+    from iclca_cli.fingerprint import model_fingerprint
+    from iclca_cli.patch import check_patch_fits, load_patch, save_patch
+
+    page = (ROOT / "docs/architecture.md").read_text()
+    source = next(b for b in re.findall(r"```python\n(.*?)```", page, re.S) if "class Stride(Method)" in b)
+    (tmp_path / "stride.py").write_text(source)
+    monkeypatch.setattr(methods, "__path__", [*methods.__path__, str(tmp_path)])
+    methods.all_methods.cache_clear()
+    try:
+        model = make_llama()
+        assert "stride" in names(family_named("llama"), model.config)
+        prompt, query = random_ids(21, 97, 1), random_ids(5, 97, 2)
+        every, patch = convert(model, prompt, "stride", k=1)
+        prefix, _ = convert(model, prompt, "prefix")
+        assert (logits(every, query) - logits(prefix, query)).abs().max() <= 1e-12
+        _, patch = convert(model, prompt, "stride", k=4)
+        save_patch(patch, tmp_path / "s.st")
+        loaded = load_patch(tmp_path / "s.st")
+        assert loaded.method == methods.build("stride", k=4) and loaded.metadata()["iclca.stride"] == "4"
+        check_patch_fits(loaded, model, model_fingerprint(model))
+    finally:
+        import sys
+
+        sys.modules.pop("iclca_cli.methods.stride", None)
+        methods.all_methods.cache_clear()

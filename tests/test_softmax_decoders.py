@@ -7,13 +7,14 @@ import pytest
 import torch
 
 from helpers import convert, load_script, make_decoder, make_llama, random_ids, save_checkpoint
+from iclca_cli.methods import build
 from iclca_cli.convert import convert_prompt
 from iclca_cli.errors import IclcaError
 from iclca_cli.patch import patched_copy
 
 
-def patched(model, prompt, method="prefix", budget=0, order=2):
-    return convert(model, prompt, method, budget, order)
+def patched(model, prompt, method="prefix", **params):
+    return convert(model, prompt, method, **params)
 
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-10), (torch.float32, 1e-4)])
@@ -42,7 +43,6 @@ def test_an_unsupported_architecture_is_a_clear_error():
 def test_compressed_size_is_independent_of_p_and_closer_than_nothing(split):
     """A uniform budget, or one split across whole layers, holds the same bytes whatever P (a split across heads
     pads a layer to its widest head: bounded, test_compressed.py)."""
-    from iclca_cli.ops.compress import Options
 
     model = make_llama()
     g = torch.Generator().manual_seed(1)
@@ -51,19 +51,19 @@ def test_compressed_size_is_independent_of_p_and_closer_than_nothing(split):
     for P in (40, 120):
         prompt = torch.randint(0, 97, (P,), generator=g)
         full = torch.log_softmax(model(input_ids=torch.cat([prompt[None], query], 1)).logits[0, P:], -1)
-        m, patch = convert(model, prompt.tolist(), "compressed", budget=12, options=Options(split=split))
+        m, patch = convert(model, prompt.tolist(), "compressed", budget=12, split=split)
         sizes.append(patch.nbytes)
         approx = torch.log_softmax(m(input_ids=query).logits[0], -1)
         base = torch.log_softmax(model(input_ids=query).logits[0], -1)
         kl = lambda x: (full.exp() * (full - x)).sum(-1).mean()  # noqa: E731
         assert kl(approx) < kl(base)
-    uniform = convert(model, list(range(40)), "compressed", budget=12, options=Options(split="uniform"))[1].nbytes
+    uniform = convert(model, list(range(40)), "compressed", budget=12, split="uniform")[1].nbytes
     assert sizes[0] == sizes[1] == uniform or split == "layers" and max(sizes) <= uniform
 
 
 def test_compressed_needs_a_budget():
     with pytest.raises(IclcaError, match="budget"):
-        convert_prompt(make_llama(), [1, 2, 3], "-", "compressed", budget=1)
+        convert_prompt(make_llama(), [1, 2, 3], "-", build("compressed", budget=1))
 
 
 def test_cli_converts_evaluates_and_merges_a_llama_folder(cli, tmp_path):
@@ -131,18 +131,18 @@ def test_patched_copy_shares_weights_and_leaves_the_base_as_it_was(family):
     assert all(torch.equal(v, before_state[k]) for k, v in model.state_dict().items())
 
 
-@pytest.mark.parametrize("method,budget,order", [("taylor", 0, 2), ("compressed", 8, 2), ("prefix", 0, 2)])
-def test_conversion_in_chunks_equals_one_pass(monkeypatch, method, budget, order):
+@pytest.mark.parametrize("method,params", [("taylor", {}), ("compressed", {"budget": 8}), ("prefix", {})])
+def test_conversion_in_chunks_equals_one_pass(monkeypatch, method, params):
     """Taylor memories and the compressed fit run over the prompt in chunks of CHUNK_TOKENS (memory
     bounded for long prompts): the patch equals the one-chunk patch."""
     from iclca_cli.families import family_of
     from iclca_cli.ops import compress
-    from iclca_cli.softmax_layers import convert_softmax
+    from iclca_cli.softmax_layers import convert
 
     model, prompt = make_llama(), torch.randint(0, 97, (40,)).tolist()
-    one = convert_softmax(model, family_of(model), prompt, method, budget, order)
+    one = convert(model, family_of(model), prompt, build(method, **params))
     monkeypatch.setattr(compress, "CHUNK_TOKENS", 7)
-    chunked = convert_softmax(model, family_of(model), prompt, method, budget, order)
+    chunked = convert(model, family_of(model), prompt, build(method, **params))
     assert one.keys() == chunked.keys()
     for name in one:
         torch.testing.assert_close(chunked[name], one[name], rtol=0, atol=1e-10)

@@ -9,9 +9,9 @@ import importlib
 import pkgutil
 
 from ..errors import IclcaError
-from .base import CACHE_KINDS, KIND_METHODS, LINEAR_KINDS, SOFTMAX_KINDS, Family
+from .base import CACHE_KINDS, LINEAR_KINDS, SOFTMAX_KINDS, Family
 
-__all__ = ["CACHE_KINDS", "Family", "KIND_METHODS", "LINEAR_KINDS", "SOFTMAX_KINDS", "all_families", "family_of", "family_named"]
+__all__ = ["CACHE_KINDS", "Family", "LINEAR_KINDS", "SOFTMAX_KINDS", "all_families", "family_of", "family_named"]
 
 
 @functools.cache

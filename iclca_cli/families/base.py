@@ -1,9 +1,9 @@
 """What a model family is to iclca: where its token-mixing layers are, what kind each layer is, how a query's
 positions start at P, and which transformers classes its merged folders subclass. Pure data: no torch here.
 
-Layer kinds are transformers' own names (`config.layer_types`). A method is an operation on a layer kind:
-softmax layers (full or sliding-window attention) take `prefix`, `compressed`, `evict`, `taylor`; a linear-attention layer
-takes `exact`. A sliding-window layer always keeps the prompt's last window-1 tokens exactly (bounded by the
+Layer kinds are transformers' own names (`config.layer_types`); which methods act on which kinds is the methods'
+business (methods/). Where a family's state lives (`state`) picks the handler that converts and attaches a patch
+(handlers.py). A sliding-window layer always keeps the prompt's last window-1 tokens exactly (bounded by the
 window, and nothing else can expire entries as the query moves on).
 """
 
@@ -13,14 +13,14 @@ from dataclasses import dataclass, field
 
 SOFTMAX_KINDS = ("full_attention", "sliding_attention")
 LINEAR_KINDS = ("linear_attention",)
-# A family whose every layer keeps its state in a transformers cache takes `exact` on these kinds (mlp/moe layers
+# A family whose every layer keeps its state in a transformers cache is patched on these kinds (mlp/moe layers
 # keep none): the patch is the whole cache after the prompt.
 CACHE_KINDS = ("linear_attention", "conv", "hybrid", "full_attention", "sliding_attention", "mlp", "moe")
-KIND_METHODS = {
-    "full_attention": ("prefix", "compressed", "evict", "taylor"),
-    "sliding_attention": ("prefix", "compressed", "evict", "taylor"),
-    "linear_attention": ("exact",),
-}
+# Where a family's state lives, which decides the handler (handlers.py):
+#   attention - softmax attention layers: their keys and values, or what a method makes of them (softmax_layers);
+#   buffers   - the model's own bias buffers, filled from its linear-attention cache (iclca_linear; linear_layers);
+#   cache     - a transformers cache every layer keeps its state in (cache_layers).
+STATES = ("attention", "buffers", "cache")
 # How a query's positions start at P:
 #   rotary  - a forward pre-hook adds P to the position ids every rotary embedding module receives;
 #   learned - the learned position table (`position_table`) is shifted by P rows (row i = position P + i);
@@ -38,6 +38,7 @@ class Family:
     model_type: str  # config.model_type of the base models
     layers: str  # path of layer i's token-mixing module, e.g. "model.layers.{i}.self_attn"
     positions: str  # one of POSITION_POLICIES
+    state: str = "attention"  # one of STATES
     position_table: str | None = None  # the embedding whose rows are positions, if any: "learned" shifts it; its
     #                                    rows are a hard limit on prompt + query
     merged: tuple[str, str] | None = None  # transformers (config, model) classes that merged folders subclass
@@ -63,6 +64,8 @@ class Family:
     def __post_init__(self):
         if self.positions not in POSITION_POLICIES:
             raise ValueError(f"{self.model_type}: positions must be one of {POSITION_POLICIES}")
+        if self.state not in STATES or (self.state == "cache") != (self.positions == "cache"):
+            raise ValueError(f"{self.model_type}: state must be one of {STATES}, and 'cache' where positions are")
         if (self.merged is None) == (self.modeling is None):
             raise ValueError(f"{self.model_type}: name either the stock classes to subclass or an own modeling module")
         if self.positions == "learned" and self.position_table is None:
@@ -81,17 +84,6 @@ class Family:
 
     def layer_paths(self, config) -> list[str]:
         return [self.layers.format(i=i) for i in range(config.num_hidden_layers)]
-
-    def methods(self, config) -> tuple[str, ...]:
-        """The methods every layer of this model takes, in order of preference (the first is the default)."""
-        kinds = set(self.layer_kinds(config))
-        if self.positions == "cache":
-            if not kinds <= set(CACHE_KINDS):
-                return ()
-            attention = self.attention is not None and kinds & {"full_attention", "hybrid"}
-            return ("exact", "compressed", "evict") if attention else ("exact",)
-        order = ("exact", "prefix", "compressed", "evict", "taylor")
-        return tuple(m for m in order if all(m in KIND_METHODS.get(k, ()) for k in kinds))
 
     @property
     def stock_cache_continues(self) -> bool:

@@ -9,5 +9,5 @@ TINY = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=7, num_atten
             mamba_n_groups=1, mamba_chunk_size=4, layer_types=["mamba"] * 5 + ["attention", "mamba"],
             position_embedding_type="nope", mamba_d_state=8, mamba_d_conv=4, mamba_expand=2, **SPECIAL_TOKENS)
 
-FAMILY = Family(model_type="granitemoehybrid", layers="model.layers.{i}", positions="cache",
+FAMILY = Family(model_type="granitemoehybrid", layers="model.layers.{i}", positions="cache", state="cache",
                 attention="self_attn", merged=("GraniteMoeHybridConfig", "GraniteMoeHybridForCausalLM"), tiny=TINY)

@@ -3,6 +3,6 @@ sets as the model's bias buffers; positions from config.position_offset and a le
 
 from .base import Family
 
-FAMILY = Family(model_type="iclca_linear", layers="transformer.h.{i}.attn", positions="config",
+FAMILY = Family(model_type="iclca_linear", layers="transformer.h.{i}.attn", positions="config", state="buffers",
                 position_table="transformer.wpe", modeling="modeling_iclca_linear",
                 state_names=("memory_kv", "memory_k"))

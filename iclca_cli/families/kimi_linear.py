@@ -11,5 +11,5 @@ TINY = dict(hidden_size=32, intermediate_size=64, moe_intermediate_size=16, num_
             linear_attn_config=dict(kda_layers=[1, 2, 3, 5, 6, 7], full_attn_layers=[4, 8], num_heads=4, head_dim=8,
                                     short_conv_kernel_size=4), **SPECIAL_TOKENS)
 
-FAMILY = Family(model_type="kimi_linear", layers="model.layers.{i}", positions="cache",
+FAMILY = Family(model_type="kimi_linear", layers="model.layers.{i}", positions="cache", state="cache",
                 attention="self_attn", merged=("KimiLinearConfig", "KimiLinearForCausalLM"), tiny=TINY, noise=1e-6)

@@ -6,5 +6,5 @@ from .base import SPECIAL_TOKENS, Family
 TINY = dict(hidden_size=32, num_heads=4, head_dim=16, expand=2, n_groups=2, state_size=8, num_hidden_layers=2,
             conv_kernel=4, chunk_size=4, time_step_rank=4, use_conv_bias=True, use_bias=False, **SPECIAL_TOKENS)
 
-FAMILY = Family(model_type="mamba2", layers="backbone.layers.{i}", positions="cache",
+FAMILY = Family(model_type="mamba2", layers="backbone.layers.{i}", positions="cache", state="cache",
                 merged=("Mamba2Config", "Mamba2ForCausalLM"), tiny=TINY, noise=1e-6)

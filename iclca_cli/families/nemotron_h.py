@@ -9,5 +9,5 @@ TINY = dict(hidden_size=32, hybrid_override_pattern="MEMEM*E", num_attention_hea
             n_routed_experts=4, moe_intermediate_size=16, moe_shared_expert_intermediate_size=16, num_experts_per_tok=2,
             **SPECIAL_TOKENS)
 
-FAMILY = Family(model_type="nemotron_h", layers="model.layers.{i}", positions="cache",
+FAMILY = Family(model_type="nemotron_h", layers="model.layers.{i}", positions="cache", state="cache",
                 attention="mixer", merged=("NemotronHConfig", "NemotronHForCausalLM"), tiny=TINY)

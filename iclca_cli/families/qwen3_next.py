@@ -11,5 +11,5 @@ TINY = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=8, num_atten
             linear_num_value_heads=4, num_experts=4, num_experts_per_tok=2, norm_topk_prob=True, moe_intermediate_size=16,
             shared_expert_intermediate_size=16, **SPECIAL_TOKENS)
 
-FAMILY = Family(model_type="qwen3_next", layers="model.layers.{i}", positions="cache",
+FAMILY = Family(model_type="qwen3_next", layers="model.layers.{i}", positions="cache", state="cache",
                 attention="self_attn", merged=("Qwen3NextConfig", "Qwen3NextForCausalLM"), tiny=TINY, noise=1e-6)

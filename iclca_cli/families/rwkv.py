@@ -9,6 +9,6 @@ from .base import SPECIAL_TOKENS, Family
 TINY = dict(hidden_size=32, attention_hidden_size=32, intermediate_size=64, num_hidden_layers=2, context_length=64,
             rescale_every=1, **SPECIAL_TOKENS)
 
-FAMILY = Family(model_type="rwkv", layers="rwkv.blocks.{i}", positions="cache", layer_kind="linear_attention",
+FAMILY = Family(model_type="rwkv", layers="rwkv.blocks.{i}", positions="cache", state="cache", layer_kind="linear_attention",
                 merged=("RwkvConfig", "RwkvForCausalLM"), cache_kwarg="state", shares_weights=False,
                 restore_weights="_rescale_layers", tiny=TINY, noise=1e-6)

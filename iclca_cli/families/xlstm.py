@@ -7,5 +7,5 @@ TINY = dict(hidden_size=64, qk_dim_factor=1.0, v_dim_factor=1.0, num_heads=2, nu
             ffn_round_up_to_multiple_of=16, autocast_kernel_dtype="float32", inference_state_dtype="float32",
             **SPECIAL_TOKENS)
 
-FAMILY = Family(model_type="xlstm", layers="backbone.blocks.{i}", positions="cache", layer_kind="linear_attention",
+FAMILY = Family(model_type="xlstm", layers="backbone.blocks.{i}", positions="cache", state="cache", layer_kind="linear_attention",
                 merged=("xLSTMConfig", "xLSTMForCausalLM"), cache_class="xLSTMCache", tiny=TINY, noise=1e-6)

@@ -10,5 +10,5 @@ TINY = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=13, num_atte
             layers_block_type=["mamba"] * 6 + ["hybrid"] + ["mamba"] * 5 + ["hybrid"], mamba_d_state=8, mamba_d_conv=4,
             mamba_expand=2, **SPECIAL_TOKENS)
 
-FAMILY = Family(model_type="zamba2", layers="model.layers.{i}", positions="cache",
+FAMILY = Family(model_type="zamba2", layers="model.layers.{i}", positions="cache", state="cache",
                 merged=("Zamba2Config", "Zamba2ForCausalLM"), tiny=TINY, noise=1e-6)

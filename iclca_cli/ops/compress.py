@@ -35,30 +35,6 @@ NNLS_STEPS = 100
 GRID_TOP = 4  # a head takes at most GRID_TOP x the budget in a split
 
 
-@dataclass(frozen=True)
-class Options:
-    """The choices of `compressed` a user can make (`--reference`, `--keys`, `--split`), stored in the patch as
-    iclca.summary_queries / summary_keys / summary_split."""
-
-    queries: str = "repeat"  # own | repeat: reference queries (the prompt's own, and a repeat's)
-    keys: str = "attention"  # attention | kmeans: how entries' keys are chosen
-    split: str = "heads"  # uniform | layers | heads: how the total budget is split (chosen on development tasks)
-
-    CHOICES = {"queries": ("own", "repeat"), "keys": ("attention", "kmeans"), "split": ("uniform", "layers", "heads")}
-
-    def unknown(self) -> dict[str, str]:
-        """{option: value} for each value that is not one of its CHOICES."""
-        return {name: getattr(self, name) for name, choices in self.CHOICES.items() if getattr(self, name) not in choices}
-
-    def metadata(self) -> dict[str, str]:
-        return {"summary_queries": self.queries, "summary_keys": self.keys, "summary_split": self.split}
-
-    @classmethod
-    def from_metadata(cls, extra: dict[str, str]) -> Options:
-        default = cls()
-        return cls(*(extra.get(f"summary_{name}", getattr(default, name)) for name in ("queries", "keys", "split")))
-
-
 @dataclass
 class Reference:
     """What attention over the whole prompt does for the reference queries, for B heads."""

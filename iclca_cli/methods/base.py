@@ -1,0 +1,122 @@
+"""What a method is: an operation on some kinds of layers that turns a prompt's state into patch tensors, with typed
+parameters that travel as the patch's metadata (iclca.<key>) and as command-line flags. One file per method in this
+package, importable without torch (--help lists them at once); methods/__init__.py is the registry the CLI, the metadata check and every method list derive from.
+
+A method object is immutable and holds its parameters: `Compressed(budget=32, split="layers")`. The layers'
+handlers (handlers.py) call it where what they do depends on the method:
+- softmax layers (`kinds` of SOFTMAX_KINDS): `full_layer_tensors` / `full_layer_shapes` for one full-attention layer,
+  or, for a method that `summarises`, `summary_tensors` over all of a model's full-attention layers at once;
+- linear-attention layers and transformers caches (`exact`): the state is the patch, nothing method-specific.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from ..errors import IclcaError, printable
+
+if TYPE_CHECKING:
+    import torch
+
+
+@dataclass(frozen=True)
+class Param:
+    """One parameter of a method: its field, its command-line flag, its metadata key (iclca.<key>), its type and
+    choices, and the help text the CLI shows."""
+
+    field: str
+    flag: str
+    key: str
+    type: type
+    help: str
+    choices: tuple = ()
+    minimum: int | None = None
+
+
+@dataclass(frozen=True)
+class Method:
+    """Base of every method. Class attributes say what the method is; dataclass fields are its parameters."""
+
+    name: ClassVar[str]
+    help: ClassVar[str]
+    kinds: ClassVar[tuple[str, ...]]  # layer kinds it acts on (a model's every layer must be one of them)
+    on_cache: ClassVar[str | None] = None  # families whose state is a transformers cache: "all" layers, "attention"
+    #                                        (their attention layers, the rest kept exact), or None: not there
+    exact: ClassVar[bool] = False  # the patched model equals the prompted one (up to float rounding)
+    stackable: ClassVar[bool] = False  # --base-patch: converts on top of a patch of the same method
+    summarises: ClassVar[bool] = False  # full-attention layers by summary_tensors, from reference queries
+    params: ClassVar[tuple[Param, ...]] = ()
+    preference: ClassVar[int]  # the registry's order, where a model takes several methods (the first is its default)
+
+    def __post_init__(self):
+        self.validate()
+
+    def validate(self) -> None:
+        """Refuse parameter values the method cannot work with (IclcaError naming the flag)."""
+        for p in self.params:
+            value = getattr(self, p.field)
+            if not isinstance(value, p.type) or isinstance(value, bool):
+                raise IclcaError(f"{p.flag} {printable(value, 40)!r} is not a{'n' if p.type is int else ''} "
+                                 f"{p.type.__name__}", f"pass {p.flag} {p.choices[0] if p.choices else 'N'}")
+            if p.choices and value not in p.choices:
+                raise IclcaError(f"{p.flag} {printable(value, 40)!r} is not one of {', '.join(map(str, p.choices))}",
+                                 f"pass {p.flag} {self.default(p)} (the default)")
+            if p.minimum is not None and value < p.minimum:
+                raise IclcaError(f"method {self.name} needs {p.flag} of at least {p.minimum}", p.help)
+
+    @classmethod
+    def default(cls, p: Param) -> Any:
+        field = next(f for f in dataclasses.fields(cls) if f.name == p.field)
+        return field.default
+
+    def metadata(self) -> dict[str, str]:
+        """The patch metadata of the parameters, without the iclca. prefix."""
+        return {p.key: str(getattr(self, p.field)) for p in self.params}
+
+    @classmethod
+    def from_metadata(cls, extra: dict[str, str], where: str) -> Method:
+        """The method a patch's metadata (iclca.<key> without the prefix) describes; a missing key takes the default
+        where the method has one."""
+        values = {}
+        for p in cls.params:
+            if p.key not in extra:
+                if cls.default(p) is dataclasses.MISSING:
+                    raise IclcaError(f"{where} is a {cls.name} patch without iclca.{p.key}", "convert the prompt again")
+                continue
+            raw = extra[p.key]
+            if p.type is int and not raw.isdigit():
+                raise IclcaError(f"{where} has iclca.{p.key} {printable(raw, 40)!r}, not a number",
+                                 "convert the prompt again")
+            values[p.field] = p.type(raw)
+            if p.choices and values[p.field] not in p.choices:
+                raise IclcaError(f"{where} has iclca.{p.key} {printable(raw, 40)!r}, not one of "
+                                 f"{', '.join(map(str, p.choices))}", "convert the prompt again with this version of iclca")
+        try:
+            return cls(**values)
+        except IclcaError as e:
+            raise IclcaError(f"{where}: {e.message}", "convert the prompt again with this version of iclca") from e
+
+    def is_attention_buffer(self, buffer: str) -> bool:
+        """Whether a patch buffer holds attention keys, values or summaries (Patch.bytes_by_part), not a recurrent
+        state that does not grow with the prompt."""
+        return buffer.startswith(("prompt_", "prefix_"))
+
+    # ---- softmax layers: one full-attention layer at a time, or all of them (summarises) ----
+
+    def full_layer_tensors(self, captured) -> dict[str, torch.Tensor]:
+        """Buffers of one full-attention layer from its Captured keys and values (softmax_layers.Captured)."""
+        raise NotImplementedError(f"{self.name} does not act on softmax layers one at a time")
+
+    def summary_tensors(self, captured: dict, prompt_tokens: int) -> dict[str, dict[str, torch.Tensor]]:
+        """{layer: {buffer: tensor}} for every full-attention layer captured (with reference queries)."""
+        raise NotImplementedError(f"{self.name} does not summarise")
+
+    def full_layer_shapes(self, patch, path: str, kv_heads: int, head_dim: int) -> dict[str, tuple[int, ...]]:
+        """'<path>.<buffer>' -> shape of one full-attention layer's buffers in a patch of this method."""
+        raise NotImplementedError(f"{self.name} does not act on softmax layers")
+
+    def capture_ids(self, prompt_ids: list[int], positions_left: int | None) -> list[int]:
+        """What to run to capture the prompt's keys and values (and reference queries): the prompt."""
+        return list(prompt_ids)

@@ -1,0 +1,68 @@
+"""`compressed`: attention matching. A full-attention layer keeps about R entries per key/value head (keys, values
+and a score bias), fitted so that attention over them reproduces attention over the whole prompt for reference
+queries (ops/compress.py fits, summaries.py splits the budget across layers or heads)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from ..families import SOFTMAX_KINDS
+from .base import Method, Param
+from .evict import BUDGET
+
+if TYPE_CHECKING:
+    import torch
+
+
+@dataclass(frozen=True)
+class Compressed(Method):
+    name = "compressed"
+    help = "softmax attention: fitted summaries of the prompt (constant size, approximate)"
+    kinds = SOFTMAX_KINDS
+    on_cache = "attention"
+    summarises = True
+    preference = 2
+    params = (
+        BUDGET,
+        Param("queries", "--reference", "summary_queries", str, "the queries a summary is fitted to: the prompt's own "
+              "(own), or also those of a repeat of the prompt read after it (repeat)", choices=("own", "repeat")),
+        Param("keys", "--keys", "summary_keys", str, "a summary's keys: the prompt keys that receive most attention "
+              "(attention), or k-means centroids (kmeans)", choices=("attention", "kmeans")),
+        Param("split", "--split", "summary_split", str, "the same budget for every head (uniform), or the total split "
+              "by fitted error across layers (layers) or across heads (heads)", choices=("uniform", "layers", "heads")),
+    )
+
+    budget: int = 0
+    queries: str = "repeat"  # chosen on development tasks, as the other defaults
+    keys: str = "attention"
+    split: str = "heads"
+
+    def capture_ids(self, prompt_ids: list[int], positions_left: int | None) -> list[int]:
+        from ..summaries import repeat_ids
+
+        return list(prompt_ids) if self.queries == "own" else repeat_ids(prompt_ids, positions_left)
+
+    def summary_tensors(self, captured: dict, prompt_tokens: int) -> dict[str, dict[str, torch.Tensor]]:
+        from ..summaries import compressed_tensors
+
+        return compressed_tensors(captured, prompt_tokens, self.budget, self.keys, self.split)
+
+    def full_layer_shapes(self, patch, path: str, kv_heads: int, head_dim: int) -> dict[str, tuple[int, ...]]:
+        """Uniform budgets: R = min(budget, P) per key/value head. A split by layers: the layer's R, as its tensor
+        says, up to the grid's top; by heads: the same, or the heads' entries in one list, (1, E, D) with E up to
+        Hkv x the grid's top (summaries.layer_tensors); a bias per head."""
+        from ..ops import compress
+
+        R = min(self.budget, patch.prompt_tokens)
+        keys = patch.tensors.get(f"{path}.prefix_keys")
+        shared = 1 if keys is not None and keys.dim() == 3 and keys.shape[0] == 1 else kv_heads
+        if self.split != "uniform" and keys is not None:
+            held = keys.shape[-2] if keys.dim() == 3 else -1
+            top = compress.budget_grid(self.budget, patch.prompt_tokens)[-1] * (kv_heads // shared)
+            R = held if 1 <= held <= top else R
+        return {f"{path}.prefix_keys": (shared, R, head_dim), f"{path}.prefix_values": (shared, R, head_dim),
+                f"{path}.prefix_bias": (kv_heads, R)}
+
+
+METHOD = Compressed
