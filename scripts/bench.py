@@ -204,7 +204,7 @@ def run(quick: bool, tmp: Path) -> dict:
 
 
 def markdown(result: dict) -> str:
-    """The README's Performance section from a --json result."""
+    """docs/performance.md's body from a --json result."""
     parts = [f"Measured with `python scripts/bench.py{' --quick' if result['quick'] else ''} --json` on "
              f"{result['machine']} (2 cores); ratios of timings taken in the same run.",
              markdown_table(["target", "value", "limit", "holds"],
@@ -243,7 +243,7 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="smaller version of every measurement (under a minute)")
     ap.add_argument("--json", action="store_true", help="print one JSON object")
     ap.add_argument("--markdown", type=Path, metavar="BENCH_JSON",
-                    help="print the README's Performance section from a saved --json result, and exit")
+                    help="print docs/performance.md's tables from a saved --json result, and exit")
     args = ap.parse_args()
     if args.markdown:
         print(markdown(json.loads(args.markdown.read_text())))

@@ -28,14 +28,14 @@ ODD_LABELS = [" glorp", " vexil", " plim"]
 
 DEV_TASKS = ("digits", "words", "labels", "format", "long_numbers")
 # associations_words and multi_token_words: associations and multi_token keyed by one word, forms SmolLM2 reads
-# (chosen on dev seeds by the prompted model's accuracy alone; see the README)
+# (chosen on dev seeds by the prompted model's accuracy alone; see docs/smollm2.md)
 HELDOUT_TASKS = ("associations", "odd_labels", "format_rules", "multi_token", "associations_words", "multi_token_words",
                  "long_facts", "long_codes")
 
 
 def few_shot(task: str, rng: random.Random) -> tuple[str, list[tuple[str, str]]]:
     """(prompt text, [(query, target)]) of one task with a fresh random mapping."""
-    if task == "digits":  # development: the README's tasks (v1 of `compressed` was chosen on two of them)
+    if task == "digits":  # development: docs/smollm2.md's tasks (v1 of `compressed` was chosen on two of them)
         facts = [(f"Locker of {k}:", f" {rng.randrange(10)}") for k in rng.sample(NAMES, 24)]
     elif task == "words":
         facts = [(f"Code for {k}:", f" {rng.choice(COLOURS)}") for k in rng.sample(NOUNS, 12)]

@@ -1,6 +1,6 @@
 """Candidates for `compressed` on a long list, probed on development tasks (SmolLM2-135M-Instruct, R = 32): the
 default, an on-policy fit, a wider split, all reference queries, and a summary trained by gradient. None is part of
-iclca; the README says why.
+iclca; docs/smollm2.md says why.
 
     python scripts/long_list_probe.py [--task long_numbers] [--prompts 2] [--budget 32] [--steps 100]
 

@@ -4,7 +4,7 @@
 
 Prints, per model and method, the seconds of one incremental decode step (best of many, after a
 16-token query) and the torch profiler's top operators by self CPU time. This is the profile behind
-the README's notes on the two benchmark targets that do not hold.
+docs/performance.md's notes on the two benchmark targets that do not hold.
 """
 
 from __future__ import annotations

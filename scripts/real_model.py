@@ -183,7 +183,7 @@ def cost(folder: Path, lengths=(256, 1024, 4096), repeats: int = 2, log=print) -
             forward = best(lambda: model.model(input_ids=torch.tensor([ids]), use_cache=False))
         for method, budget in (("compressed", 32), ("evict", 32), ("compressed", P // 3)):
             if P > 1024 and budget > 32:
-                continue  # P/3 of a 4k prompt: a grid of large fits, minutes on this CPU (see the README)
+                continue  # P/3 of a 4k prompt: a grid of large fits, minutes on this CPU (see docs/smollm2.md)
             seconds = best(lambda: convert_by(model, ids, f"{method}-{budget}", fingerprint=fingerprint))
             rows.append({"prompt_tokens": P, "method": method, "budget": budget, "forward_seconds": forward,
                          "convert_seconds": seconds, "ratio": seconds / forward})

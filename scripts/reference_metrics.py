@@ -1,5 +1,5 @@
 """Reference metrics of the approximate methods, stored so that a change that makes them worse fails a test
-(tests/test_reference_metrics.py), not only a README table.
+(tests/test_reference_metrics.py), not only a table in docs/.
 
     python scripts/reference_metrics.py            # print the metrics as JSON
     python scripts/reference_metrics.py --write    # store them in tests/reference_metrics.json

@@ -76,10 +76,24 @@ def test_the_bundler_refuses_what_it_cannot_inline(tmp_path):
     assert namespace["g"]() == pytest.approx(3.14159, abs=1e-5)
 
 
-def test_the_readme_family_table_is_the_registry():
+def test_the_family_tables_are_the_registries():
     from helpers import load_script
 
-    assert load_script("families").table() in (ROOT / "README.md").read_text()
+    families = load_script("families")
+    assert families.table() in (ROOT / "docs/families.md").read_text()
+    assert families.methods_table() in (ROOT / "README.md").read_text()
+
+
+def test_the_readme_reads_in_five_minutes_and_its_links_exist():
+    import re
+
+    readme = (ROOT / "README.md").read_text()
+    assert len(readme.splitlines()) <= 250
+    pages = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+    for page in pages:
+        for target in re.findall(r"\]\(([^)#]+)\)", page.read_text()):
+            if not target.startswith(("http://", "https://")):
+                assert (page.parent / target).exists(), f"{page.relative_to(ROOT)} links to missing {target}"
 
 
 def test_no_method_is_named_outside_its_file():
