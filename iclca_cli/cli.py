@@ -8,7 +8,6 @@ from __future__ import annotations
 import functools
 import json
 import math
-import os
 import sys
 import warnings
 from contextlib import contextmanager
@@ -224,22 +223,6 @@ def _max_input_option():
     return typer.Option(16, "--max-input-mib", min=1, help="Refuse a prompt or queries file larger than this (MiB).")
 
 
-def _placement(device: str | None, device_map: str | None) -> str:
-    """The --device to use: cpu unless given; refused together with --device-map."""
-    if device is not None and device_map is not None:
-        raise IclcaError(f"--device {device} and --device-map {device_map} both say where to run",
-                         "pass one: --device-map auto places the model itself")
-    return device or "cpu"
-
-
-def _model_folder(spec: str, allow_pickle: bool) -> Path | None:
-    """The local folder a --model names (a built-in's too), or None for a hub id."""
-    from .loading import resolve_model
-
-    path = Path(resolve_model(spec, allow_pickle))
-    return path if path.exists() else None
-
-
 @app.command()
 @handled
 def convert(
@@ -273,151 +256,37 @@ def convert(
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
 ):
     """Run each PROMPT_FILE through MODEL once and write its weight patch."""
-    from .loading import load_fingerprinted
-    from .patch import load_patch
-
-    _quiet_transformers()
+    from . import api
     from .methods import build, check_parameters
 
+    _quiet_transformers()
     given = dict(order=order, budget=budget, queries=reference, keys=keys, split=split)
     check_parameters(method and method.value, **given)
     chosen = build(method.value, **given) if method else None  # None: the model's default, decided once it loads
-    device = _placement(device, device_map)
-    folder = _model_folder(model, allow_pickle)
-    inputs = [("model folder", folder), ("base patch", base_patch), *(("prompt file", p) for p in prompt_files)]
-    targets = _convert_targets(prompt_files, out_path, out_dir, inputs)
-    parent = load_patch(base_patch) if base_patch is not None else None
-    m, tokenizer, fingerprint = load_fingerprinted(model, dtype.value, device, allow_pickle, device_map, max_memory)
-    settings = dict(method=chosen, base_patch=parent, chunk_size=chunk_size, fingerprint=fingerprint, chat=chat,
-                    force=force, max_bytes=max_input_mib << 20)
-    if out_dir is None:  # one prompt, one patch: its errors are the command's
-        with _progress("converting") as progress:
-            row = _convert_one(m, tokenizer, *targets[0], progress=progress, **settings)
-        row.pop("status")
-        _emit(as_json, {"patch": row.pop("patch"), **{k: v for k, v in row.items() if k != "prompt"}}, "iclca convert")
+    with _progress("converting" if out_dir is None else "prompts") as progress:
+        report = api.convert(prompt_files, model, out_path, out_dir, chosen, base_patch, dtype.value, device, device_map,
+                             max_memory, chunk_size, chat, force, max_input_mib << 20, allow_pickle, progress)
+    if out_dir is None:  # one prompt, one patch: its errors were the command's
+        _emit(as_json, report, "iclca convert")
         return
-    rows, failed = [], []
-    with _progress("prompts") as progress:
-        for n, (prompt_file, patch_file) in enumerate(targets, start=1):
-            try:
-                rows.append(_convert_one(m, tokenizer, prompt_file, patch_file, **settings))
-            except IclcaError as e:  # reported at the end; the other prompts still convert
-                failed.append({"prompt": str(prompt_file), "error": e.message, "hint": e.hint})
-            except MemoryError:
-                failed.append({"prompt": str(prompt_file), "error": "out of memory",
-                               "hint": "convert it alone, or on a machine with more memory"})
-            if progress is not None:
-                progress(n, len(targets))
-    summary = {"out_dir": str(out_dir), "converted": sum(r["status"] == "converted" for r in rows),
-               "skipped": sum(r["status"] == "skipped" for r in rows), "failed": len(failed),
-               "base_fingerprint": fingerprint.full, "patches": rows, "errors": failed}
     if as_json:
-        _emit(True, summary, "")
+        _emit(True, report, "")
     else:
         table = Table(title=_cell(f"iclca convert -> {out_dir}"))
-        for column in ("prompt", "patch", "status", "method", "prompt_tokens", "patch_bytes"):
+        columns = ("prompt", "patch", "status", "method", "prompt_tokens", "patch_bytes")
+        for column in columns:
             table.add_column(column, overflow="fold")
-        for r in rows:
-            table.add_row(*(_cell(r[c]) for c in ("prompt", "patch", "status", "method", "prompt_tokens", "patch_bytes")))
-        for f in failed:
+        for r in report["patches"]:
+            table.add_row(*(_cell(r[c]) for c in columns))
+        for f in report["errors"]:
             table.add_row(_cell(f["prompt"]), "", "failed", "", "", "")
         out.print(table)
+    failed = report["errors"]
     if failed:
         listed = "; ".join(f"{f['prompt']}: {f['error']}" for f in failed)
         hints = "; ".join(dict.fromkeys(f["hint"] for f in failed))
-        raise IclcaError(f"{len(failed)} of {len(targets)} prompt files failed ({listed})",
+        raise IclcaError(f"{len(failed)} of {len(failed) + len(report['patches'])} prompt files failed ({listed})",
                          f"{hints}; then rerun the same command: the patches already written are kept")
-
-
-def _convert_targets(prompt_files: list[Path], out_path: str | None, out_dir: Path | None,
-                     inputs: list[tuple[str, Path | None]]) -> list[tuple[Path, Path]]:
-    """(prompt file, patch file) pairs, or an IclcaError for outputs that are missing, ambiguous, collide, or would
-    write over an input or over a file iclca did not write."""
-    from .inputs import check_input_file
-    from .outputs import check_apart, check_patch_target
-
-    if (out_path is None) == (out_dir is None):
-        raise IclcaError("pass exactly one of --out and --out-dir",
-                         "--out PATCH for one prompt file, --out-dir DIR for one patch per prompt file")
-    if out_path is not None:
-        if len(prompt_files) > 1:
-            raise IclcaError(f"--out names one patch, but {len(prompt_files)} prompt files were given",
-                             "use --out-dir DIR to write one patch per prompt file")
-        if out_path.endswith(("/", os.sep)):
-            raise IclcaError(f"--out {out_path} names a folder (it ends with a slash)",
-                             "--out names the patch file to write; use --out-dir for a folder of patches")
-        check_input_file(prompt_files[0], "prompt")  # its errors first: the output is checked against it
-        targets = [(prompt_files[0], Path(out_path))]
-    else:
-        if out_dir.exists() and not out_dir.is_dir():
-            raise IclcaError(f"--out-dir {out_dir} is a file", "pass a folder (it is created if missing)")
-        check_apart(out_dir, inputs[:1], "--out-dir", writes_into=True)  # files go into it: only the model matters
-        targets, seen = [], {}
-        for p in prompt_files:
-            if p.stem in seen:
-                raise IclcaError(f"prompt files {seen[p.stem]} and {p} would both write {p.stem}.safetensors",
-                                 "rename one of them, or convert them into different --out-dir folders")
-            seen[p.stem] = p
-            targets.append((p, out_dir / f"{p.stem}.safetensors"))
-    flag = "--out" if out_dir is None else "--out-dir"
-    for _, target in targets:
-        check_apart(target, inputs, flag)
-    if out_dir is not None:
-        try:
-            out_dir.mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            raise IclcaError(f"cannot create --out-dir {out_dir}: {e.strerror}", "choose a writable folder") from e
-    for _, target in targets:
-        check_patch_target(target, flag)
-    return targets
-
-
-def _convert_one(m, tokenizer, prompt_file: Path, out: Path, method, base_patch, chunk_size, fingerprint, chat=False,
-                 force=False, max_bytes=None, progress=None) -> dict:
-    """Convert one prompt file into `out`, or keep `out` if it already holds this patch (its data verified); one row
-    of the report. An iclca patch of other provenance at `out` is replaced only with `force`."""
-    from . import chat as chats
-    from .convert import describe_patch, fill_patch, sha256_text
-    from .inputs import encode_prompt, read_prompt
-    from .outputs import check_patch_target
-    from .patch import save_patch, shared_copy
-
-    if chat:  # the rendered conversation is the prompt (and what its sha256 is of)
-        text, ids = chats.prompt_ids(tokenizer, chats.read_messages(prompt_file, max_bytes))
-    else:
-        text = read_prompt(prompt_file, max_bytes)
-        ids = encode_prompt(tokenizer, text)
-    header = describe_patch(m, ids, sha256_text(text), method, base_patch, fingerprint)
-    same, tensors = _kept(out, header) if check_patch_target(out) else (None, 0)
-    if same is False and not force:
-        raise IclcaError(f"{out} holds an iclca patch of other provenance (another prompt, model or method)",
-                         "pass --force to replace it, or choose another output")
-    if same:
-        status, file_bytes = "skipped", out.stat().st_size
-    else:  # a base patch is applied in place: convert on a copy, so the next prompt starts from the plain model
-        model = shared_copy(m) if base_patch is not None else m
-        patch = fill_patch(model, header, ids, base_patch, chunk_size, progress)
-        status, file_bytes, tensors = "converted", save_patch(patch, out), len(patch.tensors)
-    return {"prompt": str(prompt_file), "patch": str(out), "status": status, "method": header.method.name,
-            "prompt_tokens": header.prompt_tokens, "position_offset": header.position_offset, "tensors": tensors,
-            "patch_bytes": file_bytes, "base_fingerprint": header.base_fingerprint}
-
-
-def _kept(path: Path, header) -> tuple[bool | None, int]:
-    """(True, tensors) if the iclca patch at `path` is the one `header` describes and its data verifies (digest,
-    finite); (None, 0) if its provenance matches but its data does not (to be written again); (False, 0) if it is
-    another patch."""
-    from .patch import DIGEST, check_finite, load_patch, read_header
-
-    meta = read_header(path)[0]
-    if {k: v for k, v in meta.items() if k != DIGEST} != header.metadata():
-        return False, 0
-    try:
-        patch = load_patch(path)
-        check_finite(patch.tensors, str(path))
-    except IclcaError:
-        return None, 0
-    return (True, len(patch.tensors)) if DIGEST in meta else (None, 0)
 
 
 @app.command()
@@ -431,26 +300,10 @@ def merge(
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
 ):
     """Fold a patch into a new checkpoint folder that loads with Hugging Face tooling."""
-    from .loading import load_fingerprinted
-    from .merge import merge_patch
-    from .outputs import check_apart, check_folder_target
-    from .patch import check_patch_fits, load_patch
+    from . import api
 
     _quiet_transformers()
-    check_apart(out_dir, [("model folder", _model_folder(model, allow_pickle)), ("patch", patch_path)])
-    check_folder_target(out_dir.absolute(), force)
-    patch = load_patch(patch_path)
-    # the merged checkpoint is stored in the patch's dtype
-    m, tokenizer, fingerprint = load_fingerprinted(model, patch.dtype, allow_pickle=allow_pickle)
-    check_patch_fits(patch, m, fingerprint)
-    folder = merge_patch(m, tokenizer, patch, out_dir, force)
-    _emit(as_json, {
-        "merged": str(folder),
-        "method": patch.method.name,
-        "prompt_tokens": patch.prompt_tokens,
-        "position_offset": patch.position_offset,
-        "base_fingerprint": patch.base_fingerprint,
-    }, "iclca merge")
+    _emit(as_json, api.merge(model, patch_path, out_dir, force, allow_pickle), "iclca merge")
 
 
 @app.command("export-peft")
@@ -464,19 +317,10 @@ def export_peft(
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
 ):
     """Write a prefix patch as a PEFT prefix-tuning adapter (load it with PeftModel.from_pretrained)."""
-    from .loading import load_fingerprinted, resolve_model
-    from .outputs import check_apart, check_folder_target
-    from .patch import check_patch_fits, load_patch
-    from .peft_export import write_peft_prefix_adapter
+    from . import api
 
     _quiet_transformers()
-    check_apart(out_dir, [("model folder", _model_folder(model, allow_pickle)), ("patch", patch_path)])
-    check_folder_target(out_dir.absolute(), force)
-    patch = load_patch(patch_path)
-    m, _, fingerprint = load_fingerprinted(model, patch.dtype, allow_pickle=allow_pickle)
-    check_patch_fits(patch, m, fingerprint)
-    folder = write_peft_prefix_adapter(m, patch, resolve_model(model, allow_pickle), out_dir, force)
-    _emit(as_json, {"adapter": str(folder), "num_virtual_tokens": patch.prompt_tokens}, "iclca export-peft")
+    _emit(as_json, api.export_peft(model, patch_path, out_dir, force, allow_pickle), "iclca export-peft")
 
 
 @app.command("eval")
@@ -503,17 +347,10 @@ def eval_(
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
 ):
     """Compare patched (or merged), prompted and plain outputs: fidelity, accuracy, speed, size."""
-
-    from .evaluate import evaluate, missed_gates
-    from .chat import read_messages
-    from .inputs import read_prompt, read_queries
-    from .loading import load_fingerprinted, load_model
-    from .merge import load_merged
-    from .patch import DTYPES, check_patch_fits, load_patch, patched_copy
+    from . import api
+    from .evaluate import missed_gates
 
     _quiet_transformers()
-    if (patch_path is None) == (merged is None):
-        raise IclcaError("pass exactly one of --patch and --merged", "--patch PATCH evaluates a patch file, --merged DIR a merged folder")
     for flag, threshold in (("--max-abs-logit-diff", max_abs_logit_diff), ("--min-top1-agreement", min_top1_agreement)):
         if threshold is not None and not math.isfinite(threshold):
             raise IclcaError(f"{flag} {threshold} is not a finite number", f"pass a number, e.g. {flag} 1e-4")
@@ -521,25 +358,9 @@ def eval_(
         raise IclcaError(f"--min-top1-agreement {min_top1_agreement:g} is not a fraction", "pass a number from 0 to 1")
     if max_abs_logit_diff is not None and max_abs_logit_diff < 0:
         raise IclcaError(f"--max-abs-logit-diff {max_abs_logit_diff:g} is negative", "pass a bound of 0 or more")
-    device = _placement(device, device_map)
-    limit = max_input_mib << 20
-    messages = read_messages(prompt_file, limit) if chat else None
-    prompt = None if chat else read_prompt(prompt_file, limit)
-    queries = read_queries(queries_file, limit)
-    patch = load_patch(patch_path) if patch_path is not None else None
-    placement = (device, allow_pickle, device_map, max_memory)
-    base, tokenizer, fingerprint = load_fingerprinted(model, dtype.value, *placement)
-    reduced = next(base.parameters()).dtype in (DTYPES["bfloat16"], DTYPES["float16"])
-    float32_base = load_model(model, "float32", *placement)[0] if reduced else None  # the yardstick
-    if patch is not None:
-        check_patch_fits(patch, base, fingerprint)
-        patched = patched_copy(base, patch)
-        method, nbytes, element = patch.method, patch.nbytes, DTYPES[patch.dtype].itemsize
-    else:
-        patched, method, nbytes, element = load_merged(merged, fingerprint, dtype.value, device, device_map, max_memory)
     with _progress("evaluating") as progress:
-        report = evaluate(base, patched, tokenizer, prompt, queries, method, nbytes, element, progress,
-                          float32_base=float32_base, chat_messages=messages, reuse_cache=False if one_pass else None)
+        report = api.evaluate(model, prompt_file, queries_file, patch_path, merged, dtype.value, device, device_map,
+                              max_memory, chat, one_pass, max_input_mib << 20, allow_pickle, progress)
     _emit(as_json, report, "iclca eval")
     nonfinite = report["nonfinite_positions"]
     if nonfinite["patched"] or nonfinite["prompted"]:
@@ -558,17 +379,9 @@ def inspect(
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
 ):
     """Show a patch's metadata (provenance, fingerprint) and tensors."""
-    import torch
+    from . import api
 
-    from .patch import load_patch
-
-    patch = load_patch(patch_path)
-    info = dict(patch.metadata())
-    info["nonfinite_values"] = sum(int((~torch.isfinite(t)).sum()) for t in patch.tensors.values())
-    info["patch_bytes"] = patch.nbytes
-    info["patch_bytes_by_part"] = patch.bytes_by_part()
-    info["tensors"] = {name: [list(t.shape), str(t.dtype).removeprefix("torch.")] for name, t in sorted(patch.tensors.items())}
-    _emit(as_json, info, f"iclca inspect {patch_path}")
+    _emit(as_json, api.inspect(patch_path), f"iclca inspect {patch_path}")
 
 
 if __name__ == "__main__":

@@ -188,3 +188,17 @@ def test_console_script_runs_and_keeps_streams_apart(tmp_path):
                            "-o", str(tmp_path / "p.st"), "--json"], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout)["prompt_tokens"] == 24
+
+
+def test_the_python_api_page_runs(tmp_path, monkeypatch):
+    """docs/python-api.md's first example, as written, in a fresh folder holding the example prompt and queries."""
+    import re
+    import shutil
+
+    from helpers import ROOT
+
+    code = re.findall(r"```python\n(.*?)```", (ROOT / "docs/python-api.md").read_text(), re.S)[0]
+    shutil.copytree(ROOT / "configs/examples", tmp_path / "configs/examples")
+    monkeypatch.chdir(tmp_path)
+    exec(compile(code, "docs/python-api.md", "exec"), {})
+    assert (tmp_path / "recall-merged/iclca.json").is_file() and (tmp_path / "compressed.safetensors").is_file()

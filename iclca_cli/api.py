@@ -1,0 +1,241 @@
+"""The Python API: one function per command, doing what the command does (paths in, files written, the command's
+report out as a dict), so that batch resume, the float32 yardstick and the rest are the library's, not the command
+line's. docs/python-api.md shows them; cli.py only parses, calls one of them and renders.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+from . import chat as chats
+from .errors import IclcaError
+from .inputs import MAX_INPUT_BYTES, check_input_file, encode_prompt, read_prompt, read_queries
+from .loading import load_fingerprinted, load_model, resolve_model
+from .methods import Method
+from .outputs import check_apart, check_folder_target, check_patch_target
+
+Progress = Callable[[int, int], None]  # (done, total)
+
+
+def convert(prompt_files: list[str | Path], model: str, out: str | Path | None = None, out_dir: str | Path | None = None,
+            method: Method | str | None = None, base_patch: str | Path | None = None, dtype: str = "float32",
+            device: str | None = None, device_map: str | None = None, max_memory: str | None = None,
+            chunk_size: int = 512, chat: bool = False, force: bool = False, max_input_bytes: int = MAX_INPUT_BYTES,
+            allow_pickle: bool = False, progress: Progress | None = None) -> dict:
+    """Convert each prompt file into a patch file: one prompt to `out`, or several into `out_dir` (one model load;
+    `<stem>.safetensors` each). An identical patch already at a target (its data verified) is kept; one of other
+    provenance is replaced only with `force`; no output may touch an input. `method`: a Method (`build("compressed",
+    budget=32)`), a name, or None (the model's default). progress(done, total): tokens of the one prompt, or prompts.
+
+    Returns the command's report: for `out`, the patch's row (patch, method, prompt_tokens, position_offset,
+    tensors, patch_bytes, base_fingerprint); for `out_dir`, {out_dir, converted, skipped, failed, base_fingerprint,
+    patches: [rows with prompt and status], errors: [{prompt, error, hint}]} (a failing prompt does not stop the
+    others: the caller decides what its failures mean)."""
+    from .patch import load_patch
+
+    prompt_files = [Path(p) for p in prompt_files]
+    device = _device(device, device_map)
+    inputs = [("model folder", model_folder(model, allow_pickle)), ("base patch", base_patch),
+              *(("prompt file", p) for p in prompt_files)]
+    targets = _convert_targets(prompt_files, out, Path(out_dir) if out_dir is not None else None, inputs)
+    parent = load_patch(base_patch) if base_patch is not None else None
+    m, tokenizer, fingerprint = load_fingerprinted(model, dtype, device, allow_pickle, device_map, max_memory)
+    settings = dict(method=method, base_patch=parent, chunk_size=chunk_size, fingerprint=fingerprint, chat=chat,
+                    force=force, max_bytes=max_input_bytes)
+    if out_dir is None:
+        row = _convert_one(m, tokenizer, *targets[0], progress=progress, **settings)
+        row.pop("status"), row.pop("prompt")
+        return row
+    rows, failed = [], []
+    for n, (prompt_file, patch_file) in enumerate(targets, start=1):
+        try:
+            rows.append(_convert_one(m, tokenizer, prompt_file, patch_file, **settings))
+        except IclcaError as e:  # reported at the end; the other prompts still convert
+            failed.append({"prompt": str(prompt_file), "error": e.message, "hint": e.hint})
+        except MemoryError:
+            failed.append({"prompt": str(prompt_file), "error": "out of memory",
+                           "hint": "convert it alone, or on a machine with more memory"})
+        if progress is not None:
+            progress(n, len(targets))
+    return {"out_dir": str(out_dir), "converted": sum(r["status"] == "converted" for r in rows),
+            "skipped": sum(r["status"] == "skipped" for r in rows), "failed": len(failed),
+            "base_fingerprint": fingerprint.full, "patches": rows, "errors": failed}
+
+
+def merge(model: str, patch: str | Path, out: str | Path, force: bool = False, allow_pickle: bool = False) -> dict:
+    """Fold a patch into a new checkpoint folder at `out` (loaded in the patch's dtype); the command's report."""
+    from .merge import merge_patch
+    from .patch import check_patch_fits, load_patch
+
+    check_apart(Path(out), [("model folder", model_folder(model, allow_pickle)), ("patch", patch)])
+    check_folder_target(Path(out).absolute(), force)
+    loaded = load_patch(patch)
+    m, tokenizer, fingerprint = load_fingerprinted(model, loaded.dtype, allow_pickle=allow_pickle)
+    check_patch_fits(loaded, m, fingerprint)
+    folder = merge_patch(m, tokenizer, loaded, out, force)
+    return {"merged": str(folder), "method": loaded.method.name, "prompt_tokens": loaded.prompt_tokens,
+            "position_offset": loaded.position_offset, "base_fingerprint": loaded.base_fingerprint}
+
+
+def export_peft(model: str, patch: str | Path, out: str | Path, force: bool = False, allow_pickle: bool = False) -> dict:
+    """Write a prefix patch as a PEFT prefix-tuning adapter folder at `out`; the command's report."""
+    from .patch import check_patch_fits, load_patch
+    from .peft_export import write_peft_prefix_adapter
+
+    check_apart(Path(out), [("model folder", model_folder(model, allow_pickle)), ("patch", patch)])
+    check_folder_target(Path(out).absolute(), force)
+    loaded = load_patch(patch)
+    m, _, fingerprint = load_fingerprinted(model, loaded.dtype, allow_pickle=allow_pickle)
+    check_patch_fits(loaded, m, fingerprint)
+    folder = write_peft_prefix_adapter(m, loaded, resolve_model(model, allow_pickle), out, force)
+    return {"adapter": str(folder), "num_virtual_tokens": loaded.prompt_tokens}
+
+
+def evaluate(model: str, prompt: str | Path, queries: str | Path, patch: str | Path | None = None,
+             merged: str | Path | None = None, dtype: str = "float32", device: str | None = None,
+             device_map: str | None = None, max_memory: str | None = None, chat: bool = False, one_pass: bool = False,
+             max_input_bytes: int = MAX_INPUT_BYTES, allow_pickle: bool = False,
+             progress: Progress | None = None) -> dict:
+    """Compare a patch (or a merged folder) with the prompted model on the queries file: the eval report (DESIGN.md
+    keys). In bfloat16 or float16 the prompted model also runs in float32, the yardstick (`precision`)."""
+    from .evaluate import evaluate as report_of
+    from .merge import load_merged
+    from .patch import DTYPES, check_patch_fits, load_patch, patched_copy
+
+    if (patch is None) == (merged is None):
+        raise IclcaError("pass exactly one of --patch and --merged",
+                         "--patch PATCH evaluates a patch file, --merged DIR a merged folder")
+    device = _device(device, device_map)
+    messages = chats.read_messages(prompt, max_input_bytes) if chat else None
+    text = None if chat else read_prompt(prompt, max_input_bytes)
+    asked = read_queries(queries, max_input_bytes)
+    loaded = load_patch(patch) if patch is not None else None
+    placement = (device, allow_pickle, device_map, max_memory)
+    base, tokenizer, fingerprint = load_fingerprinted(model, dtype, *placement)
+    reduced = next(base.parameters()).dtype in (DTYPES["bfloat16"], DTYPES["float16"])
+    float32_base = load_model(model, "float32", *placement)[0] if reduced else None  # the yardstick
+    if loaded is not None:
+        check_patch_fits(loaded, base, fingerprint)
+        patched = patched_copy(base, loaded)
+        method, nbytes, element = loaded.method, loaded.nbytes, DTYPES[loaded.dtype].itemsize
+    else:
+        patched, method, nbytes, element = load_merged(merged, fingerprint, dtype, device, device_map, max_memory)
+    return report_of(base, patched, tokenizer, text, asked, method, nbytes, element, progress,
+                     float32_base=float32_base, chat_messages=messages, reuse_cache=False if one_pass else None)
+
+
+def inspect(patch: str | Path) -> dict:
+    """A patch's metadata (provenance, fingerprint, method parameters), sizes, non-finite count and tensors."""
+    import torch
+
+    from .patch import load_patch
+
+    loaded = load_patch(patch)
+    info = dict(loaded.metadata())
+    info["nonfinite_values"] = sum(int((~torch.isfinite(t)).sum()) for t in loaded.tensors.values())
+    info["patch_bytes"] = loaded.nbytes
+    info["patch_bytes_by_part"] = loaded.bytes_by_part()
+    info["tensors"] = {name: [list(t.shape), str(t.dtype).removeprefix("torch.")]
+                       for name, t in sorted(loaded.tensors.items())}
+    return info
+
+
+def _device(device: str | None, device_map: str | None) -> str:
+    """The --device to use: cpu unless given; refused together with --device-map."""
+    if device is not None and device_map is not None:
+        raise IclcaError(f"--device {device} and --device-map {device_map} both say where to run",
+                         "pass one: --device-map auto places the model itself")
+    return device or "cpu"
+
+
+def model_folder(spec: str, allow_pickle: bool) -> Path | None:
+    """The local folder a --model names (a built-in's too), or None for a hub id."""
+    path = Path(resolve_model(spec, allow_pickle))
+    return path if path.exists() else None
+
+
+def _convert_targets(prompt_files: list[Path], out_path: str | Path | None, out_dir: Path | None,
+                     inputs: list[tuple[str, Path | None]]) -> list[tuple[Path, Path]]:
+    """(prompt file, patch file) pairs, or an IclcaError for outputs that are missing, ambiguous, collide, or would
+    write over an input or over a file iclca did not write."""
+    if (out_path is None) == (out_dir is None):
+        raise IclcaError("pass exactly one of --out and --out-dir",
+                         "--out PATCH for one prompt file, --out-dir DIR for one patch per prompt file")
+    if out_path is not None:
+        if len(prompt_files) > 1:
+            raise IclcaError(f"--out names one patch, but {len(prompt_files)} prompt files were given",
+                             "use --out-dir DIR to write one patch per prompt file")
+        if str(out_path).endswith(("/", os.sep)):
+            raise IclcaError(f"--out {out_path} names a folder (it ends with a slash)",
+                             "--out names the patch file to write; use --out-dir for a folder of patches")
+        check_input_file(prompt_files[0], "prompt")  # its errors first: the output is checked against it
+        targets = [(prompt_files[0], Path(out_path))]
+    else:
+        if out_dir.exists() and not out_dir.is_dir():
+            raise IclcaError(f"--out-dir {out_dir} is a file", "pass a folder (it is created if missing)")
+        check_apart(out_dir, inputs[:1], "--out-dir", writes_into=True)  # files go into it: only the model matters
+        targets, seen = [], {}
+        for p in prompt_files:
+            if p.stem in seen:
+                raise IclcaError(f"prompt files {seen[p.stem]} and {p} would both write {p.stem}.safetensors",
+                                 "rename one of them, or convert them into different --out-dir folders")
+            seen[p.stem] = p
+            targets.append((p, out_dir / f"{p.stem}.safetensors"))
+    flag = "--out" if out_dir is None else "--out-dir"
+    for _, target in targets:
+        check_apart(target, inputs, flag)
+    if out_dir is not None:
+        try:
+            out_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise IclcaError(f"cannot create --out-dir {out_dir}: {e.strerror}", "choose a writable folder") from e
+    for _, target in targets:
+        check_patch_target(target, flag)
+    return targets
+
+
+def _convert_one(m, tokenizer, prompt_file: Path, out: Path, method, base_patch, chunk_size, fingerprint, chat=False,
+                 force=False, max_bytes=None, progress=None) -> dict:
+    """Convert one prompt file into `out`, or keep `out` if it already holds this patch (its data verified); one row
+    of the report. An iclca patch of other provenance at `out` is replaced only with `force`."""
+    from .convert import describe_patch, fill_patch, sha256_text
+    from .patch import save_patch, shared_copy
+
+    if chat:  # the rendered conversation is the prompt (and what its sha256 is of)
+        text, ids = chats.prompt_ids(tokenizer, chats.read_messages(prompt_file, max_bytes))
+    else:
+        text = read_prompt(prompt_file, max_bytes)
+        ids = encode_prompt(tokenizer, text)
+    header = describe_patch(m, ids, sha256_text(text), method, base_patch, fingerprint)
+    same, tensors = _kept(out, header) if check_patch_target(out) else (None, 0)
+    if same is False and not force:
+        raise IclcaError(f"{out} holds an iclca patch of other provenance (another prompt, model or method)",
+                         "pass --force to replace it, or choose another output")
+    if same:
+        status, file_bytes = "skipped", out.stat().st_size
+    else:  # a base patch is applied in place: convert on a copy, so the next prompt starts from the plain model
+        model = shared_copy(m) if base_patch is not None else m
+        patch = fill_patch(model, header, ids, base_patch, chunk_size, progress)
+        status, file_bytes, tensors = "converted", save_patch(patch, out), len(patch.tensors)
+    return {"prompt": str(prompt_file), "patch": str(out), "status": status, "method": header.method.name,
+            "prompt_tokens": header.prompt_tokens, "position_offset": header.position_offset, "tensors": tensors,
+            "patch_bytes": file_bytes, "base_fingerprint": header.base_fingerprint}
+
+
+def _kept(path: Path, header) -> tuple[bool | None, int]:
+    """(True, tensors) if the iclca patch at `path` is the one `header` describes and its data verifies (digest,
+    finite); (None, 0) if its provenance matches but its data does not (to be written again); (False, 0) if it is
+    another patch."""
+    from .patch import DIGEST, check_finite, load_patch, read_header
+
+    meta = read_header(path)[0]
+    if {k: v for k, v in meta.items() if k != DIGEST} != header.metadata():
+        return False, 0
+    try:
+        patch = load_patch(path)
+        check_finite(patch.tensors, str(path))
+    except IclcaError:
+        return None, 0
+    return (True, len(patch.tensors)) if DIGEST in meta else (None, 0)
