@@ -11,6 +11,7 @@ from pathlib import Path
 
 from . import chat as chats
 from .errors import IclcaError
+from .generation import Sampling
 from .inputs import MAX_INPUT_BYTES, check_input_file, encode_prompt, read_prompt, read_queries
 from .loading import load_fingerprinted, load_model, resolve_model
 from .methods import Method
@@ -30,7 +31,7 @@ def convert(prompt_files: list[str | Path], model: str, out: str | Path | None =
     budget=32)`), a name, or None (the model's default). progress(done, total): tokens of the one prompt, or prompts.
 
     Returns the command's report: for `out`, the patch's row (patch, method, prompt_tokens, position_offset,
-    tensors, patch_bytes, base_fingerprint); for `out_dir`, {out_dir, converted, skipped, failed, base_fingerprint,
+    tensors, patch_bytes: the tensors' bytes, file_bytes: the file's, base_fingerprint); for `out_dir`, {out_dir, converted, skipped, failed, base_fingerprint,
     patches: [rows with prompt and status], errors: [{prompt, error, hint}]} (a failing prompt does not stop the
     others: the caller decides what its failures mean)."""
     from .patch import load_patch
@@ -126,6 +127,69 @@ def evaluate(model: str, prompt: str | Path, queries: str | Path, patch: str | P
                      float32_base=float32_base, chat_messages=messages, reuse_cache=False if one_pass else None)
 
 
+def generate(model: str, queries: list[str], patch: str | Path | None = None, merged: str | Path | None = None,
+             prompt: str | Path | None = None, compare: bool = False, chat: bool = False,
+             sampling: Sampling = Sampling(), dtype: str = "float32", device: str | None = None,
+             device_map: str | None = None, max_memory: str | None = None, max_input_bytes: int = MAX_INPUT_BYTES,
+             allow_pickle: bool = False, on_text: Callable[[int, str, str], None] | None = None) -> dict:
+    """What the patched (or merged) model says after each query; with `compare`, also the prompted model (the base
+    model on the prompt file + query) and the base model alone. `chat`: each query is a user turn, rendered after
+    the baked conversation (the prompt file's, or placeholders of the roles the patch recorded). on_text(query
+    index, "patched" | "prompted" | "base", text) receives the text as it is produced.
+
+    Returns {"method", "generations": [{"input", "patched", "prompted"?, "base"?, "tokens": {the same: ids}}]}."""
+    from .generation import TextStream, continuation
+    from .inputs import encode_continuation
+    from .merge import load_merged, read_provenance
+    from .patch import check_patch_fits, load_patch, patched_copy
+
+    if (patch is None) == (merged is None):
+        raise IclcaError("pass exactly one of --patch and --merged",
+                         "--patch PATCH generates with a patch file, --merged DIR with a merged folder")
+    if compare and prompt is None:
+        raise IclcaError("--compare runs the prompted model, which needs the prompt", "add --prompt PROMPT_FILE")
+    if not queries:
+        raise IclcaError("no query to answer", "pass queries as arguments, or --queries FILE")
+    device = _device(device, device_map)
+    messages = chats.read_messages(prompt, max_input_bytes) if chat and prompt is not None else None
+    text = read_prompt(prompt, max_input_bytes) if prompt is not None and not chat else None
+    loaded = load_patch(patch) if patch is not None else None
+    base, tokenizer, fingerprint = load_fingerprinted(model, dtype, device, allow_pickle, device_map, max_memory)
+    if loaded is not None:
+        check_patch_fits(loaded, base, fingerprint)
+        patched, method, roles = patched_copy(base, loaded), loaded.method.name, loaded.extra.get("chat_roles")
+    else:
+        patched, method = load_merged(merged, fingerprint, dtype, device, device_map, max_memory)[:2]
+        roles = (read_provenance(merged) or {}).get("iclca.chat_roles")
+    if chat and messages is None and not roles:
+        raise IclcaError("--chat renders each query after the baked conversation, and this patch does not say what "
+                         "it was (made before iclca recorded it, or without --chat)", "add --prompt PROMPT_FILE")
+    if messages is not None:
+        head = chats.prompt_ids(tokenizer, messages)[1]
+        encode = lambda q: chats.query_ids(tokenizer, messages, q, head)  # noqa: E731
+    elif chat:
+        head = None
+        encode = lambda q: chats.continuation_ids(tokenizer, roles.split(","), q)  # noqa: E731
+    else:
+        head = encode_prompt(tokenizer, text) if text is not None else None
+        encode = lambda q: encode_continuation(tokenizer, q)  # noqa: E731
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    runs = [("patched", patched, False)] + ([("prompted", base, True), ("base", base, False)] if compare else [])
+    out = []
+    for n, query in enumerate(queries):
+        ids = encode(query)
+        if not ids:
+            raise IclcaError(f"query {n + 1} has no tokens", "every query needs some text")
+        row, tokens = {"input": query}, {}
+        for who, m, prompted in runs:
+            stream = TextStream(tokenizer, (lambda piece, n=n, who=who: on_text(n, who, piece)) if on_text else
+                                (lambda piece: None))
+            tokens[who] = continuation(m, head + ids if prompted else ids, sampling, pad, stream)
+            row[who] = tokenizer.decode(tokens[who], skip_special_tokens=True)
+        out.append({**row, "tokens": tokens})
+    return {"method": method, "generations": out}
+
+
 def inspect(patch: str | Path) -> dict:
     """A patch's metadata (provenance, fingerprint, method parameters), sizes, non-finite count and tensors."""
     import torch
@@ -135,7 +199,8 @@ def inspect(patch: str | Path) -> dict:
     loaded = load_patch(patch)
     info = dict(loaded.metadata())
     info["nonfinite_values"] = sum(int((~torch.isfinite(t)).sum()) for t in loaded.tensors.values())
-    info["patch_bytes"] = loaded.nbytes
+    info["patch_bytes"] = loaded.nbytes  # the tensors' bytes, as eval's sizes.patch_bytes
+    info["file_bytes"] = Path(patch).stat().st_size
     info["patch_bytes_by_part"] = loaded.bytes_by_part()
     info["tensors"] = {name: [list(t.shape), str(t.dtype).removeprefix("torch.")]
                        for name, t in sorted(loaded.tensors.items())}
@@ -203,13 +268,16 @@ def _convert_one(m, tokenizer, prompt_file: Path, out: Path, method, base_patch,
     from .convert import describe_patch, fill_patch, sha256_text
     from .patch import save_patch, shared_copy
 
-    if chat:  # the rendered conversation is the prompt (and what its sha256 is of)
-        text, ids = chats.prompt_ids(tokenizer, chats.read_messages(prompt_file, max_bytes))
+    messages = chats.read_messages(prompt_file, max_bytes) if chat else None
+    if messages:  # the rendered conversation is the prompt (and what its sha256 is of)
+        text, ids = chats.prompt_ids(tokenizer, messages)
     else:
         text = read_prompt(prompt_file, max_bytes)
         ids = encode_prompt(tokenizer, text)
     header = describe_patch(m, ids, sha256_text(text), method, base_patch, fingerprint)
-    same, tensors = _kept(out, header) if check_patch_target(out) else (None, 0)
+    if messages:  # what a merged folder's chat template and `generate --chat` render the query after
+        header.extra["chat_roles"] = ",".join(msg["role"] for msg in messages)
+    same, patch = _kept(out, header) if check_patch_target(out) else (None, None)
     if same is False and not force:
         raise IclcaError(f"{out} holds an iclca patch of other provenance (another prompt, model or method)",
                          "pass --force to replace it, or choose another output")
@@ -218,24 +286,25 @@ def _convert_one(m, tokenizer, prompt_file: Path, out: Path, method, base_patch,
     else:  # a base patch is applied in place: convert on a copy, so the next prompt starts from the plain model
         model = shared_copy(m) if base_patch is not None else m
         patch = fill_patch(model, header, ids, base_patch, chunk_size, progress)
-        status, file_bytes, tensors = "converted", save_patch(patch, out), len(patch.tensors)
+        status, file_bytes = "converted", save_patch(patch, out)
     return {"prompt": str(prompt_file), "patch": str(out), "status": status, "method": header.method.name,
-            "prompt_tokens": header.prompt_tokens, "position_offset": header.position_offset, "tensors": tensors,
-            "patch_bytes": file_bytes, "base_fingerprint": header.base_fingerprint}
+            "prompt_tokens": header.prompt_tokens, "position_offset": header.position_offset,
+            "tensors": len(patch.tensors), "patch_bytes": patch.nbytes, "file_bytes": file_bytes,
+            "base_fingerprint": header.base_fingerprint}
 
 
-def _kept(path: Path, header) -> tuple[bool | None, int]:
-    """(True, tensors) if the iclca patch at `path` is the one `header` describes and its data verifies (digest,
-    finite); (None, 0) if its provenance matches but its data does not (to be written again); (False, 0) if it is
-    another patch."""
+def _kept(path: Path, header) -> tuple[bool | None, object]:
+    """(True, the patch) if the iclca patch at `path` is the one `header` describes and its data verifies (digest,
+    finite); (None, None) if its provenance matches but its data does not (to be written again); (False, None) if it
+    is another patch."""
     from .patch import DIGEST, check_finite, load_patch, read_header
 
     meta = read_header(path)[0]
     if {k: v for k, v in meta.items() if k != DIGEST} != header.metadata():
-        return False, 0
+        return False, None
     try:
         patch = load_patch(path)
         check_finite(patch.tensors, str(path))
     except IclcaError:
-        return None, 0
-    return (True, len(patch.tensors)) if DIGEST in meta else (None, 0)
+        return None, None
+    return (True, patch) if DIGEST in meta else (None, None)

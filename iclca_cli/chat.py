@@ -59,3 +59,26 @@ def query_ids(tokenizer, messages: list[dict], query: str, head: list[int] | Non
         raise IclcaError("this chat template renders the prompt differently once a user turn follows it",
                          "iclca needs the conversation's start to stay as it is; use the prompt without --chat")
     return whole[len(head):]
+
+
+PLACEHOLDER = "x"  # stands for a baked message's content where only the conversation's shape matters
+
+
+def continuation_ids(tokenizer, roles: list[str], query: str) -> list[int]:
+    """The tokens a user turn `query` and the generation prompt add after a baked conversation of these roles, when
+    its content is not at hand (a merged folder, a patch without its prompt): rendered after placeholder messages of
+    the same roles, which the template renders the same way whatever their content."""
+    baked = [{"role": role, "content": PLACEHOLDER} for role in roles]
+    return query_ids(tokenizer, baked, query)
+
+
+def merged_template(template: str, roles: list[str]) -> str:
+    """A chat template that renders a conversation as it continues after a baked one (roles as given): the original
+    template renders the baked messages (placeholders) and then the conversation, and the baked part's rendering is
+    cut off. A merged --chat folder carries it, so apply_chat_template(messages) gives the merged model exactly the
+    tokens that follow its baked system prompt."""
+    baked = ", ".join(f'{{"role": "{role}", "content": "{PLACEHOLDER}"}}' for role in roles)
+    return ("{%- macro iclca_render(messages, add_generation_prompt) -%}" + template + "{%- endmacro -%}"
+            "{%- set iclca_baked = [" + baked + "] -%}"
+            "{%- set iclca_head = iclca_render(iclca_baked, false) -%}"
+            "{{- iclca_render(iclca_baked + messages, add_generation_prompt)[iclca_head | length:] -}}")

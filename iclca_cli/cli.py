@@ -340,6 +340,8 @@ def eval_(
     min_top1_agreement: float = typer.Option(None, "--min-top1-agreement", help="Exit 1 if top-1 agreement is below this."),
     chat: bool = _chat_option(),
     max_input_mib: int = _max_input_option(),
+    show: int = typer.Option(3, "--show", min=0, help="Answers to show for the first N queries (table view; --json "
+                             "has them all)."),
     one_pass: bool = typer.Option(False, "--one-pass", help="Run the prompted model over prompt + query in one pass "
                                   "per query (slower), not on from a copy of the prompt's cache: the strictest "
                                   "reference, which rounds differently in reduced precision."),
@@ -361,7 +363,11 @@ def eval_(
     with _progress("evaluating") as progress:
         report = api.evaluate(model, prompt_file, queries_file, patch_path, merged, dtype.value, device, device_map,
                               max_memory, chat, one_pass, max_input_mib << 20, allow_pickle, progress)
-    _emit(as_json, report, "iclca eval")
+    if as_json:
+        _emit(True, report, "")
+    else:
+        _emit(False, {k: v for k, v in report.items() if k != "answers"}, "iclca eval")
+        _show_answers(report["answers"][:show])
     nonfinite = report["nonfinite_positions"]
     if nonfinite["patched"] or nonfinite["prompted"]:
         err.print(f"warning: NaN or Inf logits at {nonfinite['patched']} patched and {nonfinite['prompted']} prompted "
@@ -370,6 +376,82 @@ def eval_(
     if missed:
         err.print(f"check failed: {'; '.join(missed)}", markup=False)
         raise typer.Exit(1)
+
+
+def _show_answers(answers: list[dict]) -> None:
+    """The greedy answers of the prompted, patched and plain models to a few queries, as a table."""
+    if not answers:
+        return
+    columns = ["input", *(["target"] if any("target" in a for a in answers) else []), "prompted", "patched", "base"]
+    table = Table(title="answers (greedy)")
+    for column in columns:
+        table.add_column(column, overflow="fold")
+    for a in answers:
+        table.add_row(*(_cell(a.get(c, ""), 200) for c in columns))
+    out.print(table)
+
+
+@app.command()
+@handled
+def generate(
+    queries: list[str] = typer.Argument(None, help="Queries to answer (or --queries FILE)."),
+    model: str = typer.Option(..., "--model", "-m", help="The base checkpoint."),
+    patch_path: Path = typer.Option(None, "--patch", "-p", help="Patch file to generate with."),
+    merged: Path = typer.Option(None, "--merged", help="Merged checkpoint folder to generate with."),
+    queries_file: Path = typer.Option(None, "--queries", help=".jsonl {input} lines, or .txt one query a line."),
+    prompt_file: Path = typer.Option(None, "--prompt", help="The prompt the patch was made from: --compare runs the "
+                                     "prompted model on it; with --chat, each query is rendered after it."),
+    compare: bool = typer.Option(False, "--compare", help="Also show the prompted model (needs --prompt) and the plain "
+                                 "model, side by side."),
+    chat: bool = typer.Option(False, "--chat", help="Each query is a user turn after the baked conversation."),
+    max_new_tokens: int = typer.Option(32, "--max-new-tokens", min=1, help="Tokens to generate at most."),
+    temperature: float = typer.Option(0.0, "--temperature", min=0.0, help="0: greedy (the default); else sampling."),
+    top_p: float = typer.Option(1.0, "--top-p", help="Sampling: the smallest set of tokens with this much probability."),
+    seed: int = typer.Option(0, "--seed", help="Sampling: the random seed."),
+    dtype: DType = typer.Option(DType.float32, "--dtype", help="Dtype to run the models in (auto: the checkpoint's own)."),
+    device: str = _device_option(),
+    device_map: str = _device_map_option(),
+    max_memory: str = _max_memory_option(),
+    max_input_mib: int = _max_input_option(),
+    allow_pickle: bool = _allow_pickle_option(),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object (nothing streamed)."),
+):
+    """Print what the patched (or merged) model answers to each query, as it is produced."""
+    from . import api
+    from .generation import Sampling
+    from .inputs import read_queries
+
+    _quiet_transformers()
+    asked = list(queries or [])
+    if queries_file is not None:
+        asked += [q.input for q in read_queries(queries_file, max_input_mib << 20)]
+    sampling = Sampling(max_new_tokens, temperature, top_p, seed)
+    shown = {"query": -1}
+
+    def on_text(n: int, who: str, piece: str) -> None:
+        if shown["query"] != n:
+            out.print(("\n" if n else "") + f"> {printable(asked[n], 400)}", markup=False, highlight=False)
+            shown["query"], shown["who"] = n, None
+        if shown.get("who") != who:
+            if shown.get("who") is not None:
+                sys.stdout.write("\n")
+            if compare:
+                sys.stdout.write(f"{who + ':':10}")
+            shown["who"] = who
+        sys.stdout.write(_shown_text(piece))
+        sys.stdout.flush()
+
+    report = api.generate(model, asked, patch_path, merged, prompt_file, compare, chat, sampling, dtype.value, device,
+                          device_map, max_memory, max_input_mib << 20, allow_pickle, None if as_json else on_text)
+    if as_json:
+        _emit(True, report, "")
+    elif shown["query"] >= 0:
+        sys.stdout.write("\n")
+
+
+def _shown_text(text: str) -> str:
+    """Generated text as it prints: its lines kept, other control characters escaped (errors.printable)."""
+    return "\n".join(printable(line) for line in text.split("\n"))
 
 
 @app.command()

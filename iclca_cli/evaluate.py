@@ -36,10 +36,12 @@ def score_and_continue(model, ids: list[int], n: int, cache=None) -> tuple[torch
     device = input_device(model)
     res = model(input_ids=torch.tensor([ids], device=device), cache=cache, use_cache=True)
     logits, out = res.logits[0], []
+    carried = "cache" if getattr(res, "cache", None) is not None else "state"  # RWKV carries a `state`
     while len(out) < n:
         out.append(int(res.logits[0, -1].argmax()))
         if len(out) < n:
-            res = model(input_ids=torch.tensor([[out[-1]]], device=device), cache=res.cache, use_cache=True)
+            res = model(input_ids=torch.tensor([[out[-1]]], device=device), use_cache=True,
+                        **{carried: getattr(res, carried)})
     return logits, out
 
 
@@ -109,12 +111,14 @@ def evaluate(
     reuse_cache: bool | None = None,
     float32_base=None,
     chat_messages: list[dict] | None = None,
+    answer_tokens: int = 16,
 ) -> dict:
     """The `iclca eval` report (DESIGN.md keys) over all queries. reuse_cache: read the prompt once for the prompted
     reference (default: where the family allows, PromptedReference). float32_base: the base model in float32, for a
     run in reduced precision: the report's `precision` then holds the yardstick, how far the prompted model in this
     dtype is from itself in float32, and max_abs_logit_diff as a multiple of it. chat_messages: the prompt as a
-    conversation's start (chat.py; prompt_text is then unused), each query a user turn."""
+    conversation's start (chat.py; prompt_text is then unused), each query a user turn. answers: each model's
+    greedy continuation, as long as the query's target, or `answer_tokens` where it has none."""
     if chat_messages is not None:
         prompt = chat.prompt_ids(tokenizer, chat_messages)[1]
         encode_query = lambda text: chat.query_ids(tokenizer, chat_messages, text, prompt)  # noqa: E731
@@ -143,9 +147,10 @@ def evaluate(
     prompted32 = PromptedReference(float32_base, prompt, reuse_cache) if float32_base is not None else None
     yardstick, agree32 = 0.0, 0
     nonfinite = {"prompted": 0, "patched": 0, "base": 0}
+    answers = []
     for n, (q_ids, t_ids) in enumerate(encoded, start=1):
         t0 = time.perf_counter()
-        k = len(t_ids or [])  # greedy tokens: the target's length
+        k = len(t_ids) if t_ids is not None else answer_tokens  # greedy tokens: the target's length
         prompted_logits, prompted_greedy = prompted.run(q_ids, k)  # (Tq, V)
         t1 = time.perf_counter()
         patched_logits, patched_greedy = score_and_continue(patched, q_ids, k)  # (Tq, V)
@@ -165,6 +170,9 @@ def evaluate(
         kl_base += float(kl_divergence(prompted_logits, base_logits).sum())
         agree += int(top1_agrees(prompted_logits, patched_logits).sum())
         positions += len(q_ids)
+        answer = {"input": queries[n - 1].input, **({"target": queries[n - 1].target} if t_ids is not None else {})}
+        answers.append({**answer, **{who: tokenizer.decode(ids, skip_special_tokens=True) for who, ids in
+                                     (("prompted", prompted_greedy), ("patched", patched_greedy), ("base", base_greedy))}})
         if t_ids is not None:
             with_target += 1
             correct["base"] += base_greedy == t_ids
@@ -195,6 +203,7 @@ def evaluate(
     report["nonfinite_positions"] = nonfinite
     report["timing"] = {"prompted_s": prompted_s, "patched_s": patched_s}
     report["sizes"] = {"patch_bytes": patch_bytes, "prompt_kv_bytes": prompt_kv_bytes(base.config, P, patch_element_size)}
+    report["answers"] = answers
     return {k: _json_safe(v) for k, v in report.items()}
 
 

@@ -8,12 +8,14 @@ It is written into a temporary folder beside the target and renamed into place (
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 from pathlib import Path
 
 import torch
 
+from .chat import continuation_ids, merged_template
 from .errors import IclcaError
 from .families import Family, family_of
 from .fingerprint import Fingerprint, as_fingerprint
@@ -34,6 +36,7 @@ def merge_patch(model, tokenizer, patch: Patch, out_dir: str | Path, force: bool
     filename, source, auto_map = modeling_file(family)
     merged.config.auto_map = auto_map
     provenance = {**patch.metadata(), "tensors": buffer_specs(patch.tensors)}
+    tokenizer = chat_tokenizer(tokenizer, patch.extra.get("chat_roles"))
 
     def write(tmp: Path) -> None:
         merged.save_pretrained(tmp)
@@ -43,6 +46,22 @@ def merge_patch(model, tokenizer, patch: Patch, out_dir: str | Path, force: bool
 
     write_folder(out, write)
     return out
+
+
+def chat_tokenizer(tokenizer, roles: str | None):
+    """The tokenizer a merged folder carries: for a --chat patch (baked messages of these roles), a copy whose chat
+    template renders a conversation as it continues after them (chat.merged_template), checked on a probe turn."""
+    if not roles:
+        return tokenizer
+    baked = roles.split(",")
+    merged = copy.deepcopy(tokenizer)
+    merged.chat_template = merged_template(tokenizer.chat_template, baked)
+    probe = [{"role": "user", "content": "Hello?"}]
+    rendered = merged.apply_chat_template(probe, tokenize=False, add_generation_prompt=True)
+    if merged(rendered, add_special_tokens=False).input_ids != continuation_ids(tokenizer, baked, "Hello?"):
+        raise IclcaError("this chat template does not render a conversation the same way after the baked prompt",
+                         "merge without --chat patches, or use the patch itself with `iclca generate --chat`")
+    return merged
 
 
 @torch.no_grad()
