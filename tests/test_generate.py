@@ -148,3 +148,19 @@ def test_a_merged_folders_tokenizer_loads_quietly_where_iclca_is_imported(cli, t
     AutoTokenizer.from_pretrained(merged)
     captured = capfd.readouterr()
     assert captured.err == "" and captured.out == ""
+
+
+def test_the_walkthrough_is_the_saved_transcript():
+    """docs/walkthrough.md is what scripts/walkthrough.sh printed (it needs SmolLM2, so it is not rerun here), and
+    every line of the README's excerpt is in that transcript."""
+    import re
+
+    from helpers import ROOT
+
+    transcript = (ROOT / "scripts/results/walkthrough.txt").read_text()
+    assert transcript.strip() in (ROOT / "docs/walkthrough.md").read_text()
+    readme = (ROOT / "README.md").read_text()
+    excerpt = re.search(r"## Bake a system prompt.*?```text\n(.*?)```", readme, re.S).group(1)
+    lines = set(transcript.splitlines())
+    assert all(line in lines for line in excerpt.splitlines()), [x for x in excerpt.splitlines() if x not in lines]
+    assert "patched:  The lighthouse was built in 1847" in excerpt
