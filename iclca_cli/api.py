@@ -68,13 +68,8 @@ def convert(prompt_files: list[str | Path], model: str, out: str | Path | None =
 def merge(model: str, patch: str | Path, out: str | Path, force: bool = False, allow_pickle: bool = False) -> dict:
     """Fold a patch into a new checkpoint folder at `out` (loaded in the patch's dtype); the command's report."""
     from .merge import merge_patch
-    from .patch import check_patch_fits, load_patch
 
-    check_apart(Path(out), [("model folder", model_folder(model, allow_pickle)), ("patch", patch)])
-    check_folder_target(Path(out).absolute(), force)
-    loaded = load_patch(patch)
-    m, tokenizer, fingerprint = load_fingerprinted(model, loaded.dtype, allow_pickle=allow_pickle)
-    check_patch_fits(loaded, m, fingerprint)
+    loaded, m, tokenizer = _patch_and_model_for_folder(model, patch, out, force, allow_pickle)
     folder = merge_patch(m, tokenizer, loaded, out, force)
     return {"merged": str(folder), "method": loaded.method.name, "prompt_tokens": loaded.prompt_tokens,
             "position_offset": loaded.position_offset, "base_fingerprint": loaded.base_fingerprint}
@@ -82,16 +77,24 @@ def merge(model: str, patch: str | Path, out: str | Path, force: bool = False, a
 
 def export_peft(model: str, patch: str | Path, out: str | Path, force: bool = False, allow_pickle: bool = False) -> dict:
     """Write a prefix patch as a PEFT prefix-tuning adapter folder at `out`; the command's report."""
-    from .patch import check_patch_fits, load_patch
     from .peft_export import write_peft_prefix_adapter
+
+    loaded, m, _ = _patch_and_model_for_folder(model, patch, out, force, allow_pickle)
+    folder = write_peft_prefix_adapter(m, loaded, resolve_model(model, allow_pickle), out, force)
+    return {"adapter": str(folder), "num_virtual_tokens": loaded.prompt_tokens}
+
+
+def _patch_and_model_for_folder(model: str, patch: str | Path, out: str | Path, force: bool, allow_pickle: bool):
+    """(patch, model in the patch's dtype, tokenizer) for writing a folder at `out`, after refusing an `out` that
+    touches an input or holds what iclca did not write, and a patch that does not fit the model."""
+    from .patch import check_patch_fits, load_patch
 
     check_apart(Path(out), [("model folder", model_folder(model, allow_pickle)), ("patch", patch)])
     check_folder_target(Path(out).absolute(), force)
     loaded = load_patch(patch)
-    m, _, fingerprint = load_fingerprinted(model, loaded.dtype, allow_pickle=allow_pickle)
+    m, tokenizer, fingerprint = load_fingerprinted(model, loaded.dtype, allow_pickle=allow_pickle)
     check_patch_fits(loaded, m, fingerprint)
-    folder = write_peft_prefix_adapter(m, loaded, resolve_model(model, allow_pickle), out, force)
-    return {"adapter": str(folder), "num_virtual_tokens": loaded.prompt_tokens}
+    return loaded, m, tokenizer
 
 
 def evaluate(model: str, prompt: str | Path, queries: str | Path, patch: str | Path | None = None,

@@ -116,6 +116,22 @@ def tree_digest(folder: Path) -> dict[str, str]:
             for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
+CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+          "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+def save_chat_checkpoint(model, folder: Path) -> Path:
+    """save_checkpoint, with ChatML's special tokens and template: a tiny chat model."""
+    from iclca_cli.loading import load_model
+
+    save_checkpoint(model, folder)
+    _, tokenizer = load_model(str(folder))
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
+    tokenizer.chat_template = CHATML
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
 def save_checkpoint(model, folder: Path) -> Path:
     """Save a test model as a checkpoint folder with a small word tokenizer (ids fit its vocabulary)."""
     from iclca_cli.word_tokenizer import build_word_tokenizer

@@ -7,23 +7,14 @@ import json
 import pytest
 import torch
 
-from helpers import assert_one_line_error, logits, make_decoder, one_json, save_checkpoint
+from helpers import assert_one_line_error, logits, make_decoder, one_json, save_chat_checkpoint
 from iclca_cli import chat
 from iclca_cli.loading import load_model
 from iclca_cli.patch import load_patch, patched_copy
 
-CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
-          "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
-
-
 @pytest.fixture(scope="module")
 def chat_model(tmp_path_factory):
-    folder = save_checkpoint(make_decoder("Llama", torch.float32, 72), tmp_path_factory.mktemp("m") / "chat")
-    _, tokenizer = load_model(str(folder))
-    tokenizer.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
-    tokenizer.chat_template = CHATML
-    tokenizer.save_pretrained(folder)
-    return folder
+    return save_chat_checkpoint(make_decoder("Llama", torch.float32, 72), tmp_path_factory.mktemp("m") / "chat")
 
 
 def conversation_ids(tokenizer, messages, query):

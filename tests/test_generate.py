@@ -7,14 +7,12 @@ import json
 import pytest
 import torch
 
-from helpers import EXAMPLE_PROMPT, EXAMPLE_QUERIES, assert_one_line_error, logits, make_decoder, one_json, \
-    save_checkpoint
+from helpers import (EXAMPLE_PROMPT, EXAMPLE_QUERIES, assert_one_line_error, logits, make_decoder, one_json,
+                     save_chat_checkpoint)
 from iclca_cli.inputs import encode_continuation, encode_prompt
 from iclca_cli.loading import load_model
 
 QUERIES = ["river:", "apple:", "piano:"]
-CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
-          "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
 
 
 def stock_greedy(model, ids, n):
@@ -93,12 +91,7 @@ def test_convert_and_inspect_name_the_file_and_the_tensors_apart(cli, tmp_path):
 
 @pytest.fixture(scope="module")
 def chat_model(tmp_path_factory):
-    folder = save_checkpoint(make_decoder("Llama", torch.float64, 73), tmp_path_factory.mktemp("m") / "chat")
-    _, tokenizer = load_model(str(folder))
-    tokenizer.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
-    tokenizer.chat_template = CHATML
-    tokenizer.save_pretrained(folder)
-    return folder
+    return save_chat_checkpoint(make_decoder("Llama", torch.float64, 73), tmp_path_factory.mktemp("m") / "chat")
 
 
 def test_a_merged_chat_folder_is_a_chat_model(cli, tmp_path, chat_model):
