@@ -223,8 +223,32 @@ def _max_input_option():
     return typer.Option(16, "--max-input-mib", min=1, help="Refuse a prompt or queries file larger than this (MiB).")
 
 
+def _with_method_options(fn):
+    """Give a command one option per parameter of the registry's methods (`--budget`, `--order`, ...): typer reads
+    the signature, so a method file's new parameter becomes a flag with no edit here. The command receives them as
+    keyword arguments (None: not given)."""
+    import inspect
+
+    signature = inspect.signature(fn)
+    fixed = [p for p in signature.parameters.values() if p.kind is not inspect.Parameter.VAR_KEYWORD]
+    added, seen = [], set()
+    for method in all_methods().values():
+        for p in method.params:
+            if p.field in seen:
+                continue
+            seen.add(p.field)
+            limits = {"min": p.minimum} if p.type is int and p.minimum is not None and not p.choices else {}
+            option = typer.Option(None, p.flag, help=_param_help(p.field), **limits)
+            added.append(inspect.Parameter(p.field, inspect.Parameter.KEYWORD_ONLY, default=option,
+                                           annotation=p.type | None))
+    fn.__signature__ = signature.replace(parameters=fixed + added)
+    fn.__annotations__ = {**fn.__annotations__, **{p.name: p.annotation for p in added}}
+    return fn
+
+
 @app.command()
 @handled
+@_with_method_options
 def convert(
     prompt_files: list[Path] = typer.Argument(..., help="UTF-8 text files: the demonstrations to fold into the weights "
                                               "(several with --out-dir: the model is loaded once)."),
@@ -237,12 +261,6 @@ def convert(
     force: bool = typer.Option(False, "--force", help="Replace an iclca patch of other provenance already at the "
                                "output (never a file iclca did not write)."),
     method: Method = typer.Option(None, "--method", help=_method_help()),
-    order: int = typer.Option(None, "--order", min=1, max=2, help=_param_help("order")),
-    budget: int = typer.Option(None, "--budget", min=0, help=_param_help("budget") + " Entries per layer and "
-                               "key/value head (compressed: on average, see --split)."),
-    reference: str = typer.Option(None, "--reference", help=_param_help("queries")),
-    keys: str = typer.Option(None, "--keys", help=_param_help("keys")),
-    split: str = typer.Option(None, "--split", help=_param_help("split")),
     base_patch: Path = typer.Option(None, "--base-patch", help="Convert on top of this patch (stacking)."),
     dtype: DType = typer.Option(DType.float32, "--dtype", help="Dtype to run the prompt in; the patch stores each "
                                 "tensor as the model computes it (auto: the checkpoint's own dtype)."),
@@ -254,13 +272,14 @@ def convert(
     max_input_mib: int = _max_input_option(),
     allow_pickle: bool = _allow_pickle_option(),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
+    **method_params,
 ):
     """Run each PROMPT_FILE through MODEL once and write its weight patch."""
     from . import api
     from .methods import build, check_parameters
 
     _quiet_transformers()
-    given = dict(order=order, budget=budget, queries=reference, keys=keys, split=split)
+    given = method_params  # one option per method parameter of the registry (_with_method_options)
     check_parameters(method and method.value, **given)
     chosen = build(method.value, **given) if method else None  # None: the model's default, decided once it loads
     with _progress("converting" if out_dir is None else "prompts") as progress:

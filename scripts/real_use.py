@@ -36,7 +36,7 @@ from iclca_cli.evaluate import evaluate, greedy_continuation, next_token_logits
 from iclca_cli.inputs import Query, encode_continuation, encode_prompt, read_queries
 from iclca_cli.loading import load_model
 from iclca_cli.patch import load_patch, patched_copy
-from iclca_cli.tasks import RecallTask
+from iclca_demo.tasks import RecallTask
 
 CITIES = ["Paris", "Lima", "Oslo", "Cairo", "Tokyo", "Quito", "Rome", "Delhi", "Seoul", "Accra", "Dublin", "Perth",
           "Hanoi", "Riga", "Bern", "Doha", "Kyiv", "Sofia", "Madrid", "Vienna"]
@@ -57,7 +57,7 @@ def tiny_llama(folder: Path) -> Path:
     """A tiny random Llama (2 layers, width 64) with the demo models' word tokenizer, saved as a checkpoint."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from iclca_cli.word_tokenizer import build_word_tokenizer
+    from iclca_demo.word_tokenizer import build_word_tokenizer
 
     tokenizer = build_word_tokenizer(RecallTask.from_json(ROOT / "configs/tasks/recall.json").words)
     torch.manual_seed(0)

@@ -33,7 +33,7 @@ from iclca_cli.evaluate import kl_divergence
 from iclca_cli.families import all_families, family_of
 from iclca_cli.merge import merge_patch
 from iclca_cli.patch import patched_copy
-from iclca_cli.word_tokenizer import build_word_tokenizer
+from iclca_demo.word_tokenizer import build_word_tokenizer
 
 P, Q, NEW = 30, 6, 16
 FRESH = r"""

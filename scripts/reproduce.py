@@ -23,7 +23,7 @@ from common import ROOT, markdown_table, number, patched_by
 from iclca_cli.evaluate import evaluate
 from iclca_cli.inputs import encode_prompt
 from iclca_cli.loading import builtin_models, load_model
-from iclca_cli.tasks import RecallTask
+from iclca_demo.tasks import RecallTask
 
 METHODS = {"iclca_linear": ["exact"], "gpt2": ["prefix", "taylor1", "taylor2", "compressed-P/3", "evict-P/3"],
            "mamba2": ["exact"], "lfm2": ["exact", "compressed-P/3", "evict-P/3"]}

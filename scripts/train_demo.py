@@ -22,8 +22,8 @@ from pathlib import Path
 import torch
 from common import ROOT
 
-from iclca_cli.tasks import RecallTask
-from iclca_cli.word_tokenizer import build_word_tokenizer
+from iclca_demo.tasks import RecallTask
+from iclca_demo.word_tokenizer import build_word_tokenizer
 
 TASK = ROOT / "configs/tasks/recall.json"
 

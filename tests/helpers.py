@@ -134,7 +134,7 @@ def save_chat_checkpoint(model, folder: Path) -> Path:
 
 def save_checkpoint(model, folder: Path) -> Path:
     """Save a test model as a checkpoint folder with a small word tokenizer (ids fit its vocabulary)."""
-    from iclca_cli.word_tokenizer import build_word_tokenizer
+    from iclca_demo.word_tokenizer import build_word_tokenizer
 
     words = ["alpha", "beta", "gamma", "delta", "one", "two", "three", "four", "five", "six"]
     tokenizer = build_word_tokenizer(words)

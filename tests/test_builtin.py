@@ -7,8 +7,8 @@ import pytest
 
 from helpers import ROOT, load_script
 from iclca_cli.loading import BUILTIN_DIR, builtin_models, load_model
-from iclca_cli.tasks import RecallTask
-from iclca_cli.word_tokenizer import build_word_tokenizer
+from iclca_demo.tasks import RecallTask
+from iclca_demo.word_tokenizer import build_word_tokenizer
 
 
 @pytest.mark.parametrize("name", builtin_models())

@@ -232,7 +232,7 @@ def test_demo_gpt2_keeps_its_answers_at_a_third_of_the_prompt():
     from iclca_cli.inputs import encode_prompt
     from iclca_cli.loading import load_model
     from iclca_cli.patch import patched_copy
-    from iclca_cli.tasks import RecallTask
+    from iclca_demo.tasks import RecallTask
 
     model, tokenizer = load_model("demo-gpt2", "float32")
     task = RecallTask.from_json(ROOT / "configs/tasks/recall.json")

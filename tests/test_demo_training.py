@@ -5,8 +5,8 @@ import random
 import torch
 
 from helpers import ROOT, load_script
-from iclca_cli.tasks import RecallTask
-from iclca_cli.word_tokenizer import build_word_tokenizer
+from iclca_demo.tasks import RecallTask
+from iclca_demo.word_tokenizer import build_word_tokenizer
 
 
 def test_training_batches_are_the_tasks_text_and_labels_are_the_query_values():

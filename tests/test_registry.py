@@ -77,11 +77,15 @@ def test_the_bundler_refuses_what_it_cannot_inline(tmp_path):
 
 
 def test_the_family_tables_are_the_registries():
-    from helpers import load_script
+    import subprocess
+    import sys
 
-    families = load_script("families")
-    assert families.table() in (ROOT / "docs/families.md").read_text()
-    assert families.methods_table() in (ROOT / "README.md").read_text()
+    def printed(*args):
+        return subprocess.run([sys.executable, "scripts/families.py", *args], cwd=ROOT, capture_output=True, text=True,
+                              check=True).stdout.strip()
+
+    assert printed() in (ROOT / "docs/families.md").read_text()
+    assert printed("--methods") in (ROOT / "README.md").read_text()
 
 
 def test_the_readme_reads_in_five_minutes_and_its_links_exist():
@@ -111,8 +115,11 @@ def test_no_method_is_named_outside_its_file():
 
 def test_the_architecture_pages_example_method_is_one_file(tmp_path, monkeypatch):
     """docs/architecture.md's `stride` method, dropped as one file on the registry's path: it is listed, applies to
-    softmax decoders, round-trips through a patch file, and at a stride of 1 equals the prefix patch."""
+    softmax decoders, round-trips through a patch file, at a stride of 1 equals the prefix patch, and the command
+    line takes it with its flag."""
     import re
+    import subprocess
+    import sys
 
     import iclca_cli.methods as methods
     from helpers import convert, logits, random_ids
@@ -136,8 +143,15 @@ def test_the_architecture_pages_example_method_is_one_file(tmp_path, monkeypatch
         loaded = load_patch(tmp_path / "s.st")
         assert loaded.method == methods.build("stride", k=4) and loaded.metadata()["iclca.stride"] == "4"
         check_patch_fits(loaded, model, model_fingerprint(model))
+        # the command line, in a fresh process that finds the file: --method stride and its --stride flag exist
+        code = (f"import iclca_cli.methods as m; m.__path__.append({str(tmp_path)!r}); "
+                "from typer.testing import CliRunner; from iclca_cli.cli import app; "
+                f"r = CliRunner().invoke(app, ['convert', {str(ROOT / 'configs/examples/recall-prompt.txt')!r}, "
+                f"'-m', 'demo-gpt2', '-o', {str(tmp_path / 'cli.st')!r}, '--method', 'stride', '--stride', '3']); "
+                "print(r.exit_code, r.stderr)")
+        proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+        assert proc.stdout.startswith("0 "), proc.stdout + proc.stderr
+        assert load_patch(tmp_path / "cli.st").metadata()["iclca.stride"] == "3"
     finally:
-        import sys
-
         sys.modules.pop("iclca_cli.methods.stride", None)
         methods.all_methods.cache_clear()

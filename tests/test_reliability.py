@@ -167,8 +167,8 @@ def test_fuzz_random_text_as_queries(cli, work, lines, as_jsonl):
 def test_load_100k_token_prompt_and_1000_queries(cli, tmp_path):
     """A demo-size linear model without a position table (demo-linear's has 256 rows) converts a
     100k-token prompt in chunks; eval runs 1,000 queries."""
-    from iclca_cli.tasks import RecallTask
-    from iclca_cli.word_tokenizer import build_word_tokenizer
+    from iclca_demo.tasks import RecallTask
+    from iclca_demo.word_tokenizer import build_word_tokenizer
     from helpers import ROOT
 
     task = RecallTask.from_json(ROOT / "configs/tasks/recall.json")

@@ -64,7 +64,8 @@ class Method:
                 raise IclcaError(f"{p.flag} {printable(value, 40)!r} is not one of {', '.join(map(str, p.choices))}",
                                  f"pass {p.flag} {self.default(p)} (the default)")
             if p.minimum is not None and value < p.minimum:
-                raise IclcaError(f"method {self.name} needs {p.flag} of at least {p.minimum}", p.help)
+                raise IclcaError(f"method {self.name} needs {p.flag} of at least {p.minimum}",
+                                 f"pass {p.flag} N: {p.help}")
 
     @classmethod
     def default(cls, p: Param) -> Any:

@@ -12,8 +12,8 @@ from .base import Method, Param
 if TYPE_CHECKING:
     import torch
 
-BUDGET = Param("budget", "--budget", "budget", int, "pass --budget R, the entries per layer and key/value head (e.g. a "
-               "third of the prompt's tokens)", minimum=2)
+BUDGET = Param("budget", "--budget", "budget", int, "entries per layer and key/value head (compressed: on average, "
+               "see --split), e.g. a third of the prompt's tokens", minimum=2)
 
 
 @dataclass(frozen=True)

@@ -16,9 +16,12 @@ Scored as in scripts/real_model.py (whole answers, KL at the answer positions).
 from __future__ import annotations
 
 import argparse
+import sys
+from pathlib import Path
 import random
 
 import torch
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # scripts/: common, real_model
 from common import markdown_table, number
 from few_shot_tasks import few_shot
 from real_model import DEFAULT_FOLDER, prompted_answers, scored, smollm2_folder

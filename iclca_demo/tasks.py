@@ -12,7 +12,7 @@ import random
 from dataclasses import dataclass
 from pathlib import Path
 
-from .inputs import Query
+from iclca_cli.inputs import Query
 
 
 @dataclass(frozen=True)
