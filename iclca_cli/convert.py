@@ -65,6 +65,7 @@ def fill_patch(model, patch: Patch, prompt_ids: list[int], base_patch: Patch | N
     if base_patch is not None:
         apply_patch(model, base_patch)
     tensors = handler_for(family).convert(model, family, prompt_ids, patch.method, chunk_size, progress)
+    tensors = patch.method.trained(model, patch, tensors, prompt_ids, progress)
     check_finite(tensors, "the prompt's state", _overflow_hint(patch.dtype))
     patch.tensors = tensors
     return patch

@@ -108,3 +108,47 @@ def distill(student, names: list[str], targets_of: list[tuple[list[int], tuple[t
         trained[name] = t.detach().to(buffers[name].dtype)
         student.get_submodule(path).register_buffer(buffer, trained[name].clone())
     return trained
+
+
+def summary_names_and_sinks(tensors: dict[str, torch.Tensor]) -> tuple[list[str], dict[str, torch.Tensor]]:
+    """The tensors of a compressed patch's summaries (the layers with a `prefix_bias`; a sliding window's keys and
+    values, and recurrent states, are exact and stay), and for each a mask of what stays: every head's first entry
+    (the prompt's first token, an attention sink) and the entries another head's bias hides."""
+    from .ops.compress import PAD_BIAS
+
+    names, keep = [], {}
+    for name, bias in tensors.items():
+        if not name.endswith(".prefix_bias"):
+            continue
+        layer = name.removesuffix(".prefix_bias")
+        valid = bias > PAD_BIAS / 2  # (Hkv, E): head h's own entries
+        sink = valid.float().argmax(-1)  # (Hkv,): the first of each head's entries
+        heads = torch.arange(len(bias))
+        keep[name] = ~valid
+        keep[name][heads, sink] = True
+        for part in ("prefix_keys", "prefix_values"):
+            t = tensors[f"{layer}.{part}"]  # (Hkv, E, D), or (1, E, D) where the heads share one list
+            mask = torch.zeros(t.shape, dtype=torch.bool)
+            mask[(heads if len(t) == len(bias) else 0), sink] = True
+            keep[f"{layer}.{part}"] = mask
+        names += [name, f"{layer}.prefix_keys", f"{layer}.prefix_values"]
+    return sorted(names), keep
+
+
+def refine_summary(model, patch, tensors: dict[str, torch.Tensor], prompt_ids: list[int], training: Training,
+                   progress: Callable[[int, int], None] | None = None, inputs: int = 32) -> dict[str, torch.Tensor]:
+    """`compressed --refine`: the fitted summary trained toward the model with the prompt's exact patch (its default
+    method: prefix, or a hybrid's exact cache), on `inputs` spans of the prompt."""
+    import dataclasses
+
+    from .convert import default_method, describe_patch, fill_patch
+    from .patch import patched_copy
+
+    exact = describe_patch(model, prompt_ids, patch.prompt_sha256, default_method(model), fingerprint=patch.base_fingerprint)
+    teacher = patched_copy(model, fill_patch(model, exact, prompt_ids))
+    student = patched_copy(model, dataclasses.replace(patch, tensors=dict(tensors)))
+    names, keep = summary_names_and_sinks(tensors)
+    drawn = prompt_inputs(prompt_ids, inputs, training.max_len, training.seed)
+    targets = list(zip(drawn, teacher_targets(teacher, drawn, training.top_k)))
+    step = (lambda done, total, loss: progress(done, total)) if progress is not None else None
+    return {**tensors, **distill(student, names, targets, training, keep, step)}

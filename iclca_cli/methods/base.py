@@ -12,6 +12,7 @@ handlers (handlers.py) call it where what they do depends on the method:
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -57,7 +58,8 @@ class Method:
         """Refuse parameter values the method cannot work with (IclcaError naming the flag)."""
         for p in self.params:
             value = getattr(self, p.field)
-            if not isinstance(value, p.type) or isinstance(value, bool):
+            kinds = (int, float) if p.type is float else p.type  # a float parameter takes an int
+            if not isinstance(value, kinds) or (isinstance(value, bool) and p.type is not bool):
                 raise IclcaError(f"{p.flag} {printable(value, 40)!r} is not a{'n' if p.type is int else ''} "
                                  f"{p.type.__name__}", f"pass {p.flag} {p.choices[0] if p.choices else 'N'}")
             if p.choices and value not in p.choices:
@@ -86,18 +88,19 @@ class Method:
                 if cls.default(p) is dataclasses.MISSING:
                     raise IclcaError(f"{where} is a {cls.name} patch without iclca.{p.key}", "convert the prompt again")
                 continue
-            raw = extra[p.key]
-            if p.type is int and not raw.isdigit():
-                raise IclcaError(f"{where} has iclca.{p.key} {printable(raw, 40)!r}, not a number",
-                                 "convert the prompt again")
-            values[p.field] = p.type(raw)
+            values[p.field] = _parse(p, extra[p.key], where)
             if p.choices and values[p.field] not in p.choices:
-                raise IclcaError(f"{where} has iclca.{p.key} {printable(raw, 40)!r}, not one of "
+                raise IclcaError(f"{where} has iclca.{p.key} {printable(extra[p.key], 40)!r}, not one of "
                                  f"{', '.join(map(str, p.choices))}", "convert the prompt again with this version of iclca")
         try:
             return cls(**values)
         except IclcaError as e:
             raise IclcaError(f"{where}: {e.message}", "convert the prompt again with this version of iclca") from e
+
+    def trained(self, model, patch, tensors: dict[str, torch.Tensor], prompt_ids: list[int],
+                progress=None) -> dict[str, torch.Tensor]:
+        """The patch tensors after the method's training, if it trains (distill.py); as they are, else."""
+        return tensors
 
     def is_attention_buffer(self, buffer: str) -> bool:
         """Whether a patch buffer holds attention keys, values or summaries (Patch.bytes_by_part), not a recurrent
@@ -121,3 +124,21 @@ class Method:
     def capture_ids(self, prompt_ids: list[int], positions_left: int | None) -> list[int]:
         """What to run to capture the prompt's keys and values (and reference queries): the prompt."""
         return list(prompt_ids)
+
+
+def _parse(p: Param, raw: str, where: str):
+    """A parameter's value from its metadata string, or an IclcaError naming the key."""
+    try:
+        if p.type is bool:
+            if raw not in ("True", "False"):
+                raise ValueError
+            return raw == "True"
+        if p.type is int and not raw.isdigit():
+            raise ValueError
+        value = p.type(raw)
+        if p.type is float and not math.isfinite(value):
+            raise ValueError
+        return value
+    except ValueError as e:
+        raise IclcaError(f"{where} has iclca.{p.key} {printable(raw, 40)!r}, not a{'n' if p.type is int else ''} "
+                         f"{p.type.__name__}", "convert the prompt again") from e

@@ -7,6 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from ..errors import IclcaError
 from ..families import SOFTMAX_KINDS
 from .base import Method, Param
 from .evict import BUDGET
@@ -31,12 +32,49 @@ class Compressed(Method):
               "(attention), or k-means centroids (kmeans)", choices=("attention", "kmeans")),
         Param("split", "--split", "summary_split", str, "the same budget for every head (uniform), or the total split "
               "by fitted error across layers (layers) or across heads (heads)", choices=("uniform", "layers", "heads")),
+        Param("refine", "--refine", "refine", bool, "train the fitted summary toward the prompted model on inputs made "
+              "from the prompt (distill.py); the sink entries stay"),
+        Param("steps", "--steps", "refine_steps", int, "training steps (--refine)", minimum=1),
+        Param("lr", "--lr", "refine_lr", float, "Adam's learning rate (--refine)"),
+        Param("seed", "--seed", "refine_seed", int, "the training inputs' and order's seed (--refine)"),
     )
+    TRAINING = ("steps", "lr", "seed")  # recorded, and allowed to differ from their defaults, only with refine
 
     budget: int = 0
     queries: str = "repeat"  # chosen on development tasks, as the other defaults
     keys: str = "attention"
     split: str = "heads"
+    refine: bool = False  # provisional defaults below: not yet chosen on development tasks (issue 25)
+    steps: int = 100
+    lr: float = 2e-2
+    seed: int = 0
+
+    def validate(self) -> None:
+        super().validate()
+        if self.lr <= 0:
+            raise IclcaError(f"--lr {self.lr} is not a learning rate", "pass --lr 0.02, or another positive number")
+        changed = [f"--{f}" for f in self.TRAINING if getattr(self, f) != self.default(self._param(f))]
+        if changed and not self.refine:
+            raise IclcaError(f"{', '.join(changed)} apply to --refine", "add --refine, or drop them")
+
+    @classmethod
+    def _param(cls, field: str) -> Param:
+        return next(p for p in cls.params if p.field == field)
+
+    def metadata(self) -> dict[str, str]:
+        """Training parameters only for a refined summary: an unrefined patch's metadata is as before --refine."""
+        meta = super().metadata()
+        if not self.refine:
+            for key in ("refine", *(self._param(f).key for f in self.TRAINING)):
+                meta.pop(key)
+        return meta
+
+    def trained(self, model, patch, tensors, prompt_ids, progress=None):
+        if not self.refine:
+            return tensors
+        from ..distill import Training, refine_summary
+
+        return refine_summary(model, patch, tensors, prompt_ids, Training(self.steps, self.lr, self.seed), progress)
 
     def capture_ids(self, prompt_ids: list[int], positions_left: int | None) -> list[int]:
         from ..summaries import repeat_ids
