@@ -155,3 +155,19 @@ def test_the_architecture_pages_example_method_is_one_file(tmp_path, monkeypatch
     finally:
         sys.modules.pop("iclca_cli.methods.stride", None)
         methods.all_methods.cache_clear()
+
+
+def test_method_specs_name_every_parameter():
+    """The compact names scripts and tables use (methods.from_spec): budget as R or P/N, the rest in order or by name."""
+    from iclca_cli.methods import from_spec
+
+    assert from_spec("taylor1", 30) == build("taylor", order=1)
+    assert from_spec("evict-P/3", 30) == build("evict", budget=10)
+    assert from_spec("compressed-P/4:own:kmeans:uniform", 100) == build("compressed", budget=25, queries="own",
+                                                                           keys="kmeans", split="uniform")
+    assert from_spec("compressed-8:refine=True:lr=0.05", 40) == build("compressed", budget=8, refine=True, lr=0.05)
+    assert from_spec("compressed-P/40", 30).budget == 2  # at least 2
+    for bad, message in (("compressed-8:depth=3", "no parameter 'depth'"), ("compressed-8:refine=yes", "not a bool"),
+                         ("Compressed", "cannot read"), ("wavelet", "unknown method")):
+        with pytest.raises(IclcaError, match=message):
+            from_spec(bad, 30)

@@ -84,13 +84,16 @@ def from_metadata(name: str, extra: dict[str, str], where: str) -> Method:
     return method_class(name).from_metadata(extra, where)
 
 
-_SPEC = re.compile(r"^(?P<name>[a-z]+?)(?P<order>\d)?(-(?P<budget>P/3|\d+))?(:(?P<options>.*))?$")
+_SPEC = re.compile(r"^(?P<name>[a-z]+?)(?P<order>\d)?(-(?P<budget>P/\d+|\d+))?(:(?P<options>.*))?$")
 
 
 def from_spec(spec: str, prompt_tokens: int) -> Method:
     """A method from a compact spec, as scripts and tables name them: exact, prefix, taylor1, taylor2, compressed-R /
-    evict-R (R entries per layer and key/value head), compressed-P/3 / evict-P/3 (a third of the prompt's tokens,
-    at least 2), and compressed-R:reference:keys:split for compressed's other parameters in order."""
+    evict-R (R entries per layer and key/value head), compressed-P/N / evict-P/N (the prompt's tokens over N, at
+    least 2), then `:`-separated values of the method's other parameters in order (compressed-R:reference:keys:split)
+    or by name (compressed-P/4:refine=True:steps=200)."""
+    from .base import _parse
+
     m = _SPEC.match(spec)
     if m is None:
         raise IclcaError(f"cannot read method spec {spec!r}", "write e.g. taylor2, compressed-32, evict-P/3")
@@ -99,6 +102,15 @@ def from_spec(spec: str, prompt_tokens: int) -> Method:
     if m["order"]:
         values.append(int(m["order"]))
     if m["budget"]:
-        values.append(max(2, prompt_tokens // 3) if m["budget"] == "P/3" else int(m["budget"]))
-    values += m["options"].split(":") if m["options"] else []
-    return cls(**dict(zip((p.field for p in cls.params), values)))
+        budget = m["budget"]
+        values.append(max(2, prompt_tokens // int(budget[2:])) if budget.startswith("P/") else int(budget))
+    options = m["options"].split(":") if m["options"] else []
+    given = dict(zip((p.field for p in cls.params), values + [o for o in options if "=" not in o]))
+    params = {p.field: p for p in cls.params}
+    for option in (o for o in options if "=" in o):
+        field, raw = option.split("=", 1)
+        if field not in params:
+            raise IclcaError(f"method spec {spec!r}: {cls.name} has no parameter {field!r}",
+                             f"its parameters: {', '.join(params)}")
+        given[field] = _parse(params[field], raw, f"method spec {spec!r}")
+    return cls(**given)
