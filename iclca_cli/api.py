@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 from collections.abc import Callable
 from pathlib import Path
+from typing import NamedTuple
 
 from . import chat as chats
 from .errors import IclcaError
@@ -105,28 +106,18 @@ def evaluate(model: str, prompt: str | Path, queries: str | Path, patch: str | P
     """Compare a patch (or a merged folder) with the prompted model on the queries file: the eval report (DESIGN.md
     keys). In bfloat16 or float16 the prompted model also runs in float32, the yardstick (`precision`)."""
     from .evaluate import evaluate as report_of
-    from .merge import load_merged
-    from .patch import DTYPES, check_patch_fits, load_patch, patched_copy
+    from .patch import DTYPES
 
-    if (patch is None) == (merged is None):
-        raise IclcaError("pass exactly one of --patch and --merged",
-                         "--patch PATCH evaluates a patch file, --merged DIR a merged folder")
+    _one_source(patch, merged, "evaluates")
     device = _device(device, device_map)
     messages = chats.read_messages(prompt, max_input_bytes) if chat else None
     text = None if chat else read_prompt(prompt, max_input_bytes)
     asked = read_queries(queries, max_input_bytes)
-    loaded = load_patch(patch) if patch is not None else None
     placement = (device, allow_pickle, device_map, max_memory)
-    base, tokenizer, fingerprint = load_fingerprinted(model, dtype, *placement)
-    reduced = next(base.parameters()).dtype in (DTYPES["bfloat16"], DTYPES["float16"])
+    m = _with_patch(model, patch, merged, dtype, *placement)
+    reduced = next(m.base.parameters()).dtype in (DTYPES["bfloat16"], DTYPES["float16"])
     float32_base = load_model(model, "float32", *placement)[0] if reduced else None  # the yardstick
-    if loaded is not None:
-        check_patch_fits(loaded, base, fingerprint)
-        patched = patched_copy(base, loaded)
-        method, nbytes, element = loaded.method, loaded.nbytes, DTYPES[loaded.dtype].itemsize
-    else:
-        patched, method, nbytes, element = load_merged(merged, fingerprint, dtype, device, device_map, max_memory)
-    return report_of(base, patched, tokenizer, text, asked, method, nbytes, element, progress,
+    return report_of(m.base, m.patched, m.tokenizer, text, asked, m.method, m.patch_bytes, m.element_size, progress,
                      float32_base=float32_base, chat_messages=messages, reuse_cache=False if one_pass else None)
 
 
@@ -142,13 +133,8 @@ def generate(model: str, queries: list[str], patch: str | Path | None = None, me
 
     Returns {"method", "generations": [{"input", "patched", "prompted"?, "base"?, "tokens": {the same: ids}}]}."""
     from .generation import TextStream, continuation
-    from .inputs import encode_continuation
-    from .merge import load_merged, read_provenance
-    from .patch import check_patch_fits, load_patch, patched_copy
 
-    if (patch is None) == (merged is None):
-        raise IclcaError("pass exactly one of --patch and --merged",
-                         "--patch PATCH generates with a patch file, --merged DIR with a merged folder")
+    _one_source(patch, merged, "generates with")
     if compare and prompt is None:
         raise IclcaError("--compare runs the prompted model, which needs the prompt", "add --prompt PROMPT_FILE")
     if not queries:
@@ -156,41 +142,59 @@ def generate(model: str, queries: list[str], patch: str | Path | None = None, me
     device = _device(device, device_map)
     messages = chats.read_messages(prompt, max_input_bytes) if chat and prompt is not None else None
     text = read_prompt(prompt, max_input_bytes) if prompt is not None and not chat else None
-    loaded = load_patch(patch) if patch is not None else None
-    base, tokenizer, fingerprint = load_fingerprinted(model, dtype, device, allow_pickle, device_map, max_memory)
-    if loaded is not None:
-        check_patch_fits(loaded, base, fingerprint)
-        patched, method, roles = patched_copy(base, loaded), loaded.method.name, loaded.extra.get("chat_roles")
-    else:
-        patched, method = load_merged(merged, fingerprint, dtype, device, device_map, max_memory)[:2]
-        roles = (read_provenance(merged) or {}).get("iclca.chat_roles")
-    if chat and messages is None and not roles:
+    m = _with_patch(model, patch, merged, dtype, device, allow_pickle, device_map, max_memory)
+    if chat and messages is None and not m.chat_roles:
         raise IclcaError("--chat renders each query after the baked conversation, and this patch does not say what "
                          "it was (made before iclca recorded it, or without --chat)", "add --prompt PROMPT_FILE")
-    if messages is not None:
-        head = chats.prompt_ids(tokenizer, messages)[1]
-        encode = lambda q: chats.query_ids(tokenizer, messages, q, head)  # noqa: E731
-    elif chat:
-        head = None
-        encode = lambda q: chats.continuation_ids(tokenizer, roles.split(","), q)  # noqa: E731
-    else:
-        head = encode_prompt(tokenizer, text) if text is not None else None
-        encode = lambda q: encode_continuation(tokenizer, q)  # noqa: E731
+    roles = m.chat_roles.split(",") if chat and messages is None else None
+    head, encode = chats.encoders(m.tokenizer, text, messages, roles)
+    tokenizer = m.tokenizer
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    runs = [("patched", patched, False)] + ([("prompted", base, True), ("base", base, False)] if compare else [])
+    runs = [("patched", m.patched, False)] + ([("prompted", m.base, True), ("base", m.base, False)] if compare else [])
     out = []
     for n, query in enumerate(queries):
         ids = encode(query)
         if not ids:
             raise IclcaError(f"query {n + 1} has no tokens", "every query needs some text")
         row, tokens = {"input": query}, {}
-        for who, m, prompted in runs:
+        for who, runner, prompted in runs:
             stream = TextStream(tokenizer, (lambda piece, n=n, who=who: on_text(n, who, piece)) if on_text else
                                 (lambda piece: None))
-            tokens[who] = continuation(m, head + ids if prompted else ids, sampling, pad, stream)
+            tokens[who] = continuation(runner, head + ids if prompted else ids, sampling, pad, stream)
             row[who] = tokenizer.decode(tokens[who], skip_special_tokens=True)
         out.append({**row, "tokens": tokens})
-    return {"method": method, "generations": out}
+    return {"method": getattr(m.method, "name", m.method), "generations": out}
+
+
+class _Patched(NamedTuple):
+    base: object  # the base model
+    tokenizer: object
+    patched: object  # the patched copy of the base, or the merged folder's model
+    method: Method | str  # a patch's Method, or a merged folder's method name
+    patch_bytes: int  # the patch tensors' bytes
+    element_size: int  # bytes per element of the patch's dtype
+    chat_roles: str | None  # the roles of the conversation a --chat patch was made after
+
+
+def _one_source(patch, merged, verb: str) -> None:
+    if (patch is None) == (merged is None):
+        raise IclcaError("pass exactly one of --patch and --merged",
+                         f"--patch PATCH {verb} a patch file, --merged DIR {verb} a merged folder")
+
+
+def _with_patch(model: str, patch, merged, dtype: str, device: str, allow_pickle: bool, device_map, max_memory):
+    """The base model and its patched copy (the patch checked against it), or the merged folder's model (refused
+    unless merged from this base)."""
+    from .merge import load_merged
+    from .patch import DTYPES, check_patch_fits, load_patch, patched_copy
+
+    loaded = load_patch(patch) if patch is not None else None  # before the model: a bad patch fails at once
+    base, tokenizer, fingerprint = load_fingerprinted(model, dtype, device, allow_pickle, device_map, max_memory)
+    if loaded is None:
+        return _Patched(base, tokenizer, *load_merged(merged, fingerprint, dtype, device, device_map, max_memory))
+    check_patch_fits(loaded, base, fingerprint)
+    return _Patched(base, tokenizer, patched_copy(base, loaded), loaded.method, loaded.nbytes,
+                    DTYPES[loaded.dtype].itemsize, loaded.extra.get("chat_roles"))
 
 
 def inspect(patch: str | Path) -> dict:

@@ -8,7 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from .errors import IclcaError
-from .inputs import jsonl_lines, read_prompt
+from .inputs import encode_continuation, encode_prompt, jsonl_lines, read_prompt
 
 ROLES = ("system", "user", "assistant")
 
@@ -70,6 +70,19 @@ def continuation_ids(tokenizer, roles: list[str], query: str) -> list[int]:
     the same roles, which the template renders the same way whatever their content."""
     baked = [{"role": role, "content": PLACEHOLDER} for role in roles]
     return query_ids(tokenizer, baked, query)
+
+
+def encoders(tokenizer, prompt_text: str | None, messages: list[dict] | None = None, roles: list[str] | None = None):
+    """(the prompt's ids, or None without one; query text -> its ids), as the prompted model reads them: each query a
+    user turn after the rendered conversation `messages`, or after placeholders of its `roles` (a chat patch whose
+    prompt is not at hand: continuation_ids), or raw text after the raw prompt text."""
+    if messages is not None:
+        head = prompt_ids(tokenizer, messages)[1]
+        return head, lambda query: query_ids(tokenizer, messages, query, head)
+    if roles is not None:
+        return None, lambda query: continuation_ids(tokenizer, roles, query)
+    head = encode_prompt(tokenizer, prompt_text) if prompt_text is not None else None
+    return head, lambda query: encode_continuation(tokenizer, query)
 
 
 def merged_template(template: str, roles: list[str]) -> str:

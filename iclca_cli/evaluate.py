@@ -17,7 +17,7 @@ from . import chat
 from .devices import input_device
 from .errors import IclcaError
 from .families import family_of
-from .inputs import Query, encode_continuation, encode_prompt
+from .inputs import Query, encode_continuation
 from .patch import model_dtype_name
 from .positions import check_positions
 
@@ -119,12 +119,7 @@ def evaluate(
     dtype is from itself in float32, and max_abs_logit_diff as a multiple of it. chat_messages: the prompt as a
     conversation's start (chat.py; prompt_text is then unused), each query a user turn. answers: each model's
     greedy continuation, as long as the query's target, or `answer_tokens` where it has none."""
-    if chat_messages is not None:
-        prompt = chat.prompt_ids(tokenizer, chat_messages)[1]
-        encode_query = lambda text: chat.query_ids(tokenizer, chat_messages, text, prompt)  # noqa: E731
-    else:
-        prompt = encode_prompt(tokenizer, prompt_text)
-        encode_query = lambda text: encode_continuation(tokenizer, text)  # noqa: E731
+    prompt, encode_query = chat.encoders(tokenizer, prompt_text, chat_messages)
     if not prompt:
         raise IclcaError("the prompt has no tokens", "write the demonstrations into the prompt file")
     P = len(prompt)
