@@ -42,13 +42,10 @@ class _Commands(TyperGroup):
             rv = e.exit_code
         except click.exceptions.UsageError as e:
             command = e.ctx.command_path if e.ctx is not None else "iclca"
-            err.print(f"error: {printable(e.format_message(), 500)}", markup=False, highlight=False)
-            err.print(f"hint: see `{printable(command)} --help` for the options and their values", markup=False,
-                      highlight=False)
+            _print_error(e.format_message(), f"see `{command} --help` for the options and their values")
             rv = 2
         except click.exceptions.ClickException as e:
-            err.print(f"error: {printable(e.format_message(), 500)}", markup=False, highlight=False)
-            err.print("hint: see `iclca --help`", markup=False, highlight=False)
+            _print_error(e.format_message(), "see `iclca --help`")
             rv = e.exit_code
         except typer.Abort:
             err.print("Aborted.", markup=False)
@@ -114,6 +111,12 @@ def _show_warning(message, category, filename, lineno, file=None, line=None):
         _library_showwarning(message, category, filename, lineno, file, line)
 
 
+def _print_error(message: str, hint: str) -> None:
+    """The one shape of every error: `error: ...` and `hint: ...`, each one printable line (errors.printable)."""
+    err.print(f"error: {printable(message, 500)}", markup=False, highlight=False)
+    err.print(f"hint: {printable(hint, 500)}", markup=False, highlight=False)
+
+
 def handled(fn):
     """Turn IclcaError (and any unexpected error) into `error:` + `hint:` on stderr and exit code 2."""
 
@@ -126,15 +129,14 @@ def handled(fn):
         except IclcaError as e:
             if _state["debug"]:
                 raise
-            err.print(f"error: {printable(e.message, 500)}", markup=False, highlight=False)
-            err.print(f"hint: {printable(e.hint, 500)}", markup=False, highlight=False)
+            _print_error(e.message, e.hint)
             raise typer.Exit(2) from None
         except Exception as e:  # not foreseen: still one line, and --debug shows where
             if _state["debug"]:
                 raise
             first = str(e).splitlines()[0] if str(e) else ""
-            err.print(f"error: {type(e).__name__}: {printable(first, 300)}", markup=False, highlight=False)
-            err.print("hint: rerun with --debug for a traceback, and report it if the input looks right", markup=False)
+            _print_error(f"{type(e).__name__}: {printable(first, 300)}",
+                         "rerun with --debug for a traceback, and report it if the input looks right")
             raise typer.Exit(2) from None
 
     return wrapper
@@ -279,9 +281,9 @@ def convert(
     from .methods import build, check_parameters
 
     _quiet_transformers()
-    given = method_params  # one option per method parameter of the registry (_with_method_options)
-    check_parameters(method and method.value, **given)
-    chosen = build(method.value, **given) if method else None  # None: the model's default, decided once it loads
+    if method is None:  # the model's default, decided once it loads: it takes no parameter
+        check_parameters(None, **method_params)
+    chosen = build(method.value, **method_params) if method else None
     with _progress("converting" if out_dir is None else "prompts") as progress:
         report = api.convert(prompt_files, model, out_path, out_dir, chosen, base_patch, dtype.value, device, device_map,
                              max_memory, chunk_size, chat, force, max_input_mib << 20, allow_pickle, progress)
