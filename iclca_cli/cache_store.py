@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
+
+from .errors import IclcaError
+from .outputs import write_file
 
 
 def cache_dir() -> Path:
@@ -24,16 +26,11 @@ def read_store(name: str) -> dict:
 
 
 def add_to_store(name: str, key: str, value) -> None:
-    """Set one key of cache_dir()/name, written atomically (a temporary file beside it, then a rename)."""
+    """Set one key of cache_dir()/name, written atomically (outputs.write_file); a store that cannot be written is
+    left as it is."""
     store = cache_dir() / name
     try:
         store.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{name}.", dir=store.parent)
-    except OSError:
+        write_file(store, json.dumps({**read_store(name), key: value}).encode())
+    except (OSError, IclcaError):
         return
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump({**read_store(name), key: value}, f)
-        os.replace(tmp, store)
-    except OSError:
-        Path(tmp).unlink(missing_ok=True)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import difflib
+import functools
 import json
 import os
 import re
@@ -77,6 +78,7 @@ def _check_hub_id(spec: str) -> None:
                          f"({', '.join(builtin_models())}), or connect to the network")
 
 
+@functools.cache  # once per process: resolve_model runs a few times per command
 def _hub_reachable(timeout: float = 3.0) -> bool:
     """Whether a TCP connection to the hub opens (through a proxy, assumed so: transformers will find out)."""
     if any(os.environ.get(k) for k in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
@@ -153,7 +155,8 @@ def load_model(spec: str, dtype: str = "float32", device: str = "cpu", allow_pic
             f"cannot load model {spec!r}: {str(e).splitlines()[0][:200]}",
             f"pass a local checkpoint folder or a built-in model ({', '.join(builtin_models())}); hub ids need the network",
         ) from e
-    if not any(token not in set(getattr(tokenizer, "all_special_tokens", []) or []) for token in tokenizer.get_vocab()):
+    special = set(getattr(tokenizer, "all_special_tokens", []) or [])
+    if not any(token not in special for token in tokenizer.get_vocab()):
         raise IclcaError(f"model {spec!r} has no tokenizer (no tokenizer files, only special tokens)",
                          "add the tokenizer files of the model it was trained with (tokenizer.json, "
                          "tokenizer_config.json, ...): save_pretrained of its tokenizer")
