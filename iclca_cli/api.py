@@ -202,6 +202,7 @@ def inspect(patch: str | Path) -> dict:
     import torch
 
     from .patch import load_patch
+    from .summaries import head_entries
 
     loaded = load_patch(patch)
     info = dict(loaded.metadata())
@@ -209,6 +210,9 @@ def inspect(patch: str | Path) -> dict:
     info["patch_bytes"] = loaded.nbytes  # the tensors' bytes, as eval's sizes.patch_bytes
     info["file_bytes"] = Path(patch).stat().st_size
     info["patch_bytes_by_part"] = loaded.bytes_by_part()
+    entries = head_entries(loaded.tensors)
+    if entries:  # a summary: how the budget went to layers and heads
+        info["entries_per_head"] = entries
     info["tensors"] = {name: [list(t.shape), str(t.dtype).removeprefix("torch.")]
                        for name, t in sorted(loaded.tensors.items())}
     return info
@@ -292,7 +296,7 @@ def _convert_one(m, tokenizer, prompt_file: Path, out: Path, method, base_patch,
         status, file_bytes = "skipped", out.stat().st_size
     else:  # a base patch is applied in place: convert on a copy, so the next prompt starts from the plain model
         model = shared_copy(m) if base_patch is not None else m
-        patch = fill_patch(model, header, ids, base_patch, chunk_size, progress)
+        patch = fill_patch(model, header, ids, base_patch, chunk_size, progress, tokenizer)
         status, file_bytes = "converted", save_patch(patch, out)
     return {"prompt": str(prompt_file), "patch": str(out), "status": status, "method": header.method.name,
             "prompt_tokens": header.prompt_tokens, "position_offset": header.position_offset,

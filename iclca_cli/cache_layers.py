@@ -17,7 +17,7 @@ from .models.patched_cache import start_backbone_from_prompt
 from .patch_buffers import buffer_specs
 from .softmax_layers import capture_prompt_kv, patch_tensors
 
-Progress = Callable[[int, int], None]  # (tokens done, tokens in all)
+Progress = Callable[..., None]  # (tokens done, tokens in all[, a note: a training's loss])
 
 
 def cache_tensors(cache, paths: list[str]) -> dict[str, torch.Tensor]:

@@ -151,7 +151,8 @@ def _quiet_transformers() -> None:
 
 @contextmanager
 def _progress(description: str):
-    """A Rich progress bar on a terminal's stderr; a no-op callback elsewhere. Yields update(done, total)."""
+    """A Rich progress bar on a terminal's stderr; a no-op callback elsewhere. Yields update(done, total[, note]):
+    a note (a training's loss) replaces the description."""
     if not sys.stderr.isatty():
         yield None
         return
@@ -161,8 +162,8 @@ def _progress(description: str):
                   console=err, transient=True) as bar:
         task = bar.add_task(description, total=None)
 
-        def update(done: int, total: int) -> None:
-            bar.update(task, completed=done, total=total)
+        def update(done: int, total: int, note: str | None = None) -> None:
+            bar.update(task, completed=done, total=total, description=note or description)
 
         yield update
 

@@ -8,30 +8,14 @@ next tokens at every position of the training inputs. The engine of trained meth
 from __future__ import annotations
 
 import random
+import time
 from collections.abc import Callable
-from contextlib import contextmanager
-from dataclasses import dataclass
+from contextlib import contextmanager, nullcontext
 
 import torch
 
 from .devices import input_device
-from .errors import IclcaError
-
-
-@dataclass(frozen=True)
-class Training:
-    """How long and how fast to train: Adam steps (one input each), learning rate, seed, teacher's top-k, and the
-    longest input (tokens)."""
-
-    steps: int = 100
-    lr: float = 1e-2
-    seed: int = 0
-    top_k: int = 20
-    max_len: int = 64
-
-    def __post_init__(self):
-        if self.steps < 1 or self.lr <= 0 or self.top_k < 1 or self.max_len < 2:
-            raise IclcaError(f"cannot train with {self}", "pass --steps ≥ 1 and --lr > 0")
+from .training import Training
 
 
 def prompt_inputs(prompt_ids: list[int], count: int, max_len: int, seed: int) -> list[list[int]]:
@@ -44,6 +28,70 @@ def prompt_inputs(prompt_ids: list[int], count: int, max_len: int, seed: int) ->
         start = rng.randint(0, len(prompt_ids) - length)
         out.append(prompt_ids[start:start + length])
     return out
+
+
+def line_starts(prompt_ids: list[int], breaks: frozenset[int]) -> list[int]:
+    """Where the prompt's lines start: 0 and after each token in `breaks` (those whose text holds a newline)."""
+    return [0] + [i + 1 for i, t in enumerate(prompt_ids[:-1]) if t in breaks]
+
+
+def line_inputs(prompt_ids: list[int], count: int, max_len: int, seed: int, breaks: frozenset[int]) -> list[list[int]]:
+    """`count` inputs shaped as queries are: from a line's start, one to three whole lines of the prompt (so the
+    teacher's targets include each line's answer after its question), at most max_len tokens. Spans where the prompt
+    has no line breaks."""
+    starts = line_starts(prompt_ids, breaks)
+    if len(starts) < 2:
+        return prompt_inputs(prompt_ids, count, max_len, seed)
+    rng = random.Random(f"lines-{seed}")
+    out = []
+    for _ in range(count):
+        i = rng.randrange(len(starts))
+        end = starts[min(i + rng.randint(1, 3), len(starts) - 1)] if i + 1 < len(starts) else len(prompt_ids)
+        line = prompt_ids[starts[i]:max(end, starts[i] + 2)][:max_len]
+        out.append(line if len(line) >= 2 else prompt_ids[-2:])
+    return out
+
+
+def sampled_inputs(teacher, prompt_ids: list[int], count: int, max_len: int, seed: int, breaks: frozenset[int],
+                   temperature: float = 0.7) -> list[list[int]]:
+    """`count` inputs the prompted model writes itself (after Cartridges' self-study): from the first token of a
+    random prompt line, what it continues with at `temperature`, up to max_len tokens in all. Seeded."""
+    from .generation import Sampling, continuation
+
+    rng = random.Random(f"samples-{seed}")
+    starts = [i for i in line_starts(prompt_ids, breaks) if i < len(prompt_ids)]
+    out = []
+    with torch.random.fork_rng(devices=[]):
+        for n in range(count):
+            head = [prompt_ids[rng.choice(starts)]]
+            tail = continuation(teacher, head, Sampling(max_len - 1, temperature, 1.0, seed * 1000 + n))
+            out.append(head + tail if tail else prompt_ids[:2])
+    return out
+
+
+def training_inputs(teacher, prompt_ids: list[int], training: Training, breaks: frozenset[int] = frozenset()
+                    ) -> list[list[int]]:
+    """training.inputs inputs made from the prompt alone (never the eval queries), shared out evenly among
+    training.sources: spans re-read (prompt_inputs), lines as queries look (line_inputs), and continuations the
+    prompted model samples (sampled_inputs)."""
+    share = [training.inputs // len(training.sources) + (i < training.inputs % len(training.sources))
+             for i in range(len(training.sources))]
+    out = []
+    for source, count in zip(training.sources, share):
+        if source == "spans":
+            out += prompt_inputs(prompt_ids, count, training.max_len, training.seed)
+        elif source == "lines":
+            out += line_inputs(prompt_ids, count, training.max_len, training.seed, breaks)
+        else:
+            out += sampled_inputs(teacher, prompt_ids, count, training.max_len, training.seed, breaks)
+    return out
+
+
+def line_breaks(tokenizer, prompt_ids: list[int]) -> frozenset[int]:
+    """The prompt's tokens whose text holds a newline (none without a tokenizer)."""
+    if tokenizer is None:
+        return frozenset()
+    return frozenset(t for t in set(prompt_ids) if "\n" in tokenizer.decode([t]))
 
 
 @torch.no_grad()
@@ -79,27 +127,37 @@ def _frozen(model):
 
 def distill(student, names: list[str], targets_of: list[tuple[list[int], tuple[torch.Tensor, torch.Tensor]]],
             training: Training, keep: dict[str, torch.Tensor] | None = None,
-            progress: Callable[[int, int, float], None] | None = None) -> dict[str, torch.Tensor]:
+            progress: Callable[[int, int, float], None] | None = None) -> tuple[dict[str, torch.Tensor], int]:
     """Train the student's buffers `names` (its patch tensors, in place) with Adam, one (input, teacher targets) pair
-    per step in a seeded order; entries where keep[name] is True do not move (a summary's sink). Returns the trained
-    tensors (detached), in the buffers' dtypes. progress(step, steps, loss)."""
+    per step in a seeded order; entries where keep[name] is True do not move (a summary's sink). On CUDA the forward
+    runs under bfloat16 autocast; the trained tensors are kept in float64 (float32 on CUDA) between steps.
+    Returns (the trained tensors, detached, in the buffers' dtypes; the steps taken: fewer than training.steps where
+    training.time_limit ran out). progress(step, steps, loss)."""
     buffers = {name: student.get_buffer(name) for name in names}
-    work = {name: b.detach().double().clone().requires_grad_(True) for name, b in buffers.items()}
+    device = input_device(student)
+    work_dtype = torch.float32 if device.type == "cuda" else torch.float64
+    work = {name: b.detach().to(work_dtype).clone().requires_grad_(True) for name, b in buffers.items()}
     optimiser = torch.optim.Adam(list(work.values()), lr=training.lr)
     order = random.Random(training.seed).choices(range(len(targets_of)), k=training.steps)
-    device = input_device(student)
+    autocast = torch.autocast("cuda", torch.bfloat16) if device.type == "cuda" else nullcontext()
+    start, taken = time.monotonic(), 0
     with _frozen(student):
         for step, i in enumerate(order, start=1):
+            if training.time_limit is not None and time.monotonic() - start > training.time_limit:
+                break
             ids, (logp, top) = targets_of[i]
             for name, t in work.items():  # the buffers hold the working tensors, cast as the model computes
                 path, buffer = name.rsplit(".", 1)
                 setattr(student.get_submodule(path), buffer, t.to(buffers[name].dtype))
-            loss = top_k_kl(logp, top, student(input_ids=torch.tensor([ids], device=device)).logits[0])
+            with autocast:
+                logits = student(input_ids=torch.tensor([ids], device=device)).logits[0]
+            loss = top_k_kl(logp.to(logits.device), top.to(logits.device), logits)
             optimiser.zero_grad()
             loss.backward()
             for name, mask in (keep or {}).items():
-                work[name].grad[mask] = 0
+                work[name].grad[mask.to(work[name].device)] = 0
             optimiser.step()
+            taken = step
             if progress is not None:
                 progress(step, training.steps, float(loss))
     trained = {}
@@ -107,7 +165,7 @@ def distill(student, names: list[str], targets_of: list[tuple[list[int], tuple[t
         path, buffer = name.rsplit(".", 1)
         trained[name] = t.detach().to(buffers[name].dtype)
         student.get_submodule(path).register_buffer(buffer, trained[name].clone())
-    return trained
+    return trained, taken
 
 
 def summary_names_and_sinks(tensors: dict[str, torch.Tensor]) -> tuple[list[str], dict[str, torch.Tensor]]:
@@ -136,9 +194,10 @@ def summary_names_and_sinks(tensors: dict[str, torch.Tensor]) -> tuple[list[str]
 
 
 def refine_summary(model, patch, tensors: dict[str, torch.Tensor], prompt_ids: list[int], training: Training,
-                   progress: Callable[[int, int], None] | None = None, inputs: int = 32) -> dict[str, torch.Tensor]:
+                   progress: Callable[..., None] | None = None, tokenizer=None) -> dict[str, torch.Tensor]:
     """`compressed --refine`: the fitted summary trained toward the model with the prompt's exact patch (its default
-    method: prefix, or a hybrid's exact cache), on `inputs` spans of the prompt."""
+    method: prefix, or a hybrid's exact cache), on inputs made from the prompt (training_inputs; lines need the
+    tokenizer). Where a time limit stops training early, patch.extra records the steps taken."""
     import dataclasses
 
     from .convert import default_method, describe_patch, fill_patch
@@ -148,7 +207,10 @@ def refine_summary(model, patch, tensors: dict[str, torch.Tensor], prompt_ids: l
     teacher = patched_copy(model, fill_patch(model, exact, prompt_ids))
     student = patched_copy(model, dataclasses.replace(patch, tensors=dict(tensors)))
     names, keep = summary_names_and_sinks(tensors)
-    drawn = prompt_inputs(prompt_ids, inputs, training.max_len, training.seed)
+    drawn = training_inputs(teacher, prompt_ids, training, line_breaks(tokenizer, prompt_ids))
     targets = list(zip(drawn, teacher_targets(teacher, drawn, training.top_k)))
-    step = (lambda done, total, loss: progress(done, total)) if progress is not None else None
-    return {**tensors, **distill(student, names, targets, training, keep, step)}
+    step = (lambda done, total, loss: progress(done, total, f"refining, KL {loss:.3f}")) if progress else None
+    trained, taken = distill(student, names, targets, training, keep, step)
+    if taken < training.steps:
+        patch.extra["refine_steps_taken"] = str(taken)
+    return {**tensors, **trained}

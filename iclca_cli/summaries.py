@@ -52,7 +52,8 @@ class Heads:
         """{budget: {head: its Summary (a batch of one)}} at each of `budgets`, for these heads (default: all), fitted
         in batches of heads whose (N, largest budget) scores stay under FIT_ELEMENTS."""
         heads = list(range(len(self.keys))) if heads is None else heads
-        step = max(1, FIT_ELEMENTS // (self.ref.queries.shape[1] * max(budgets)))
+        fitted = [b for b in budgets if b < self.keys.shape[1]] or [1]  # the whole prompt is kept, not fitted
+        step = max(1, FIT_ELEMENTS // (self.ref.queries.shape[1] * max(fitted)))
         out = {b: {} for b in budgets}
         for i in range(0, len(heads), step):
             batch = heads[i:i + step]
@@ -106,6 +107,12 @@ def layer_tensors(summaries: list[compress.Summary], dtype) -> dict[str, torch.T
             "prefix_values": torch.cat([s.values for s in summaries], 1).to(dtype), "prefix_bias": bias.to(dtype)}
 
 
+def head_entries(tensors: dict[str, torch.Tensor]) -> dict[str, list[int]]:
+    """{summarised layer: the entries each of its key/value heads holds} (the layers with a prefix_bias)."""
+    return {name.removesuffix(".prefix_bias"): (bias > compress.PAD_BIAS / 2).sum(-1).tolist()
+            for name, bias in sorted(tensors.items()) if name.endswith(".prefix_bias")}
+
+
 def compressed_tensors(captured: dict, prompt_tokens: int, budget: int, keys: str = "attention",
                        split: str = "heads") -> dict[str, dict[str, torch.Tensor]]:
     """{full-attention layer: {buffer: tensor}} of a `compressed` patch of `budget` entries per layer and key/value
@@ -120,12 +127,13 @@ def compressed_tensors(captured: dict, prompt_tokens: int, budget: int, keys: st
 def head_budgets(heads: Heads, budget: int, keys: str = "attention", split: str = "heads",
                  ) -> tuple[list[int], dict[int, dict[int, compress.Summary]]]:
     """(each head's budget under `split`, {budget: {head: Summary}} fitted on the way: every head at each budget it
-    holds)."""
+    holds). split: uniform, layers (whole layers move together), heads (each head up to GRID_TOP x the budget) or
+    free (each head anything from its sink alone to its whole prompt as it is, exact: a retrieval head kept whole)."""
     P, L, Hkv = heads.keys.shape[1], len(heads.names), heads.kv_heads
     if split == "uniform" or budget >= P:
         per_head = [min(budget, P)] * len(heads.keys)
         return per_head, heads.summarise(per_head[:1], keys)
-    grid = compress.budget_grid(budget, P)
+    grid = compress.budget_grid(budget, P, free=split == "free")
     fits = heads.summarise(grid, keys)
     errors = torch.stack([torch.cat([fits[b][h].error for h in range(len(heads.keys))]) for b in grid], -1)  # (B, grid)
     if split == "layers":  # whole layers: Hkv heads move together
@@ -142,3 +150,40 @@ def _one(s: compress.Summary, h: int) -> compress.Summary:
     """Head h of a batched Summary, as a Summary of one head."""
     return dataclasses.replace(s, keys=s.keys[h:h + 1], values=s.values[h:h + 1],
                                bias=None if s.bias is None else s.bias[h:h + 1], error=s.error[h:h + 1])
+
+
+# ---- the summary layer in research: a prompt's heads, and a model patched with any summary per head ----
+# (documented in docs/python-api.md; scripts/research/ use these, not the handlers)
+
+@torch.no_grad()
+def prompt_heads(model, prompt_ids: list[int], method=None) -> Heads:
+    """Every full-attention head of `model` on this prompt, as `compressed` (or `method`, one that summarises) fits
+    them: its keys and values, and the reference queries (by default those of a repeat of the prompt)."""
+    from .devices import input_device
+    from .families import family_of
+    from .methods.compressed import Compressed
+    from .softmax_layers import attention_modules, capture_prompt_kv, positions_left
+
+    family, method = family_of(model), method or Compressed(budget=2)
+    ids = method.capture_ids(prompt_ids, positions_left(model, family))
+    with capture_prompt_kv(model, attention_modules(model, family), with_queries=True) as captured:
+        model.base_model(input_ids=torch.tensor([ids], device=input_device(model)), use_cache=False)
+    full = {n: c for n, c in captured.items() if c.sliding_window is None}
+    return captured_heads(full, len(prompt_ids))
+
+
+def patched_with(model, heads: Heads, chosen: list[compress.Summary], prompt_tokens: int):
+    """A copy of `model` (sharing its weights) whose full-attention heads attend to chosen[row] (a Summary of one
+    head, row = layer * Hkv + head) in place of the prompt; any mix of budgets, fitted or exact, per head. For
+    models whose attention layers are all full (sliding-window layers are not patched here)."""
+    from .families import family_of
+    from .patch import shared_copy
+    from .softmax_layers import attach
+
+    Hkv = heads.kv_heads
+    tensors = {f"{name}.{buffer}": t for i, name in enumerate(heads.names)
+               for buffer, t in layer_tensors(chosen[i * Hkv:(i + 1) * Hkv], heads.dtype).items()}
+    patched = shared_copy(model)
+    attach(patched, family_of(patched), tensors, prompt_tokens)
+    return patched
+

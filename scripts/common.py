@@ -56,13 +56,15 @@ def random_decoder(kind: str = "Llama", dtype=torch.float64, seed: int = 0, **co
     return getattr(transformers, f"{kind}ForCausalLM")(config).to(dtype).eval()
 
 
-def convert_by(model, prompt_ids: list[int], name: str, chunk_size: int = 512, fingerprint: str | None = None):
+def convert_by(model, prompt_ids: list[int], name: str, chunk_size: int = 512, fingerprint: str | None = None,
+               tokenizer=None):
     """The patch of a method named as in the tables (a spec: exact, prefix, taylor1, compressed-32, evict-P/3,
-    compressed-P/3:own:kmeans:uniform; methods.from_spec), converted on `model` itself."""
+    compressed-P/3:own:kmeans:uniform; methods.from_spec), converted on `model` itself (the tokenizer: for a trained
+    method's line inputs)."""
     from iclca_cli.methods import from_spec
 
     return convert_prompt(model, prompt_ids, "-", from_spec(name, len(prompt_ids)), chunk_size=chunk_size,
-                          fingerprint=fingerprint)
+                          fingerprint=fingerprint, tokenizer=tokenizer)
 
 
 def patched_by(model, prompt_ids: list[int], name: str, chunk_size: int = 512):

@@ -147,7 +147,7 @@ def run(folder: Path, tasks: list[str], methods: dict[str, list[str]], n_prompts
                     patched = None if name == "prompted" else model
                 else:
                     start = time.perf_counter()
-                    patch = convert_by(model, prompt, name, fingerprint=fingerprint)
+                    patch = convert_by(model, prompt, name, fingerprint=fingerprint, tokenizer=tokenizer)
                     s["seconds"] += time.perf_counter() - start
                     s["bytes"].append(patch.nbytes)
                     s["budgets"].append(int(patch.extra.get("budget", 0)))
@@ -204,6 +204,10 @@ def main() -> None:
     ap.add_argument("stage", choices=["dev", "heldout", "plot", "cost"])
     ap.add_argument("--prompts", type=int, default=None, help="fresh prompts per task (dev 3, heldout 5; long lists at most 3)")
     ap.add_argument("--tasks", nargs="+", default=None, help="a subset of the stage's tasks")
+    ap.add_argument("--methods", nargs="+", default=None, help="method specs to run instead of the stage's "
+                    "(methods.from_spec: compressed-P/4:split=free, compressed-32:refine=True:steps=200)")
+    ap.add_argument("--save", type=Path, default=None, help="where the rows go (default: the stage's file in "
+                    "scripts/results; pass another with --methods or --tasks, to keep the stage's report)")
     ap.add_argument("--folder", type=Path, default=DEFAULT_FOLDER, help="where the safetensors copy lives")
     ap.add_argument("--json", action="store_true", help="print one JSON object")
     args = ap.parse_args()
@@ -230,8 +234,9 @@ def main() -> None:
         return
     dev = args.stage == "dev"
     tasks = args.tasks or list(DEV_TASKS if dev else HELDOUT_TASKS)
-    methods = {t: (DEV_LONG_METHODS if dev else LONG_METHODS) if t.startswith("long_") else
+    default = {t: (DEV_LONG_METHODS if dev else LONG_METHODS) if t.startswith("long_") else
                DEV_METHODS if dev else HELDOUT_METHODS for t in tasks}
+    methods = {t: args.methods or default[t] for t in tasks}
     n = args.prompts or (3 if dev else 5)
     t0 = time.perf_counter()
     folder = smollm2_folder(args.folder)
@@ -239,7 +244,7 @@ def main() -> None:
     result = {"model": "SmolLM2-135M-Instruct (GGUF Q4_1, de-quantised to float32)", "stage": args.stage,
               "prompts": n, "seconds": round(time.perf_counter() - t0), "rows": rows}
     RESULTS.mkdir(exist_ok=True)
-    save_json(RESULTS / f"real_model_{args.stage}.json", result)
+    save_json(args.save or RESULTS / f"real_model_{args.stage}.json", result)
     if args.json:
         print(json.dumps(result))
         return

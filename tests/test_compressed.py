@@ -110,6 +110,29 @@ def test_budget_grid_and_the_split():
     assert compress.split_budget(errors, grid, 1, 30) == [8, 8]  # the grid's top caps every unit
 
 
+def test_a_free_split_keeps_a_head_that_cannot_be_summarised_whole():
+    """`free`: one head whose prompt cannot be summarised (sharp attention over random keys and values) takes all P
+    of its entries as they are (bias 0: exact for that head), paid for by heads that need their sink alone (every key
+    and value alike); `heads` caps it at GRID_TOP x the budget. Both hold the same total."""
+    from iclca_cli.summaries import Heads, head_budgets
+
+    P, D, easy = 60, 8, 7
+    g = torch.Generator().manual_seed(5)
+    k = torch.cat([torch.ones(easy, P, D, dtype=torch.float64), 4 * torch.randn(1, P, D, dtype=torch.float64, generator=g)])
+    v = torch.cat([torch.ones(easy, P, D, dtype=torch.float64), torch.randn(1, P, D, dtype=torch.float64, generator=g)])
+    q = 4 * torch.randn(easy + 1, 2 * P, D, dtype=torch.float64, generator=g)
+    one = Heads(["layer"], k, v, compress.reference(k, v, q, S, None), torch.full((easy + 1, 1, 1), S, dtype=torch.float64),
+                None, torch.float64)
+    assert compress.budget_grid(10, P, free=True) == [1, *compress.budget_grid(10, P)[:-1], 40, 60]
+    free, fits = head_budgets(one, 10, split="free")
+    capped, _ = head_budgets(one, 10, split="heads")
+    assert sum(free) == sum(capped) == 10 * (easy + 1)
+    assert free[-1] == P and capped[-1] == compress.GRID_TOP * 10
+    kept = fits[P][easy]
+    assert torch.equal(kept.keys[0], k[-1]) and torch.equal(kept.values[0], v[-1]) and (kept.bias == 0).all()
+    assert float(fits[capped[-1]][easy].error) > 1e-3  # what the cap leaves: the head is not summarised well
+
+
 def test_a_layer_of_heads_with_different_budgets_attends_as_each_heads_own_entries():
     """A split by heads gives the heads of a layer different budgets; the layer keeps their entries in one list with a
     bias per head that hides the others' entries: attention over it equals attention over each head's own entries
@@ -137,7 +160,7 @@ def test_a_layer_of_heads_with_different_budgets_attends_as_each_heads_own_entri
         torch.testing.assert_close(got[:, 2 * h:2 * h + 2], own, rtol=0, atol=1e-12)
 
 
-@pytest.mark.parametrize("split", ["uniform", "layers", "heads"])
+@pytest.mark.parametrize("split", ["uniform", "layers", "heads", "free"])
 def test_a_split_never_holds_more_entries_than_the_uniform_budget(split):
     model = make_llama()
     prompt = torch.randint(0, 97, (60,), generator=torch.Generator().manual_seed(2)).tolist()
@@ -149,6 +172,7 @@ def test_a_split_never_holds_more_entries_than_the_uniform_budget(split):
     assert sum(k.shape[0] * k.shape[1] for k in keys) == held  # no unused slots
     if split == "uniform":
         assert {k.shape for k in keys} == {(2, 10, 16)}
+    check_patch_fits(patch, model, model_fingerprint(model))  # the shapes a split allows
 
 
 def test_repeat_queries_run_a_second_copy_within_the_position_table():
@@ -195,7 +219,7 @@ def test_a_patch_with_a_layer_wider_than_the_split_allows_is_refused(tmp_path):
     meta.pop("iclca.tensors_sha256")
     tensors = {k: t.contiguous() for k, t in patch.tensors.items()}
     (tmp_path / "p.st").write_bytes(canonical_safetensors(tensors, meta))
-    with pytest.raises(IclcaError, match="iclca.summary_split 'diagonal', not one of uniform, layers, heads"):
+    with pytest.raises(IclcaError, match="iclca.summary_split 'diagonal', not one of uniform, layers, heads, free"):
         load_patch(tmp_path / "p.st")
 
 
@@ -270,3 +294,41 @@ def test_held_out_tasks_are_other_kinds_whose_answers_are_only_in_the_prompt():
                 assert query.split("\n")[0] not in prompt  # the rule, applied to a new word
             else:
                 assert query + target in prompt and prompt.count(query) == 1  # stated once: one right answer
+
+
+def test_inspect_shows_each_heads_entries(cli, tmp_path):
+    """A free split's patch: inspect names every summarised layer's entries per key/value head, as many in all as the
+    uniform budget would hold; a prefix patch has no such key."""
+    prompt = tmp_path / "p.txt"
+    prompt.write_text("".join(f"w{i}: {i % 10}\n" for i in range(8)))
+    out = tmp_path / "c.safetensors"
+    assert cli("convert", prompt, "-m", "demo-gpt2", "-o", out, "--method", "compressed", "--budget", "6",
+               "--split", "free").exit_code == 0
+    info = json.loads(cli("inspect", out, "--json").stdout)
+    entries = info["entries_per_head"]
+    heads = sum(len(h) for h in entries.values())
+    assert heads > 1 and sum(sum(h) for h in entries.values()) == 6 * heads and min(min(h) for h in entries.values()) >= 1
+    assert info["iclca.summary_split"] == "free"
+    assert cli("convert", prompt, "-m", "demo-gpt2", "-o", tmp_path / "x.safetensors", "--method", "prefix").exit_code == 0
+    assert "entries_per_head" not in json.loads(cli("inspect", tmp_path / "x.safetensors", "--json").stdout)
+
+
+def test_the_research_surface_rebuilds_the_prefix_and_the_default_patch():
+    """summaries.prompt_heads + patched_with (what scripts/research/ use): every head exact is the prefix patch, and
+    the default split's summaries are the `compressed` patch (float64 logits)."""
+    from iclca_cli.summaries import head_budgets, patched_with, prompt_heads
+
+    model = make_llama()
+    prompt, query = list(range(3, 43)), [50, 51, 52, 53]
+    heads = prompt_heads(model, prompt)
+    exact = compress.summarise(heads.keys, heads.values, heads.ref, [len(prompt)], heads.scaling, None)[len(prompt)]
+    rows = range(len(heads.keys))
+    every = patched_with(model, heads, [compress.Summary(exact.keys[b:b + 1], exact.values[b:b + 1], exact.bias[b:b + 1],
+                                                          exact.error[b:b + 1]) for b in rows], len(prompt))
+    prefix, _ = convert(model, prompt, "prefix")
+    assert (logits(every, query) - logits(prefix, query)).abs().max() <= 1e-10
+    per_head, fits = head_budgets(heads, 6)
+    default, _ = convert(model, prompt, "compressed", budget=6)
+    summarised = patched_with(model, heads, [fits[per_head[b]][b] for b in rows], len(prompt))
+    assert (logits(summarised, query) - logits(default, query)).abs().max() <= 1e-10
+    assert (logits(summarised, query) - logits(prefix, query)).abs().max() > 1e-4  # a summary, not the prefix

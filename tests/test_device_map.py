@@ -71,3 +71,21 @@ def test_bad_placements_are_one_line_errors(cli, tmp_path):
     assert_one_line_error(run("--device-map", "balanced"), "unsupported --device-map 'balanced'")
     assert_one_line_error(run("--max-memory", "cpu=1GB"), "--max-memory limits --device-map auto")
     assert_one_line_error(run("--device-map", "auto", "--max-memory", "lots"), "cannot read --max-memory part 'lots'")
+
+
+def test_an_offloaded_model_refines_a_summary_as_one_device_does(tmp_path):
+    """`compressed --refine` with the frozen weights offloaded (a third in memory, the rest on disk, back for each
+    forward and kept for its backward): the trained tensors equal those trained on one device, bit for bit."""
+    from iclca_cli.methods import build
+
+    folder = save_checkpoint(MODELS["llama"](), tmp_path / "llama")
+    single, _ = load_model(str(folder), "float64")
+    weight_bytes = sum(p.numel() * p.element_size() for p in single.parameters())
+    model = offloaded(folder, f"{weight_bytes // 3 // 1024}KB")
+    ids = [i + 3 for i in random_ids(P, 58, 4)]
+    method = build("compressed", budget=4, refine=True, steps=6)
+    want = convert_prompt(single, ids, "0" * 64, method)
+    got = convert_prompt(model, ids, "0" * 64, method)
+    fitted = convert_prompt(single, ids, "0" * 64, build("compressed", budget=4))
+    assert all(torch.equal(got.tensors[n].cpu(), want.tensors[n]) for n in want.tensors)
+    assert any(not torch.equal(want.tensors[n], fitted.tensors[n]) for n in want.tensors)  # training moved them

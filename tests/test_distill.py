@@ -1,10 +1,13 @@
 """The distillation engine (distill.py): a compressed summary trained toward the prompted model, on inputs made from
 the prompt alone, gets closer to it on queries it never saw; training is deterministic and leaves the sink alone."""
 
+import pytest
 import torch
 
 from helpers import convert, make_llama, random_ids
-from iclca_cli.distill import Training, distill, prompt_inputs, teacher_targets, top_k_kl
+from iclca_cli.distill import (Training, distill, line_inputs, line_starts, prompt_inputs, sampled_inputs, teacher_targets,
+                               top_k_kl, training_inputs)
+from iclca_cli.errors import IclcaError
 
 
 def held_out_kl(teacher, student, inputs):
@@ -25,7 +28,8 @@ def refine(budget=4, steps=150, seed=0, lr=5e-2, count=32):
     keep = {n: torch.zeros_like(patch.tensors[n], dtype=torch.bool) for n in names}
     for n in names:  # the first entry of every head (keys, values, bias): the sink
         keep[n][:, 0] = True
-    trained = distill(student, names, targets, Training(steps=steps, lr=lr, seed=seed), keep)
+    trained, taken = distill(student, names, targets, Training(steps=steps, lr=lr, seed=seed), keep)
+    assert taken == steps
     return model, prompt, teacher, student, patch, trained
 
 
@@ -59,17 +63,63 @@ def test_inputs_come_from_the_prompt():
         assert prompt[start:start + len(ids)] == ids
 
 
+def test_line_inputs_start_where_lines_start_and_hold_whole_lines():
+    """A prompt of lines `question answer NL`: each line input starts at a line's start and ends after a line break
+    (or at the prompt's end, or max_len), so the teacher's targets include the answers as a query reads them."""
+    NL = 0
+    prompt = [t for i in range(12) for t in (100 + i, 200 + i, NL)]
+    assert line_starts(prompt, frozenset({NL}))[:3] == [0, 3, 6]
+    for ids in line_inputs(prompt, 40, 7, 3, frozenset({NL})):
+        start = prompt.index(ids[0])
+        assert start % 3 == 0 and prompt[start:start + len(ids)] == ids
+        assert ids[-1] == NL or len(ids) == 7 or start + len(ids) == len(prompt)
+    assert line_inputs(prompt, 5, 7, 3, frozenset()) == prompt_inputs(prompt, 5, 7, 3)  # no breaks: spans
+
+
+def test_sampled_inputs_are_the_prompted_models_own_and_seeded():
+    model = make_llama(seed=5)
+    prompt = random_ids(30, 97, 6)
+    teacher, _ = convert(model, prompt, "prefix")
+    firsts = {prompt[i] for i in line_starts(prompt, frozenset({prompt[9]}))}
+    a, b = (sampled_inputs(teacher, prompt, 3, 10, 0, frozenset({prompt[9]})) for _ in range(2))
+    assert a == b and all(2 <= len(x) <= 10 and x[0] in firsts for x in a)
+    assert a != sampled_inputs(teacher, prompt, 3, 10, 1, frozenset({prompt[9]}))
+    mixed = training_inputs(teacher, prompt, Training(inputs=7, max_len=10, sources=("spans", "lines", "samples")),
+                            frozenset({prompt[9]}))
+    assert len(mixed) == 7 and mixed[:3] == prompt_inputs(prompt, 3, 10, 0)
+
+
+def test_training_settings_are_checked_with_the_flags_named():
+    for bad, flag in ((dict(steps=0), "--steps"), (dict(lr=0), "--lr"), (dict(sources=("spans", "docs")), "--train-on"),
+                      (dict(time_limit=0), "--time-limit")):
+        with pytest.raises(IclcaError, match=flag):
+            Training(**bad)
+
+
+def test_a_time_limit_stops_training_and_says_how_far_it_got():
+    model = make_llama(seed=5)
+    prompt = random_ids(40, 97, 6)
+    student, patch = convert(model, prompt, "compressed", budget=4, split="uniform")
+    teacher, _ = convert(model, prompt, "prefix")
+    inputs = prompt_inputs(prompt, 4, 16, 0)
+    targets = list(zip(inputs, teacher_targets(teacher, inputs, 20)))
+    _, taken = distill(student, sorted(patch.tensors), targets, Training(steps=10_000, time_limit=0.5))
+    assert 1 <= taken < 10_000
+
+
 def test_refine_through_the_command_line_is_deterministic_and_recorded(cli, tmp_path):
     from helpers import EXAMPLE_PROMPT, assert_one_line_error
     from iclca_cli.patch import load_patch
 
     args = ("convert", EXAMPLE_PROMPT, "-m", "demo-gpt2", "--method", "compressed", "--budget", "6", "--refine",
-            "--steps", "10")
+            "--steps", "10", "--train-on", "lines+samples+spans")
     for name in ("a", "b"):
         assert cli(*args, "-o", tmp_path / f"{name}.st").exit_code == 0
-    assert (tmp_path / "a.st").read_bytes() == (tmp_path / "b.st").read_bytes()
+    assert (tmp_path / "a.st").read_bytes() == (tmp_path / "b.st").read_bytes()  # sampled inputs too: seeded
     meta = load_patch(tmp_path / "a.st").metadata()
     assert (meta["iclca.refine"], meta["iclca.refine_steps"], meta["iclca.refine_lr"]) == ("True", "10", "0.02")
+    assert meta["iclca.refine_inputs"] == "lines+samples+spans" and "iclca.refine_steps_taken" not in meta
+    assert_one_line_error(cli(*args[:-1], "lines+docs", "-o", tmp_path / "x.st"), "--train-on 'lines+docs'")
     assert cli("convert", EXAMPLE_PROMPT, "-m", "demo-gpt2", "--method", "compressed", "--budget", "6",
                "-o", tmp_path / "c.st").exit_code == 0
     assert "iclca.refine" not in load_patch(tmp_path / "c.st").metadata()  # unrefined patches are as before

@@ -98,8 +98,9 @@ class Method:
             raise IclcaError(f"{where}: {e.message}", "convert the prompt again with this version of iclca") from e
 
     def trained(self, model, patch, tensors: dict[str, torch.Tensor], prompt_ids: list[int],
-                progress=None) -> dict[str, torch.Tensor]:
-        """The patch tensors after the method's training, if it trains (distill.py); as they are, else."""
+                progress=None, tokenizer=None) -> dict[str, torch.Tensor]:
+        """The patch tensors after the method's training, if it trains (distill.py); as they are, else. The
+        tokenizer, where the caller has it, shapes training inputs as the prompt's lines."""
         return tensors
 
     def is_attention_buffer(self, buffer: str) -> bool:

@@ -31,14 +31,20 @@ class Compressed(Method):
         Param("keys", "--keys", "summary_keys", str, "a summary's keys: the prompt keys that receive most attention "
               "(attention), or k-means centroids (kmeans)", choices=("attention", "kmeans")),
         Param("split", "--split", "summary_split", str, "the same budget for every head (uniform), or the total split "
-              "by fitted error across layers (layers) or across heads (heads)", choices=("uniform", "layers", "heads")),
+              "by fitted error across layers (layers), across heads up to 4x the budget each (heads), or across heads "
+              "from one entry to the whole prompt kept as it is (free)", choices=("uniform", "layers", "heads", "free")),
         Param("refine", "--refine", "refine", bool, "train the fitted summary toward the prompted model on inputs made "
               "from the prompt (distill.py); the sink entries stay"),
         Param("steps", "--steps", "refine_steps", int, "training steps (--refine)", minimum=1),
         Param("lr", "--lr", "refine_lr", float, "Adam's learning rate (--refine)"),
         Param("seed", "--seed", "refine_seed", int, "the training inputs' and order's seed (--refine)"),
+        Param("train_on", "--train-on", "refine_inputs", str, "what training inputs are made of, joined by +: spans of "
+              "the prompt re-read (spans), its lines from their start as queries look (lines), continuations the "
+              "prompted model samples (samples) (--refine)"),
+        Param("time_limit", "--time-limit", "refine_time_limit", float, "stop training after this many seconds, "
+              "0: no limit; a patch stopped early records the steps it took and is not reproducible (--refine)"),
     )
-    TRAINING = ("steps", "lr", "seed")  # recorded, and allowed to differ from their defaults, only with refine
+    TRAINING = ("steps", "lr", "seed", "train_on", "time_limit")  # recorded, and allowed to differ from their defaults, only with refine
 
     budget: int = 0
     queries: str = "repeat"  # chosen on development tasks, as the other defaults
@@ -48,14 +54,22 @@ class Compressed(Method):
     steps: int = 100
     lr: float = 2e-2
     seed: int = 0
+    train_on: str = "spans"
+    time_limit: float = 0.0
 
     def validate(self) -> None:
         super().validate()
-        if self.lr <= 0:
-            raise IclcaError(f"--lr {self.lr} is not a learning rate", "pass --lr 0.02, or another positive number")
-        changed = [f"--{f}" for f in self.TRAINING if getattr(self, f) != self.default(self._param(f))]
+        self.training()
+        changed = [self._param(f).flag for f in self.TRAINING if getattr(self, f) != self.default(self._param(f))]
         if changed and not self.refine:
             raise IclcaError(f"{', '.join(changed)} apply to --refine", "add --refine, or drop them")
+
+    def training(self):
+        """The distillation engine's settings (training.Training: checks them)."""
+        from ..training import Training
+
+        return Training(self.steps, self.lr, self.seed, sources=tuple(self.train_on.split("+")),
+                        time_limit=self.time_limit or None)
 
     @classmethod
     def _param(cls, field: str) -> Param:
@@ -69,12 +83,12 @@ class Compressed(Method):
                 meta.pop(key)
         return meta
 
-    def trained(self, model, patch, tensors, prompt_ids, progress=None):
+    def trained(self, model, patch, tensors, prompt_ids, progress=None, tokenizer=None):
         if not self.refine:
             return tensors
-        from ..distill import Training, refine_summary
+        from ..distill import refine_summary
 
-        return refine_summary(model, patch, tensors, prompt_ids, Training(self.steps, self.lr, self.seed), progress)
+        return refine_summary(model, patch, tensors, prompt_ids, self.training(), progress, tokenizer)
 
     def capture_ids(self, prompt_ids: list[int], positions_left: int | None) -> list[int]:
         from ..summaries import repeat_ids
@@ -97,7 +111,7 @@ class Compressed(Method):
         shared = 1 if keys is not None and keys.dim() == 3 and keys.shape[0] == 1 else kv_heads
         if self.split != "uniform" and keys is not None:
             held = keys.shape[-2] if keys.dim() == 3 else -1
-            top = compress.budget_grid(self.budget, patch.prompt_tokens)[-1] * (kv_heads // shared)
+            top = compress.budget_grid(self.budget, patch.prompt_tokens, self.split == "free")[-1] * (kv_heads // shared)
             R = held if 1 <= held <= top else R
         return {f"{path}.prefix_keys": (shared, R, head_dim), f"{path}.prefix_values": (shared, R, head_dim),
                 f"{path}.prefix_bias": (kv_heads, R)}

@@ -32,7 +32,7 @@ MIN_WEIGHT = math.exp(-7)  # the smallest mass weight an entry keeps (a bias of 
 PAD_BIAS = -1e4  # another head's entry in a layer's shared list (summaries.layer_tensors): exp(-1e4) = 0
 RIDGE = 1e-3  # relative ridge of the value fit (conditioning; the fit has many more queries than entries)
 NNLS_STEPS = 100
-GRID_TOP = 4  # a head takes at most GRID_TOP x the budget in a split
+GRID_TOP = 4  # a head takes at most GRID_TOP x the budget in a split (but `free`: up to the whole prompt)
 
 
 @dataclass
@@ -203,15 +203,16 @@ def summarise(k: torch.Tensor, v: torch.Tensor, ref: Reference, budgets: list[in
     return out
 
 
-def budget_grid(budget: int, prompt_tokens: int) -> list[int]:
+def budget_grid(budget: int, prompt_tokens: int, free: bool = False) -> list[int]:
     """The budgets a head is fitted at for the split: 2, 3, 4, 6, 8, 11, 16, 23, ... (steps of about sqrt 2), the uniform
-    budget itself, up to GRID_TOP x it or the whole prompt."""
+    budget itself, up to GRID_TOP x it or the whole prompt. free: also the sink alone (1) and the whole prompt as it
+    is (P entries, exact: summarise), so that a head may take anything from one entry to all of its prompt."""
     top = min(prompt_tokens, GRID_TOP * budget)
     grid, b = {min(budget, top), top}, 2
     while b < top:
         grid.add(b)
         b = max(b + 1, round(b * math.sqrt(2)))
-    return sorted(grid)
+    return sorted(grid | ({1, prompt_tokens} if free else set()))
 
 
 def split_budget(errors: torch.Tensor, grid: list[int], members: int, total: int) -> list[int]:

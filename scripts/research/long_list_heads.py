@@ -1,7 +1,7 @@
 """Where a long list's look-ups live in SmolLM2-135M-Instruct, and what `compressed` does to them: a diagnosis on the
 development task long_numbers (`<word>: <two-digit number>`, 100 facts), one prompt. None of it is part of iclca.
 
-    python scripts/long_list_heads.py [--budget 32] [--prompt 1]
+    python scripts/research/long_list_heads.py [--budget 32] [--prompt 1]
 
 1. Each layer summarised alone (its heads at the budgets the default split gives them at R), every other layer
    exact: the answers that survive, and the KL.
@@ -27,25 +27,20 @@ from few_shot_tasks import few_shot
 from real_model import DEFAULT_FOLDER, prompted_answers, scored, smollm2_folder
 
 from iclca_cli import summaries
-from iclca_cli.families import family_of
 from iclca_cli.loading import load_model
 from iclca_cli.ops import compress
-from iclca_cli.patch import shared_copy
-from iclca_cli.softmax_layers import attach, attention_modules, capture_prompt_kv
 
 
 class Study:
     """One prompt's captured heads, the default split's summaries at R, and a scorer for any mix of them."""
 
     def __init__(self, model, tokenizer, task: str, prompt: int, budget: int):
-        self.model, self.family = model, family_of(model)
+        self.model = model
         rng = random.Random(f"dev-{task}")  # real_model.py's development prompts: the prompt-th of them
         drawn = [few_shot(task, rng) for _ in range(prompt)][-1]
         self.prompt, self.queries, self.wants = prompted_answers(model, tokenizer, *drawn)
-        self.P = P = len(self.prompt)
-        with capture_prompt_kv(model, attention_modules(model, self.family)) as captured:
-            model.base_model(input_ids=torch.tensor([self.prompt + self.prompt]), use_cache=False)
-        self.heads = summaries.captured_heads(captured, P)
+        self.P = len(self.prompt)
+        self.heads = summaries.prompt_heads(model, self.prompt)
         self.Hkv = self.heads.kv_heads
         self.budgets, fits = summaries.head_budgets(self.heads, budget)
         self.default = {b: fits[r][b] for b, r in enumerate(self.budgets)}  # head row -> its Summary at R
@@ -72,12 +67,7 @@ class Study:
 
     def score(self, chosen) -> tuple[int, float]:
         """(answers right, mean KL) with chosen(head row) -> its Summary in every layer."""
-        tensors = {}
-        for i, name in enumerate(self.heads.names):
-            layer = [chosen(i * self.Hkv + h) for h in range(self.Hkv)]
-            tensors.update({f"{name}.{buffer}": t for buffer, t in summaries.layer_tensors(layer, self.heads.dtype).items()})
-        patched = shared_copy(self.model)
-        attach(patched, self.family, tensors, self.P)
+        patched = summaries.patched_with(self.model, self.heads, [chosen(b) for b in range(len(self.heads.keys))], self.P)
         results = scored(patched, self.queries, self.wants)
         return sum(r for r, _, _ in results), sum(kl for _, kl, _ in results) / len(results)
 

@@ -1,0 +1,39 @@
+"""How a trained method trains (distill.py runs it): steps, learning rate, seed, and what the inputs are made of.
+Importable without torch, so that a method's parameters are checked where the command line is read."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .errors import IclcaError
+
+SOURCES = ("spans", "lines", "samples")  # what training inputs are made of (distill.training_inputs)
+
+
+@dataclass(frozen=True)
+class Training:
+    """Adam steps (one input each), learning rate, seed, the teacher's top-k, the longest input (tokens), how many
+    inputs, what they are made of (SOURCES, shared out evenly), and a time limit in seconds (training stops there;
+    None: the steps alone)."""
+
+    steps: int = 100
+    lr: float = 1e-2
+    seed: int = 0
+    top_k: int = 20
+    max_len: int = 64
+    inputs: int = 32
+    sources: tuple[str, ...] = ("spans",)
+    time_limit: float | None = None
+
+    def __post_init__(self):
+        if self.steps < 1:
+            raise IclcaError(f"--steps {self.steps} trains nothing", "pass --steps 1 or more")
+        if not self.lr > 0:
+            raise IclcaError(f"--lr {self.lr} is not a learning rate", "pass --lr 0.02, or another positive number")
+        if not self.sources or set(self.sources) - set(SOURCES):
+            raise IclcaError(f"--train-on {'+'.join(self.sources)!r} is not made of {', '.join(SOURCES)}",
+                             "pass e.g. --train-on lines+samples")
+        if self.time_limit is not None and not self.time_limit > 0:
+            raise IclcaError(f"--time-limit {self.time_limit} is not a number of seconds", "pass 0 (none) or more")
+        if self.top_k < 1 or self.max_len < 2 or self.inputs < 1:
+            raise IclcaError(f"cannot train with {self}", "train on at least one input of two tokens, top-k 1 or more")
