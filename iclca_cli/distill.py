@@ -42,11 +42,12 @@ def line_inputs(prompt_ids: list[int], count: int, max_len: int, seed: int, brea
     starts = line_starts(prompt_ids, breaks)
     if len(starts) < 2:
         return prompt_inputs(prompt_ids, count, max_len, seed)
+    ends = starts[1:] + [len(prompt_ids)]  # line i ends where line i + 1 starts
     rng = random.Random(f"lines-{seed}")
     out = []
     for _ in range(count):
         i = rng.randrange(len(starts))
-        end = starts[min(i + rng.randint(1, 3), len(starts) - 1)] if i + 1 < len(starts) else len(prompt_ids)
+        end = ends[min(i + rng.randint(0, 2), len(ends) - 1)]
         line = prompt_ids[starts[i]:max(end, starts[i] + 2)][:max_len]
         out.append(line if len(line) >= 2 else prompt_ids[-2:])
     return out

@@ -11,7 +11,7 @@ command line with --device, and the benchmark's GPU rows.
 3. Benchmark rows: GPT-2 small (random weights) conversion against a plain forward at P = 1023, and a 16-token
    query + 32 greedy tokens, patched (prefix, taylor1) against re-reading the prompt and the base model; the linear
    model's re-read / patched speed-up at P = 4096. Timings synchronise the device; ratios of one run.
-4. Refine: `convert --method compressed --budget 4 --refine` on demo-gpt2 and demo-lfm2 on the device, float32
+4. Refine: `convert --method compressed --budget 4 --refine --lr 0.02` on demo-gpt2 and demo-lfm2 on the device, float32
    and (on a GPU) bfloat16 under autocast: the refined summary's KL to the prompted model on the example queries
    against the fitted one's, and both conversions' seconds.
 `--device cpu --quick` runs everything small on the CPU (a test does, so the script keeps working without a GPU).
@@ -94,7 +94,7 @@ def cli_rows(device: torch.device, tmp: Path) -> list[dict]:
 
 
 def refine_rows(device: torch.device, tmp: Path, quick: bool) -> list[dict]:
-    """`convert --method compressed --budget 4 --refine` on the device (bfloat16 autocast on CUDA), against the fitted
+    """`convert --method compressed --budget 4 --refine --lr 0.02` on the device (bfloat16 autocast on CUDA), against the fitted
     summary: eval's KL to the prompted model on the example queries (never trained on), and the seconds each took."""
     import time
 
@@ -104,7 +104,8 @@ def refine_rows(device: torch.device, tmp: Path, quick: bool) -> list[dict]:
     for model in ("demo-gpt2", "demo-lfm2"):
         for dtype in dtypes:
             row = {"model": model, "dtype": dtype}
-            for name, extra in (("fitted", ()), ("refined", ("--refine", "--steps", "10" if quick else "100"))):
+            for name, extra in (("fitted", ()), ("refined", ("--refine", "--steps", "10" if quick else "100",
+                                                             "--lr", "0.02"))):  # the tiny demos take a larger rate
                 patch = tmp / f"{model}-{dtype}-{name}.st"
                 start = time.perf_counter()
                 cli("convert", prompt, "-m", model, "-o", patch, "--method", "compressed", "--budget", "4",

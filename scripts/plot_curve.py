@@ -4,6 +4,11 @@ per layer and key/value head, for `compressed` and `evict`, each averaged over t
 tokens; `prefix` (R = P) is exact.
 
     python scripts/real_model.py plot        # reads scripts/results/real_model_heldout.json
+
+And the trained summaries' trade-off (real_model.py's refine stage): KL(prompted || method) against patch bytes as a
+share of the prefix's, short held-out tasks (mean) and long lists (mean), each method a colour.
+
+    python scripts/real_model.py plot-refine # reads scripts/results/real_model_refine.json
 """
 
 from __future__ import annotations
@@ -69,6 +74,75 @@ def write_curve(result: dict, path: Path) -> None:
                    (10.0 ** math.floor(math.log10(min(kls))), 10.0 ** math.ceil(math.log10(max(kls)))), "KL, nats")
     parts += [f'<text x="{2 * W - 150}" y="{40 + 16 * i}" font-size="11" fill="{c}">— {m}</text>' for i, (m, c) in enumerate(COLOURS.items())]
     svg = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{2 * W}" height="{H}" font-family="sans-serif">',
+           '<rect width="100%" height="100%" fill="white"/>', *parts, "</svg>"]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(svg) + "\n")
+
+
+KINDS = {"evict": "#d62728", "compressed": "#1f77b4", "compressed, free split": "#17becf",
+         "compressed + refine": "#2ca02c", "compressed, free split + refine": "#9467bd"}
+
+
+def kind(method: str) -> str | None:
+    """A refine-stage method's colour key (evict-P/4, compressed-P/8:split=free:refine=True, ...); None: prefix."""
+    if method == "prefix" or "-" not in method:
+        return None
+    name, options = method.split("-", 1)[0], method.split(":")[1:]
+    return name + (", free split" if "split=free" in options else "") + (" + refine" if "refine=True" in options else "")
+
+
+def tradeoff(rows: list[dict]) -> list[dict]:
+    """[{group, method, kind, bytes, kept, kl, cost}] means over the short tasks (prompted accuracy ≥ 0.2: tasks the
+    model answers from the prompt) and over the long lists: bytes as a share of the prefix's of the same task,
+    conversion seconds as a multiple of a plain forward over the prompt."""
+    prefix = {r["task"]: r["patch_bytes"] for r in rows if r["method"] == "prefix"}
+    out: dict = {}
+    for r in rows:
+        if kind(r["method"]) is None or r["prompted_accuracy"] < 0.2:
+            continue
+        group = "long lists" if r["task"].startswith("long_") else "short tasks"
+        o = out.setdefault((group, r["method"]), {"group": group, "method": r["method"], "kind": kind(r["method"]),
+                                                  "bytes": [], "kept": [], "kl": [], "cost": []})
+        o["bytes"].append(r["patch_bytes"] / prefix[r["task"]])
+        o["kept"].append(r["kept"])
+        o["kl"].append(r["kl"])
+        o["cost"].append(r["convert_seconds"] / r["forward_seconds"])
+    return [{**o, **{k: sum(o[k]) / len(o[k]) for k in ("bytes", "kept", "kl", "cost")}, "tasks": len(o["kl"])}
+            for o in out.values()]
+
+
+def tradeoff_table(rows: list[dict]) -> list[list]:
+    return [[f"{t['group']} ({t['tasks']})", t["method"], f"{t['bytes']:.3f}", f"{t['kept']:.2f}", f"{t['kl']:.3g}",
+             f"{t['cost']:.0f}"] for t in tradeoff(rows)]
+
+
+def write_tradeoff(result: dict, path: Path) -> None:
+    """Two panels (short tasks, long lists): KL against bytes / prefix's, log-log, a dot per method and budget."""
+    points = tradeoff(result["rows"])
+    kls = [p["kl"] for p in points]
+    lo, hi = 10.0 ** math.floor(math.log10(min(kls))), 10.0 ** math.ceil(math.log10(max(kls)))
+    xs = [p["bytes"] for p in points]
+    xlo, xhi = 2.0 ** math.floor(math.log2(min(xs))), 2.0 ** math.ceil(math.log2(max(xs)))
+    xhi, hi = max(xhi, 2 * xlo), max(hi, 10 * lo)  # at least one step on each axis
+    parts = []
+    for i, group in enumerate(("short tasks", "long lists")):
+        x0 = i * W
+        fx = lambda b: x0 + PAD + (math.log2(b) - math.log2(xlo)) / (math.log2(xhi) - math.log2(xlo)) * (W - PAD - 16)  # noqa: E731
+        fy = lambda y: 16 + (math.log10(hi) - math.log10(max(y, lo))) / (math.log10(hi) - math.log10(lo)) * (H - PAD - 16)  # noqa: E731
+        parts += [f'<text x="{x0 + W / 2}" y="12" text-anchor="middle" font-size="12">{group}: KL(prompted ‖ method)</text>',
+                  f'<line x1="{x0 + PAD}" y1="{H - PAD}" x2="{x0 + W - 16}" y2="{H - PAD}" stroke="black"/>',
+                  f'<line x1="{x0 + PAD}" y1="16" x2="{x0 + PAD}" y2="{H - PAD}" stroke="black"/>',
+                  f'<text x="{x0 + W / 2}" y="{H - 12}" text-anchor="middle" font-size="11">patch bytes / the prefix\'s</text>']
+        b = xlo
+        while b <= xhi * 1.001:
+            parts.append(f'<text x="{fx(b):.1f}" y="{H - PAD + 14}" text-anchor="middle" font-size="10">{b:g}</text>')
+            b *= 2
+        for e in range(round(math.log10(lo)), round(math.log10(hi)) + 1):
+            parts.append(f'<text x="{x0 + PAD - 4}" y="{fy(10.0 ** e) + 3:.1f}" text-anchor="end" font-size="10">1e{e}</text>')
+        for p in (p for p in points if p["group"] == group):
+            parts.append(f'<circle cx="{fx(p["bytes"]):.1f}" cy="{fy(p["kl"]):.1f}" r="4" fill="{KINDS[p["kind"]]}"/>')
+    parts += [f'<text x="{2 * W + 8}" y="{30 + 16 * i}" font-size="11" fill="{c}">● {k}</text>' for i, (k, c) in enumerate(KINDS.items())]
+    svg = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{2 * W + 200}" height="{H}" font-family="sans-serif">',
            '<rect width="100%" height="100%" fill="white"/>', *parts, "</svg>"]
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("\n".join(svg) + "\n")

