@@ -79,7 +79,7 @@ def _method_help() -> str:
 def _param_help(field: str) -> str:
     """A method parameter's help, from the registry: what it is, which methods take it, its default."""
     owners = taking(field)
-    p = next(p for p in owners[0].params if p.field == field)
+    p = owners[0].param(field)
     default = owners[0].default(p)
     shown = f" (default {default})" if default not in (None, 0) else ""
     return f"{' and '.join(m.name for m in owners)}: {p.help}{shown}."

@@ -173,14 +173,14 @@ def summary_names_and_sinks(tensors: dict[str, torch.Tensor]) -> tuple[list[str]
     """The tensors of a compressed patch's summaries (the layers with a `prefix_bias`; a sliding window's keys and
     values, and recurrent states, are exact and stay), and for each a mask of what stays: every head's first entry
     (the prompt's first token, an attention sink) and the entries another head's bias hides."""
-    from .ops.compress import PAD_BIAS
+    from .ops.compress import own_entries
 
     names, keep = [], {}
     for name, bias in tensors.items():
         if not name.endswith(".prefix_bias"):
             continue
         layer = name.removesuffix(".prefix_bias")
-        valid = bias > PAD_BIAS / 2  # (Hkv, E): head h's own entries
+        valid = own_entries(bias)  # (Hkv, E)
         sink = valid.float().argmax(-1)  # (Hkv,): the first of each head's entries
         heads = torch.arange(len(bias))
         keep[name] = ~valid

@@ -118,13 +118,20 @@ def patch_tensors(captured: dict[str, Captured], prompt_tokens: int, method: Met
 
 
 @torch.no_grad()
+def capture(model, family: Family, prompt_ids: list[int], method: Method) -> dict[str, Captured]:
+    """{attention module path: Captured} over method.capture_ids (the prompt, maybe a repeat after it), one pass."""
+    ids = method.capture_ids(prompt_ids, positions_left(model, family))
+    with capture_prompt_kv(model, attention_modules(model, family), with_queries=method.summarises) as captured:
+        model.base_model(input_ids=torch.tensor([ids], device=input_device(model)), use_cache=False)
+    return captured
+
+
+@torch.no_grad()
 def convert(model, family: Family, prompt_ids: list[int], method: Method, chunk_size: int = 512,
             progress=None) -> dict[str, torch.Tensor]:
     """Patch tensors '<attention module path>.<buffer>' of the prompt for every softmax layer (one pass: the
     chunk size does not apply)."""
-    ids = method.capture_ids(prompt_ids, positions_left(model, family))
-    with capture_prompt_kv(model, attention_modules(model, family), with_queries=method.summarises) as captured:
-        model.base_model(input_ids=torch.tensor([ids], device=input_device(model)), use_cache=False)
+    captured = capture(model, family, prompt_ids, method)
     if progress is not None:
         progress(len(prompt_ids), len(prompt_ids))
     return patch_tensors(captured, len(prompt_ids), method)

@@ -109,7 +109,7 @@ def layer_tensors(summaries: list[compress.Summary], dtype) -> dict[str, torch.T
 
 def head_entries(tensors: dict[str, torch.Tensor]) -> dict[str, list[int]]:
     """{summarised layer: the entries each of its key/value heads holds} (the layers with a prefix_bias)."""
-    return {name.removesuffix(".prefix_bias"): (bias > compress.PAD_BIAS / 2).sum(-1).tolist()
+    return {name.removesuffix(".prefix_bias"): compress.own_entries(bias).sum(-1).tolist()
             for name, bias in sorted(tensors.items()) if name.endswith(".prefix_bias")}
 
 
@@ -155,19 +155,14 @@ def _one(s: compress.Summary, h: int) -> compress.Summary:
 # ---- the summary layer in research: a prompt's heads, and a model patched with any summary per head ----
 # (documented in docs/python-api.md; scripts/research/ use these, not the handlers)
 
-@torch.no_grad()
 def prompt_heads(model, prompt_ids: list[int], method=None) -> Heads:
     """Every full-attention head of `model` on this prompt, as `compressed` (or `method`, one that summarises) fits
     them: its keys and values, and the reference queries (by default those of a repeat of the prompt)."""
-    from .devices import input_device
     from .families import family_of
     from .methods.compressed import Compressed
-    from .softmax_layers import attention_modules, capture_prompt_kv, positions_left
+    from .softmax_layers import capture
 
-    family, method = family_of(model), method or Compressed(budget=2)
-    ids = method.capture_ids(prompt_ids, positions_left(model, family))
-    with capture_prompt_kv(model, attention_modules(model, family), with_queries=True) as captured:
-        model.base_model(input_ids=torch.tensor([ids], device=input_device(model)), use_cache=False)
+    captured = capture(model, family_of(model), prompt_ids, method or Compressed(budget=2))
     full = {n: c for n, c in captured.items() if c.sliding_window is None}
     return captured_heads(full, len(prompt_ids))
 

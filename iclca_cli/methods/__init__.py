@@ -54,7 +54,7 @@ def check_parameters(name: str | None, **given) -> None:
     for field, value in given.items():
         if value is not None and field not in fields:
             owners = taking(field)
-            flag = next(p.flag for p in owners[0].params if p.field == field)
+            flag = owners[0].param(field).flag
             raise IclcaError(f"{flag} applies to --method {' or '.join(m.name for m in owners)}, not "
                              f"{name or 'the default method'}", f"pass --method {owners[0].name}, or drop {flag}")
 

@@ -70,6 +70,11 @@ class Method:
                                  f"pass {p.flag} N: {p.help}")
 
     @classmethod
+    def param(cls, field: str) -> Param:
+        """The parameter whose dataclass field is `field`."""
+        return next(p for p in cls.params if p.field == field)
+
+    @classmethod
     def default(cls, p: Param) -> Any:
         field = next(f for f in dataclasses.fields(cls) if f.name == p.field)
         return field.default

@@ -61,7 +61,7 @@ class Compressed(Method):
     def validate(self) -> None:
         super().validate()
         self.training()
-        changed = [self._param(f).flag for f in self.TRAINING if getattr(self, f) != self.default(self._param(f))]
+        changed = [self.param(f).flag for f in self.TRAINING if getattr(self, f) != self.default(self.param(f))]
         if changed and not self.refine:
             raise IclcaError(f"{', '.join(changed)} apply to --refine", "add --refine, or drop them")
 
@@ -70,15 +70,11 @@ class Compressed(Method):
         return Training(self.steps, self.lr, self.seed, sources=tuple(self.train_on.split("+")),
                         time_limit=self.time_limit or None)
 
-    @classmethod
-    def _param(cls, field: str) -> Param:
-        return next(p for p in cls.params if p.field == field)
-
     def metadata(self) -> dict[str, str]:
         """Training parameters only for a refined summary: an unrefined patch's metadata is as before --refine."""
         meta = super().metadata()
         if not self.refine:
-            for key in ("refine", *(self._param(f).key for f in self.TRAINING)):
+            for key in ("refine", *(self.param(f).key for f in self.TRAINING)):
                 meta.pop(key)
         return meta
 

@@ -35,6 +35,11 @@ NNLS_STEPS = 100
 GRID_TOP = 4  # a head takes at most GRID_TOP x the budget in a split (but `free`: up to the whole prompt)
 
 
+def own_entries(bias: torch.Tensor) -> torch.Tensor:
+    """(Hkv, E) bias of a layer's entry list -> (Hkv, E) bool: True on each head's own entries (not PAD_BIAS)."""
+    return bias > PAD_BIAS / 2
+
+
 @dataclass
 class Reference:
     """What attention over the whole prompt does for the reference queries, for B heads."""
