@@ -9,7 +9,7 @@ mkdir -p "$out"
 prompt=configs/examples/recall-prompt.txt
 queries=configs/examples/recall-queries.jsonl
 set -x
-iclca convert "$prompt" --model demo-linear --out "$out/recall.safetensors"
+iclca convert "$prompt" --model demo-linear --out "$out/recall.safetensors" --force
 iclca inspect "$out/recall.safetensors"
 iclca merge --model demo-linear --patch "$out/recall.safetensors" --out "$out/recall-merged" --force
 iclca eval --model demo-linear --patch "$out/recall.safetensors" --prompt "$prompt" --queries "$queries" --max-abs-logit-diff 1e-4 --one-pass
