@@ -77,12 +77,13 @@ def merge(model: str, patch: str | Path, out: str | Path, force: bool = False, a
 
 
 def export_peft(model: str, patch: str | Path, out: str | Path, force: bool = False, allow_pickle: bool = False) -> dict:
-    """Write a prefix patch as a PEFT prefix-tuning adapter folder at `out`; the command's report."""
-    from .peft_export import write_peft_prefix_adapter
+    """Write a prefix patch as a PEFT prefix-tuning adapter folder at `out`, a lora patch as a PEFT LoRA adapter; the
+    command's report: adapter, adapter_type, and num_virtual_tokens (prefix) or rank and target_modules (lora)."""
+    from .peft_export import write_peft_adapter
 
     loaded, m, _ = _patch_and_model_for_folder(model, patch, out, force, allow_pickle)
-    folder = write_peft_prefix_adapter(m, loaded, resolve_model(model, allow_pickle), out, force)
-    return {"adapter": str(folder), "num_virtual_tokens": loaded.prompt_tokens}
+    folder, described = write_peft_adapter(m, loaded, resolve_model(model, allow_pickle), out, force)
+    return {"adapter": str(folder), **described}
 
 
 def _patch_and_model_for_folder(model: str, patch: str | Path, out: str | Path, force: bool, allow_pickle: bool):
@@ -286,6 +287,9 @@ def _convert_one(m, tokenizer, prompt_file: Path, out: Path, method, base_patch,
         text = read_prompt(prompt_file, max_bytes)
         ids = encode_prompt(tokenizer, text)
     header = describe_patch(m, ids, sha256_text(text), method, base_patch, fingerprint)
+    if messages and not header.method.in_context:
+        raise IclcaError(f"--chat with --method {header.method.name} is not supported yet: the query would be read "
+                         "without the system turn a chat server renders", "convert the prompt as plain text")
     if messages:  # what a merged folder's chat template and `generate --chat` render the query after
         header.extra["chat_roles"] = ",".join(msg["role"] for msg in messages)
     same, patch = _kept(out, header) if check_patch_target(out) else (None, None)

@@ -331,14 +331,15 @@ def merge(
 @app.command("export-peft")
 @handled
 def export_peft(
-    model: str = typer.Option(..., "--model", "-m", help="The checkpoint the prefix patch was made for."),
-    patch_path: Path = typer.Option(..., "--patch", "-p", help="A prefix patch from `iclca convert --method prefix`."),
+    model: str = typer.Option(..., "--model", "-m", help="The checkpoint the patch was made for."),
+    patch_path: Path = typer.Option(..., "--patch", "-p", help="A prefix or lora patch from `iclca convert`."),
     out_dir: Path = typer.Option(..., "--out", "-o", help="Folder to write the PEFT adapter to."),
     force: bool = _force_folder_option(),
     allow_pickle: bool = _allow_pickle_option(),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
 ):
-    """Write a prefix patch as a PEFT prefix-tuning adapter (load it with PeftModel.from_pretrained)."""
+    """Write a prefix patch as a PEFT prefix-tuning adapter, a lora patch as a PEFT LoRA adapter (load either with
+    PeftModel.from_pretrained)."""
     from . import api
 
     _quiet_transformers()

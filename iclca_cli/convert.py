@@ -66,7 +66,7 @@ def fill_patch(model, patch: Patch, prompt_ids: list[int], base_patch: Patch | N
     check_family(family)
     if base_patch is not None:
         apply_patch(model, base_patch)
-    tensors = handler_for(family).convert(model, family, prompt_ids, patch.method, chunk_size, progress)
+    tensors = handler_for(family, patch.method).convert(model, family, prompt_ids, patch.method, chunk_size, progress)
     tensors = patch.method.trained(model, patch, tensors, prompt_ids, progress, tokenizer)
     check_finite(tensors, "the prompt's state", _overflow_hint(patch.dtype))
     patch.tensors = tensors
@@ -113,7 +113,7 @@ def describe_patch(
         base_fingerprint=fingerprint.full,
         prompt_sha256=prompt_sha256,
         prompt_tokens=start + len(prompt_ids),
-        position_offset=start + len(prompt_ids),
+        position_offset=start + len(prompt_ids) if method.in_context else 0,
         extra=extra,
         model_dtype=model_dtype_name(model),
     )

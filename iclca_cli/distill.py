@@ -1,8 +1,9 @@
 """Distillation: a patch's tensors trained so that the patched model (the student) says what the prompted model (the
 teacher) says, on inputs made from the prompt alone. The teacher is any model that has read the prompt (the exact
 prefix patch, so the prompt is not re-read per step); the loss is KL(teacher || student) on the teacher's top-k
-next tokens at every position of the training inputs. The engine of trained methods (issue 25: a refined
-`compressed`; issue 26: LoRA); it knows nothing of which tensors it trains beyond their names.
+next tokens at every position of the training inputs (or, to compare with fine-tuning, the cross-entropy of the
+inputs' own next tokens). The engine of trained methods (a refined `compressed`, `lora`); it knows nothing of which
+tensors it trains beyond their names.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from contextlib import contextmanager, nullcontext
 import torch
 
 from .devices import input_device
+from .errors import IclcaError
 from .training import Training
 
 
@@ -107,6 +109,12 @@ def teacher_targets(teacher, inputs: list[list[int]], k: int) -> list[tuple[torc
     return out
 
 
+def text_targets(inputs: list[list[int]]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """For each input, its own next tokens as targets of probability 1 (log-probabilities (T-1, 1) of 0, ids
+    (T-1, 1)): top_k_kl on them is the cross-entropy of next-token training on the text."""
+    return [(torch.zeros(len(ids) - 1, 1, dtype=torch.float64), torch.tensor(ids[1:])[:, None]) for ids in inputs]
+
+
 def top_k_kl(teacher_logp: torch.Tensor, teacher_ids: torch.Tensor, student_logits: torch.Tensor) -> torch.Tensor:
     """KL(teacher || student) over the teacher's top-k tokens, mean over positions. (T, k), (T, k), (T, V) -> ()"""
     student_logp = torch.log_softmax(student_logits.double(), -1).gather(-1, teacher_ids)  # (T, k)
@@ -152,7 +160,7 @@ def distill(student, names: list[str], targets_of: list[tuple[list[int], tuple[t
                 setattr(student.get_submodule(path), buffer, t.to(buffers[name].dtype))
             with autocast:
                 logits = student(input_ids=torch.tensor([ids], device=device)).logits[0]
-            loss = top_k_kl(logp.to(logits.device), top.to(logits.device), logits)
+            loss = top_k_kl(logp.to(logits.device), top.to(logits.device), logits[:len(logp)])  # ce: T - 1 targets
             optimiser.zero_grad()
             loss.backward()
             for name, mask in (keep or {}).items():
@@ -194,24 +202,39 @@ def summary_names_and_sinks(tensors: dict[str, torch.Tensor]) -> tuple[list[str]
     return sorted(names), keep
 
 
-def refine_summary(model, patch, tensors: dict[str, torch.Tensor], prompt_ids: list[int], training: Training,
-                   progress: Callable[..., None] | None = None, tokenizer=None) -> dict[str, torch.Tensor]:
-    """`compressed --refine`: the fitted summary trained toward the model with the prompt's exact patch (its default
-    method: prefix, or a hybrid's exact cache), on inputs made from the prompt (training_inputs; lines need the
-    tokenizer). Where a time limit stops training early, patch.extra records the steps taken."""
+def train_patch(model, patch, tensors: dict[str, torch.Tensor], prompt_ids: list[int], training: Training,
+                names: list[str], keep: dict[str, torch.Tensor] | None = None, objective: str = "kl",
+                progress: Callable[..., None] | None = None, tokenizer=None, what: str = "training") -> dict[str, torch.Tensor]:
+    """A patch's tensors `names` trained: the student is the model with the patch (tensors as given), the teacher the
+    model with the prompt's exact patch (its default method: prefix, or a hybrid's exact cache), the inputs made from
+    the prompt (training_inputs; lines need the tokenizer). objective kl: the teacher's top-k; ce: the inputs' own
+    next tokens (fine-tuning on the text). Where a time limit stops training early, patch.extra records the steps
+    taken (<what>_steps_taken)."""
     import dataclasses
 
     from .convert import default_method, describe_patch, fill_patch
     from .patch import patched_copy
 
-    exact = describe_patch(model, prompt_ids, patch.prompt_sha256, default_method(model), fingerprint=patch.base_fingerprint)
+    method = default_method(model)
+    if not method.exact:
+        raise IclcaError(f"iclca has no exact patch for this {model.config.model_type!r} model's layers to train toward "
+                         "(the prompted model is the teacher)", "use a model whose layers iclca patches exactly")
+    exact = describe_patch(model, prompt_ids, patch.prompt_sha256, method, fingerprint=patch.base_fingerprint)
     teacher = patched_copy(model, fill_patch(model, exact, prompt_ids))
     student = patched_copy(model, dataclasses.replace(patch, tensors=dict(tensors)))
-    names, keep = summary_names_and_sinks(tensors)
     drawn = training_inputs(teacher, prompt_ids, training, line_breaks(tokenizer, prompt_ids))
-    targets = list(zip(drawn, teacher_targets(teacher, drawn, training.top_k)))
-    step = (lambda done, total, loss: progress(done, total, f"refining, KL {loss:.3f}")) if progress else None
-    trained, taken = distill(student, names, targets, training, keep, step)
+    targets = teacher_targets(teacher, drawn, training.top_k) if objective == "kl" else text_targets(drawn)
+    unit = "KL" if objective == "kl" else "CE"
+    step = (lambda done, total, loss: progress(done, total, f"{what}, {unit} {loss:.3f}")) if progress else None
+    trained, taken = distill(student, names, list(zip(drawn, targets)), training, keep, step)
     if taken < training.steps:
-        patch.extra["refine_steps_taken"] = str(taken)
+        patch.extra[f"{what}_steps_taken"] = str(taken)
     return {**tensors, **trained}
+
+
+def refine_summary(model, patch, tensors: dict[str, torch.Tensor], prompt_ids: list[int], training: Training,
+                   progress: Callable[..., None] | None = None, tokenizer=None) -> dict[str, torch.Tensor]:
+    """`compressed --refine`: the fitted summary trained toward the prompted model, its sinks kept (train_patch)."""
+    names, keep = summary_names_and_sinks(tensors)
+    return train_patch(model, patch, tensors, prompt_ids, training, names, keep, "kl", progress, tokenizer, "refine")
+

@@ -4,6 +4,8 @@ state kind, all with the interface declared here.
     attention  softmax_layers  softmax attention layers: their keys and values, or what the method makes of them
     buffers    linear_layers   iclca_linear's bias buffers, filled from its linear-attention cache
     cache      cache_layers    a transformers cache every layer keeps its state in (state-space, hybrid, ...)
+and, for a method whose patch is not a state but an update of the weights (Method.handler):
+    weights    lora_layers     low-rank updates of any family's linear projections
 """
 
 from __future__ import annotations
@@ -34,8 +36,10 @@ class Handler(Protocol):
         """Make the tensors part of the model (in place), queries starting at `offset`."""
 
 
-def handler_for(family: Family) -> Handler | ModuleType:
-    """The handler of the family's state kind: the one place that choice is made."""
-    from . import cache_layers, linear_layers, softmax_layers
+def handler_for(family: Family, method=None) -> Handler | ModuleType:
+    """The handler of the method's patches where it names one (Method.handler), else of the family's state kind: the
+    one place that choice is made."""
+    from . import cache_layers, linear_layers, lora_layers, softmax_layers
 
-    return {"attention": softmax_layers, "buffers": linear_layers, "cache": cache_layers}[family.state]
+    kind = getattr(method, "handler", None) or family.state
+    return {"attention": softmax_layers, "buffers": linear_layers, "cache": cache_layers, "weights": lora_layers}[kind]

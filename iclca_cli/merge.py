@@ -1,4 +1,5 @@
-"""Patch + base checkpoint -> a new Hugging Face checkpoint folder whose bias terms are part of the model.
+"""Patch + base checkpoint -> a new Hugging Face checkpoint folder whose bias terms are part of the model (or, for
+weight updates such as lora, whose weights hold the update: the stock architecture, no code).
 
 The folder carries one self-contained modeling file (models/merged.py, bundle.py) and an `auto_map`, so it loads
 with plain transformers (`trust_remote_code=True`) where iclca is not installed, and through iclca without it;
@@ -33,15 +34,18 @@ def merge_patch(model, tokenizer, patch: Patch, out_dir: str | Path, force: bool
     check_folder_target(out, force)
     family = family_of(model)
     merged = merged_model(model, patch, family)
-    filename, source, auto_map = modeling_file(family)
-    merged.config.auto_map = auto_map
+    stock = patch.method.handler == "weights"  # the patch is in the weights: the stock classes, no code
+    if not stock:
+        filename, source, auto_map = modeling_file(family)
+        merged.config.auto_map = auto_map
     provenance = {**patch.metadata(), "tensors": buffer_specs(patch.tensors)}
-    tokenizer = chat_tokenizer(tokenizer, patch.extra.get("chat_roles"))
+    tokenizer = chat_tokenizer(tokenizer, None if stock else patch.extra.get("chat_roles"))
 
     def write(tmp: Path) -> None:
         merged.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        (tmp / filename).write_text(source)
+        if not stock:
+            (tmp / filename).write_text(source)
         (tmp / PROVENANCE_FILE).write_text(json.dumps(provenance, indent=2, sort_keys=True) + "\n")
 
     write_folder(out, write)
@@ -68,7 +72,12 @@ def chat_tokenizer(tokenizer, roles: str | None):
 def merged_model(model, patch: Patch, family: Family):
     """The model with the patch folded in, as the family's merged class: a family's own class carries its patch
     already; a stock model becomes its Iclca subclass, whose config records what the subclass needs to rebuild the
-    patched model (the patch buffers' shapes and dtypes, and where positions start)."""
+    patched model (the patch buffers' shapes and dtypes, and where positions start). A patch of weight updates
+    (lora) is folded into a copy of the weights: the stock class."""
+    if patch.method.handler == "weights":
+        from .lora_layers import fold
+
+        return fold(model, family, patch.tensors)
     patched = patched_copy(model, patch)
     if family.restore_weights:  # weights the model changed in place (it may have run already) back as trained
         backbone = patched.base_model.train()
@@ -80,7 +89,7 @@ def merged_model(model, patch: Patch, family: Family):
     fields = {k: v for k, v in patched.config.to_dict().items()
               if k not in ("model_type", "architectures", "auto_map", "transformers_version") and not k.startswith("_")}
     fields.update(iclca_method=patch.method.name,
-                  **handler_for(family).merged_config(patched, family, patch.tensors, patch.position_offset))
+                  **handler_for(family, patch.method).merged_config(patched, family, patch.tensors, patch.position_offset))
     merged = classes["AutoModelForCausalLM"](classes["AutoConfig"](**fields)).to(patched.dtype)
     merged.load_state_dict(patched.state_dict(), strict=True)  # shifted position table, patch buffers included
     for name in patch.tensors:  # each patch buffer in its own dtype again (the cast above gave them the model's)

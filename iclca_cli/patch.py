@@ -58,11 +58,12 @@ class Patch:
 
     def bytes_by_part(self) -> dict[str, int]:
         """{"recurrent": bytes of states that do not grow with the prompt, "attention": bytes of keys, values or
-        summaries of attention layers}: what a hybrid's patch spends where."""
+        summaries of attention layers, and "weights" for updates of the model's weights (lora)}: what a hybrid's
+        patch spends where."""
         parts = {"recurrent": 0, "attention": 0}
         for name, t in self.tensors.items():
-            buffer = name.rsplit(".", 1)[-1]
-            parts["attention" if self.method.is_attention_buffer(buffer) else "recurrent"] += t.numel() * t.element_size()
+            part = self.method.part(name.rsplit(".", 1)[-1])
+            parts[part] = parts.get(part, 0) + t.numel() * t.element_size()
         return parts
 
     def metadata(self) -> dict[str, str]:
@@ -173,6 +174,9 @@ def load_patch(path: str | Path) -> Patch:
     known = {k.removeprefix("iclca.") for k in (*_REQUIRED, DIGEST)} | {"format"}
     extra = {k.removeprefix("iclca."): v for k, v in meta.items() if k.startswith("iclca.") and k.removeprefix("iclca.") not in known}
     method = from_metadata(meta["iclca.method"], extra, str(path))
+    if offset != (prompt_tokens if method.in_context else 0):
+        raise IclcaError(f"{path} has iclca.position_offset {offset} for a {method.name} patch of {prompt_tokens} "
+                         "prompt tokens", "convert the prompt again")
     extra = {k: v for k, v in extra.items() if k not in metadata_keys()}  # the method holds its own
     return Patch(
         tensors=tensors,
@@ -192,9 +196,10 @@ def _consistent(path: Path, meta: dict[str, str]) -> tuple[int, int]:
     tokens, offset = meta["iclca.prompt_tokens"], meta["iclca.position_offset"]
     if not (tokens.isdigit() and offset.isdigit()):
         raise IclcaError(f"{path} has non-integer token counts in its metadata", "convert the prompt again")
-    if int(tokens) < 1 or int(offset) != int(tokens):
+    if int(tokens) < 1 or int(offset) not in (int(tokens), 0):
         raise IclcaError(f"{path} has iclca.position_offset {offset} for iclca.prompt_tokens {tokens}: the query "
-                         "starts right after the prompt's tokens", "convert the prompt again")
+                         "starts right after the prompt's tokens (or at 0, after a weight update)",
+                         "convert the prompt again")
     if meta["iclca.dtype"] not in DTYPES:
         raise IclcaError(f"{path} has iclca.dtype {printable(meta['iclca.dtype'], 40)!r}",
                          f"patches are {' or '.join(DTYPES)}; convert the prompt again")
@@ -221,7 +226,7 @@ def check_method(model, method: Method | None) -> Family:
 
 def expected_shapes(model, family: Family, patch: Patch) -> dict[str, tuple[int, ...]]:
     """Tensor name -> shape that a patch of this method must have for this model."""
-    return handler_for(family).expected_shapes(model, family, patch)
+    return handler_for(family, patch.method).expected_shapes(model, family, patch)
 
 
 def check_patch_fits(patch: Patch, model: torch.nn.Module, fingerprint: str | Fingerprint,
@@ -290,4 +295,4 @@ def apply_patch(model: torch.nn.Module, patch: Patch) -> None:
     family = family_of(model)
     check_family(family)
     check_finite(patch.tensors, "the patch")
-    handler_for(family).attach(model, family, patch.tensors, patch.position_offset)
+    handler_for(family, patch.method).attach(model, family, patch.tensors, patch.position_offset)

@@ -21,17 +21,28 @@ def names(family, config) -> list[str]:
 
 
 def test_methods_are_operations_on_layer_kinds():
-    assert names(family_named("llama"), make_llama().config) == ["prefix", "compressed", "evict", "taylor"]
-    assert names(family_named("iclca_linear"), make_linear_model().config) == ["exact"]
+    assert names(family_named("llama"), make_llama().config) == ["prefix", "compressed", "evict", "taylor", "lora"]
+    assert names(family_named("iclca_linear"), make_linear_model().config) == ["exact", "lora"]  # weights: any family
     with pytest.raises(IclcaError, match="method 'exact' does not apply to 'llama' models"):
         check_method(make_llama(), build("exact"))
 
 
 def test_a_layer_kind_iclca_cannot_patch_is_named_in_the_error():
     model = make_llama()
-    model.config.layer_types = ["full_attention", "conv"]
-    with pytest.raises(IclcaError, match="layers of kinds conv, full_attention, which no method"):
+    model.config.layer_types = ["full_attention", "chunked_attention"]
+    with pytest.raises(IclcaError, match="layers of kinds chunked_attention, full_attention, which no method"):
         check_method(model, build("prefix"))
+
+
+def test_a_trained_method_needs_an_exact_teacher():
+    """lora acts on weights, so on a model of layer kinds iclca has no exact patch for (a conv layer in a Llama); its
+    teacher must be the prompted model exactly, so converting there is refused, naming why."""
+    from helpers import convert
+
+    model = make_llama()
+    model.config.layer_types = ["full_attention", "conv"]
+    with pytest.raises(IclcaError, match="no exact patch .* to train toward"):
+        convert(model, [5, 6, 7, 8], "lora", steps=1)
 
 
 def test_no_family_is_named_outside_its_file():

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from ..errors import IclcaError, printable
+from ..training import Training
 
 if TYPE_CHECKING:
     import torch
@@ -48,6 +49,10 @@ class Method:
     exact: ClassVar[bool] = False  # the patched model equals the prompted one (up to float rounding)
     stackable: ClassVar[bool] = False  # --base-patch: converts on top of a patch of the same method
     summarises: ClassVar[bool] = False  # full-attention layers by summary_tensors, from reference queries
+    handler: ClassVar[str | None] = None  # the handler (handlers.py) of every patch of this method; None: the one of
+    #                                      the family's state. "weights": updates of the model's weights (lora)
+    in_context: ClassVar[bool] = True  # the prompt stands before the query (its positions start at P); False: the
+    #                                   model reads the query alone from position 0 (a weight update)
     params: ClassVar[tuple[Param, ...]] = ()
     preference: ClassVar[int]  # the registry's order, where a model takes several methods (the first is its default)
 
@@ -113,6 +118,11 @@ class Method:
         state that does not grow with the prompt."""
         return buffer.startswith(("prompt_", "prefix_"))
 
+    def part(self, buffer: str) -> str:
+        """What a patch buffer is, for Patch.bytes_by_part: "attention" (keys, values, summaries), "recurrent" (a
+        state that does not grow with the prompt) or "weights" (an update of the model's weights)."""
+        return "attention" if self.is_attention_buffer(buffer) else "recurrent"
+
     # ---- softmax layers: one full-attention layer at a time, or all of them (summarises) ----
 
     def full_layer_tensors(self, captured) -> dict[str, torch.Tensor]:
@@ -130,6 +140,29 @@ class Method:
     def capture_ids(self, prompt_ids: list[int], positions_left: int | None) -> list[int]:
         """What to run to capture the prompt's keys and values (and reference queries): the prompt."""
         return list(prompt_ids)
+
+
+def training_params(key_prefix: str) -> tuple[Param, ...]:
+    """The distillation engine's parameters (training.py), as every trained method takes them: the same fields and
+    flags (--steps, --lr, --seed, --train-on, --time-limit), metadata keys iclca.<key_prefix>_<...>."""
+    return (
+        Param("steps", "--steps", f"{key_prefix}_steps", int, "training steps (trained methods)", minimum=1),
+        Param("lr", "--lr", f"{key_prefix}_lr", float, "Adam's learning rate (trained methods)"),
+        Param("seed", "--seed", f"{key_prefix}_seed", int, "the training inputs', order's and initial values' seed "
+              "(trained methods)"),
+        Param("train_on", "--train-on", f"{key_prefix}_inputs", str, "what training inputs are made of, joined by +: "
+              "spans of the prompt re-read (spans), its lines from their start as queries look (lines), "
+              "continuations the prompted model samples (samples) (trained methods)"),
+        Param("time_limit", "--time-limit", f"{key_prefix}_time_limit", float, "stop training after this many "
+              "seconds, 0: no limit; a patch stopped early records the steps it took and is not reproducible "
+              "(trained methods)"),
+    )
+
+
+def training_of(method) -> Training:
+    """The distillation engine's settings from a trained method's training_params fields (Training checks them)."""
+    return Training(method.steps, method.lr, method.seed, sources=tuple(method.train_on.split("+")),
+                    time_limit=method.time_limit or None)
 
 
 def _parse(p: Param, raw: str, where: str):

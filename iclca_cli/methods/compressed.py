@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 from ..errors import IclcaError
 from ..families import SOFTMAX_KINDS
 from ..training import Training
-from .base import Method, Param
+from .base import Method, Param, training_of, training_params
 from .evict import BUDGET
 
 if TYPE_CHECKING:
@@ -36,14 +36,7 @@ class Compressed(Method):
               "from one entry to the whole prompt kept as it is (free)", choices=("uniform", "layers", "heads", "free")),
         Param("refine", "--refine", "refine", bool, "train the fitted summary toward the prompted model on inputs made "
               "from the prompt (distill.py); the sink entries stay"),
-        Param("steps", "--steps", "refine_steps", int, "training steps (--refine)", minimum=1),
-        Param("lr", "--lr", "refine_lr", float, "Adam's learning rate (--refine)"),
-        Param("seed", "--seed", "refine_seed", int, "the training inputs' and order's seed (--refine)"),
-        Param("train_on", "--train-on", "refine_inputs", str, "what training inputs are made of, joined by +: spans of "
-              "the prompt re-read (spans), its lines from their start as queries look (lines), continuations the "
-              "prompted model samples (samples) (--refine)"),
-        Param("time_limit", "--time-limit", "refine_time_limit", float, "stop training after this many seconds, "
-              "0: no limit; a patch stopped early records the steps it took and is not reproducible (--refine)"),
+        *training_params("refine"),
     )
     TRAINING = ("steps", "lr", "seed", "train_on", "time_limit")  # recorded, and allowed to differ from their defaults, only with refine
 
@@ -67,8 +60,7 @@ class Compressed(Method):
 
     def training(self) -> Training:
         """The distillation engine's settings (Training checks them)."""
-        return Training(self.steps, self.lr, self.seed, sources=tuple(self.train_on.split("+")),
-                        time_limit=self.time_limit or None)
+        return training_of(self)
 
     def metadata(self) -> dict[str, str]:
         """Training parameters only for a refined summary: an unrefined patch's metadata is as before --refine."""

@@ -1,0 +1,242 @@
+"""`lora` (a prompt baked into the weights), on every family's tiny published layout and on demo-gpt2:
+- the handler is exact: a patch of random updates == the model with W + B A written into its weights (float64,
+  <= 1e-10), and the update moves the logits by far more than that;
+- merge writes the stock architecture (the base model_type and classes, no auto_map, no code), which a fresh process
+  where iclca cannot be imported loads without remote code and which equals the patched model (logits, greedy
+  tokens);
+- export-peft writes a PEFT LoRA adapter that on the base model equals the merged folder (<= 1e-4), generate() too;
+- trained toward the prompted model it takes on the prompt's effect (demo-gpt2's recall), deterministically;
+  `--objective ce` trains on the text instead.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from transformers.pytorch_utils import Conv1D
+
+from helpers import EXAMPLE_PROMPT, ROOT, assert_one_line_error, greedy, logits, one_json, save_checkpoint
+from iclca_cli.convert import describe_patch
+from iclca_cli.families import all_families, family_of
+from iclca_cli.loading import load_model
+from iclca_cli.lora_layers import convert as initial_update
+from iclca_cli.merge import merge_patch
+from iclca_cli.methods import build
+from iclca_cli.patch import load_patch, patched_copy, save_patch
+from test_contract import FAMILIES, prompt_and_query
+
+QUERIES = ROOT / "configs/examples/recall-queries.jsonl"
+
+
+def random_update(model, prompt, seed=0, rank=2, **params):
+    """A lora patch of this model with random A and B (the handler's exactness does not need training)."""
+    patch = describe_patch(model, prompt, "0" * 64, build("lora", rank=rank, **params))
+    generator = torch.Generator().manual_seed(seed)
+    patch.tensors = {name: (torch.randn(t.shape, generator=generator, dtype=torch.float64) * 0.3).to(t.dtype)
+                     for name, t in initial_update(model, family_of(model), prompt, patch.method).items()}
+    return patch
+
+
+def with_update_in_weights(model, patch, probe):
+    """The oracle: a copy of the model, run once (a family that rescales its weights for inference does so), with
+    W + B A written into each updated module's weight by hand."""
+    ref = copy.deepcopy(model)
+    logits(ref, probe)
+    with torch.no_grad():
+        for name, a in patch.tensors.items():
+            if name.endswith(".lora_A"):
+                module = ref.get_submodule(name.removesuffix(".lora_A"))
+                delta = patch.tensors[name.replace("lora_A", "lora_B")] @ a  # (out, in)
+                module.weight += delta.T if isinstance(module, Conv1D) else delta
+    return ref
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_a_lora_patch_is_the_update_in_the_weights(name):
+    case = FAMILIES[name]
+    model = case.make(torch.float64)
+    prompt, query = prompt_and_query(case, seed=3)
+    patch = random_update(model, prompt)
+    assert patch.position_offset == 0 and patch.tensors and patch.bytes_by_part()["weights"] == patch.nbytes
+    patched = patched_copy(model, patch)
+    want = logits(with_update_in_weights(model, patch, query), query)
+    assert (logits(patched, query) - want).abs().max() <= 1e-10
+    assert (logits(model, query) - want).abs().max() > 1e-3  # the update matters
+    assert (logits(patched_copy(patched, patch), query) - want).abs().max() <= 1e-10  # attached twice: once
+
+
+FRESH_STOCK = r"""
+import importlib.abc, json, sys
+class NoIclca(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] == "iclca_cli":
+            raise ImportError("iclca_cli is blocked in this process")
+sys.meta_path.insert(0, NoIclca())
+import torch
+from transformers import AutoModelForCausalLM
+result = []
+for case in json.loads(sys.argv[1]):
+    # float64: MoE experts computed eagerly (grouped_mm takes no float64), as iclca loads them
+    model = AutoModelForCausalLM.from_pretrained(case["folder"], dtype=torch.float64, experts_implementation="eager")
+    with torch.no_grad():
+        out = model(input_ids=torch.tensor([case["query"]])).logits[0]
+        gen = model.generate(torch.tensor([case["query"]]), max_new_tokens=8, do_sample=False)
+    result.append({"logits": out.tolist(), "generated": gen[0, len(case["query"]):].tolist(),
+                   "class": type(model).__module__, "iclca_imported": "iclca_cli" in sys.modules})
+print(json.dumps(result))
+"""
+
+
+def test_merged_lora_folders_are_stock_checkpoints(tmp_path):
+    """Every family transformers ships: the merged folder has the base's model_type and architectures, no auto_map
+    and no modeling file, loads in a fresh process without iclca or remote code, and equals the patched model."""
+    cases, expected = [], []
+    for name, case in FAMILIES.items():
+        if name == "iclca_linear":
+            continue  # iclca's own architecture: its folders always carry its modeling code
+        base = save_checkpoint(case.make(torch.float64), tmp_path / f"{name}-base")
+        model, tokenizer = load_model(str(base), "float64")
+        prompt, query = prompt_and_query(case, seed=5)
+        patch = random_update(model, prompt, seed=1)
+        patched = patched_copy(model, patch)
+        folder = merge_patch(model, tokenizer, patch, tmp_path / f"{name}-lora")
+        config, base_config = (json.loads((f / "config.json").read_text()) for f in (folder, base))
+        assert (config["model_type"], config["architectures"]) == (base_config["model_type"], base_config["architectures"])
+        assert "auto_map" not in config and not list(folder.glob("*.py")), name
+        cases.append({"folder": str(folder), "query": query})
+        expected.append((name, logits(patched, query), greedy(patched, query, 8)))
+    proc = subprocess.run([sys.executable, "-c", FRESH_STOCK, json.dumps(cases)], capture_output=True, text=True,
+                          cwd=tmp_path, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    for res, (name, want, want_gen) in zip(json.loads(proc.stdout.strip().splitlines()[-1]), expected):
+        assert res["class"].startswith("transformers.models.") and not res["iclca_imported"], (name, res["class"])
+        assert (torch.tensor(res["logits"], dtype=torch.float64) - want).abs().max() <= 1e-10, name
+        assert res["generated"] == want_gen, name
+
+
+@pytest.mark.parametrize("name", ["gpt2", "llama", "lfm2"])
+def test_the_peft_lora_adapter_on_the_base_equals_the_merged_folder(name, tmp_path):
+    """GPT-2's Conv1D projections, Llama's and LFM2's (a hybrid) linear layers, in float32 as servers run them."""
+    from peft import PeftModel
+
+    from iclca_cli.peft_export import write_peft_adapter
+
+    case = FAMILIES[name]
+    base = save_checkpoint(case.make(torch.float32), tmp_path / "base")
+    model, tokenizer = load_model(str(base), "float32")
+    prompt, query = prompt_and_query(case, seed=6)
+    patch = random_update(model, prompt, seed=2, rank=4)
+    folder, described = write_peft_adapter(model, patch, str(base), tmp_path / "adapter")
+    assert described == {"adapter_type": "LORA", "rank": 4, "target_modules": len(patch.tensors) // 2}
+    assert json.loads((folder / "adapter_config.json").read_text())["peft_type"] == "LORA"
+    merged, _ = load_model(str(merge_patch(model, tokenizer, patch, tmp_path / "merged")), "float32")
+    peft_model = PeftModel.from_pretrained(load_model(str(base), "float32")[0], folder).eval()
+    with torch.no_grad():
+        got = peft_model(input_ids=torch.tensor([query])).logits[0]
+        gen = peft_model.generate(input_ids=torch.tensor([query]), max_new_tokens=8, do_sample=False)[0, len(query):]
+    assert (got - logits(merged, query)).abs().max() <= 1e-4
+    assert (got - logits(model, query)).abs().max() > 1e-2  # the adapter does something
+    assert gen.tolist() == greedy(merged, query, 8)
+
+
+def test_what_peft_refuses_is_a_one_line_error(tmp_path):
+    """PEFT takes no LoRA on Mamba's out_proj (its kernels read the weight): said as an IclcaError, nothing written."""
+    from iclca_cli.errors import IclcaError
+    from iclca_cli.peft_export import write_peft_adapter
+
+    model = FAMILIES["mamba2"].make(torch.float32)
+    patch = random_update(model, [5, 6, 7])
+    with pytest.raises(IclcaError, match="PEFT will not write this adapter: .*out_proj"):
+        write_peft_adapter(model, patch, "tiny", tmp_path / "adapter")
+    assert not (tmp_path / "adapter").exists()
+    patch = random_update(model, [5, 6, 7], targets="in_proj")
+    assert write_peft_adapter(model, patch, "tiny", tmp_path / "adapter")[1]["target_modules"] == 2
+
+
+def eval_report(cli, patch):
+    res = cli("eval", "-m", "demo-gpt2", "--patch", str(patch), "--prompt", EXAMPLE_PROMPT, "--queries", QUERIES, "--json")
+    assert res.exit_code == 0, res.stderr
+    return one_json(res)
+
+
+def test_lora_takes_on_the_prompts_effect_deterministically(cli, tmp_path):
+    """demo-gpt2 looks values up in its context: without the prompt it knows none of the recall prompt's answers;
+    with an update trained toward the prompted model it gives at least half of them (4 of 6 here), at a small fraction
+    of the KL (0.74 against 6.8). The same
+    inputs and seed give the same bytes; another seed other bytes; the patch says what trained it."""
+    args = ("convert", EXAMPLE_PROMPT, "-m", "demo-gpt2", "--method", "lora", "--steps", "200", "--lr", "0.01",
+            "--train-on", "lines")
+    for name, seed in (("a", "0"), ("b", "0"), ("c", "1")):
+        res = cli(*args, "--seed", seed, "--out", str(tmp_path / f"{name}.st"), "--json")
+        assert res.exit_code == 0, res.stderr
+        assert one_json(res)["position_offset"] == 0
+    a, b, c = ((tmp_path / f"{n}.st").read_bytes() for n in "abc")
+    assert a == b and a != c
+    meta = load_patch(tmp_path / "a.st").metadata()
+    assert (meta["iclca.method"], meta["iclca.lora_rank"], meta["iclca.lora_targets"], meta["iclca.lora_objective"],
+            meta["iclca.lora_steps"], meta["iclca.lora_inputs"]) == ("lora", "8", "all-linear", "kl", "200", "lines")
+    report = eval_report(cli, tmp_path / "a.st")
+    assert report["accuracy"]["base"] == 0 and report["accuracy"]["patched"] >= 0.5 * report["accuracy"]["prompted"]
+    assert report["kl_prompted_patched"] < 0.2 * report["kl_prompted_base"], report
+
+
+def test_the_ce_objective_trains_on_the_text(cli, tmp_path):
+    """Fine-tuning on the prompt's text (next-token cross-entropy) is another update than distillation, and also
+    moves the model toward the prompt's answers."""
+    out = {}
+    for objective in ("kl", "ce"):
+        res = cli("convert", EXAMPLE_PROMPT, "-m", "demo-gpt2", "--method", "lora", "--steps", "40", "--lr", "0.01",
+                  "--objective", objective, "--targets", "c_attn", "--out", str(tmp_path / f"{objective}.st"))
+        assert res.exit_code == 0, res.stderr
+        out[objective] = load_patch(tmp_path / f"{objective}.st")
+    assert set(out["ce"].tensors) == {f"transformer.h.{i}.attn.c_attn.lora_{m}" for i in range(2) for m in "AB"}
+    assert any((out["ce"].tensors[n] - out["kl"].tensors[n]).abs().max() > 1e-3 for n in out["ce"].tensors)
+    report = eval_report(cli, tmp_path / "ce.st")
+    assert report["kl_prompted_patched"] < report["kl_prompted_base"], report
+
+
+@pytest.mark.parametrize("args,fragments", [
+    (("--targets", "q_proj"), ("--targets q_proj", "no such linear module")),
+    (("--targets", "c_attn,,"), ("is not all-linear or module names",)),
+    (("--rank", "0"), ("--rank",)),
+    (("--objective", "mse"), ("--objective 'mse' is not one of kl, ce",)),
+    (("--budget", "4"), ("--budget applies to",)),
+])
+def test_bad_lora_options_are_one_line_errors(cli, tmp_path, args, fragments):
+    res = cli("convert", EXAMPLE_PROMPT, "-m", "demo-gpt2", "--method", "lora", *args, "--out", str(tmp_path / "x.st"))
+    assert_one_line_error(res, *fragments)
+    assert not (tmp_path / "x.st").exists()
+
+
+def test_a_lora_patch_whose_query_starts_after_the_prompt_is_refused(tmp_path):
+    model, _ = load_model("demo-gpt2", "float32")
+    patch = random_update(model, [5, 6, 7])
+    patch.position_offset = 3
+    save_patch(patch, tmp_path / "bad.st")
+    with pytest.raises(Exception, match="position_offset 3 for a lora patch"):
+        load_patch(tmp_path / "bad.st")
+
+
+def test_every_family_takes_lora():
+    from iclca_cli.methods import applicable
+
+    for name, case in FAMILIES.items():
+        assert "lora" in [m.name for m in applicable(all_families()[name], case.make(torch.float32).config)], name
+
+
+def test_lora_refuses_chat_in_one_line(cli, tmp_path):
+    """A chat server renders a query with a system turn of its own: a lora patch of a system prompt is not defined
+    yet, so --chat is refused rather than trained on inputs no server sends."""
+    from helpers import make_decoder, save_chat_checkpoint
+
+    folder = save_chat_checkpoint(make_decoder("Llama", torch.float32, 72), tmp_path / "chat")
+    system = tmp_path / "system.txt"
+    system.write_text("You are Maren, keeper of the lighthouse.")
+    res = cli("convert", system, "-m", folder, "--method", "lora", "--chat", "--out", tmp_path / "x.st")
+    assert_one_line_error(res, "--chat with --method lora is not supported yet")
+    assert not (tmp_path / "x.st").exists()
