@@ -94,6 +94,10 @@ def attach(model, family: Family, tensors: dict[str, torch.Tensor], offset: int)
     not written: a patched copy shares them with the model."""
     from torch.nn.utils import parametrize
 
+    if any(p.device.type == "meta" for p in model.parameters()):
+        raise IclcaError("lora with weights offloaded by --device-map is not supported yet (the update is a "
+                         "parametrization of the weights, which accelerate's offloading replaces)",
+                         "give --max-memory room for every weight on the devices, or convert without --device-map")
     if family.restore_weights:  # weights rescaled in place for inference (RWKV): rescale them now, for the update
         model.base_model.eval()  # is on the weights as the model computes with them (a parametrized weight
         getattr(model.base_model, family.restore_weights)()  # cannot be rescaled in place later)

@@ -14,6 +14,8 @@ command line with --device, and the benchmark's GPU rows.
 4. Refine: `convert --method compressed --budget 4 --refine --lr 0.02` on demo-gpt2 and demo-lfm2 on the device, float32
    and (on a GPU) bfloat16 under autocast: the refined summary's KL to the prompted model on the example queries
    against the fitted one's, and both conversions' seconds.
+5. LoRA: `convert --method lora --lr 0.01 --train-on lines` on demo-gpt2 and demo-lfm2 the same way: the patched
+   model's KL to the prompted model on the example queries against the plain model's, and the seconds training took.
 `--device cpu --quick` runs everything small on the CPU (a test does, so the script keeps working without a GPU).
 """
 
@@ -118,6 +120,28 @@ def refine_rows(device: torch.device, tmp: Path, quick: bool) -> list[dict]:
     return rows
 
 
+def lora_rows(device: torch.device, tmp: Path, quick: bool) -> list[dict]:
+    """`convert --method lora --lr 0.01 --train-on lines` on the device (bfloat16 autocast on CUDA): eval's KL of the
+    patched and of the plain model to the prompted one on the example queries (never trained on), and the seconds."""
+    import time
+
+    prompt, queries = ROOT / "configs/examples/recall-prompt.txt", ROOT / "configs/examples/recall-queries.jsonl"
+    rows = []
+    for model in ("demo-gpt2", "demo-lfm2"):
+        for dtype in ["float32"] if device.type == "cpu" else ["float32", "bfloat16"]:
+            patch = tmp / f"{model}-{dtype}-lora.st"
+            start = time.perf_counter()
+            cli("convert", prompt, "-m", model, "-o", patch, "--method", "lora", "--steps", "20" if quick else "200",
+                "--lr", "0.01", "--train-on", "lines", "--device", str(device), "--dtype", dtype)
+            seconds = time.perf_counter() - start
+            report = json.loads(cli("eval", "-m", model, "-p", patch, "--prompt", prompt, "--queries", queries,
+                                    "--device", str(device), "--json"))
+            rows.append({"model": model, "dtype": dtype, "seconds": seconds, "kl_base": report["kl_prompted_base"],
+                         "kl_lora": report["kl_prompted_patched"],
+                         "holds": report["kl_prompted_patched"] < report["kl_prompted_base"]})
+    return rows
+
+
 @torch.no_grad()
 def bench_rows(device: torch.device, quick: bool) -> list[dict]:
     from iclca_cli.families import family_of
@@ -166,6 +190,9 @@ def markdown(r: dict) -> str:
                        [[x["model"], x["dtype"], number(x["kl_fitted"]), number(x["kl_refined"]),
                          f"{x['fitted_seconds']:.1f}", f"{x['refined_seconds']:.1f}", "yes" if x["holds"] else "**no**"]
                         for x in r.get("refine", [])]),
+        markdown_table(["lora", "dtype", "KL plain", "KL lora", "convert s", "holds"],
+                       [[x["model"], x["dtype"], number(x["kl_base"]), number(x["kl_lora"]), f"{x['seconds']:.1f}",
+                         "yes" if x["holds"] else "**no**"] for x in r.get("lora", [])]),
         markdown_table(["benchmark row", "value"], [[b["name"], f"{b['value']:.3g}"] for b in r["bench"]]),
     ])
 
@@ -192,9 +219,11 @@ def main() -> None:
         result["cli"] = cli_rows(device, Path(tmp))
         print("refine ...", file=sys.stderr)
         result["refine"] = refine_rows(device, Path(tmp), args.quick)
+        print("lora ...", file=sys.stderr)
+        result["lora"] = lora_rows(device, Path(tmp), args.quick)
     print("benchmark ...", file=sys.stderr)
     result["bench"] = bench_rows(device, args.quick)
-    result["holds"] = all(x["holds"] for x in result["golden"] + result["cli"] + result["refine"])
+    result["holds"] = all(x["holds"] for x in result["golden"] + result["cli"] + result["refine"] + result["lora"])
     report(args, result, markdown)
 
 

@@ -7,6 +7,7 @@
     python scripts/real_model.py plot                     # docs/compressed_curve.svg from the saved held-out run
     python scripts/real_model.py refine [--prompts 3]     # trained summaries, held out (R = P/4, P/8)
     python scripts/real_model.py plot-refine              # docs/refine_tradeoff.svg from the saved refine run
+    python scripts/real_model.py lora [--prompts 2]       # the prompt baked into weights, beside ICL and fine-tuning
     python scripts/real_model.py cost                     # conversion time against a plain forward, P = 256, 1k, 4k
     python scripts/real_model.py show --save FILE         # a saved run's table again
 
@@ -72,6 +73,10 @@ LONG_METHODS = ["prefix", "compressed-32", "compressed-32:repeat:attention:layer
 # entry to the whole prompt (free); evict and prefix beside them
 REFINE_METHODS = ["prefix", "evict-P/4", "compressed-P/4", "compressed-P/4:refine=True", "evict-P/8", "compressed-P/8",
                   "compressed-P/8:split=free", "compressed-P/8:split=free:refine=True"]
+# the prompt in the weights (issue 26), held out: lora distilled from the prompted model (kl) and fine-tuned on the
+# prompt's text (ce), beside the exact prefix and a constant-size summary; with each one's change of the hidden states
+LORA_METHODS = ["prefix", "compressed-P/4", "lora", "lora:objective=ce"]
+LORA_TASKS = ("odd_labels", "format_rules", "multi_token_words", "associations_words")  # short tasks SmolLM2 reads
 # development, long list: compressed's options at R = 32, and where retrieval comes back
 DEV_LONG_METHODS = [m.replace("P/3", "32") for m in DEV_METHODS] + ["compressed-128", "compressed-P/3"]
 
@@ -130,10 +135,31 @@ def prompted_answers(model, tokenizer, text: str, facts: list[tuple[str, str]]) 
     return prompt, queries, [answer_logits(model, q + t, len(t), copy.deepcopy(cache)) for q, t in queries]
 
 
-def run(folder: Path, tasks: list[str], methods: dict[str, list[str]], n_prompts: int, seed: str, log=print) -> list[dict]:
+@torch.no_grad()
+def hidden_states(model, ids: list[int]) -> torch.Tensor:
+    """(layers, T, hidden): every decoder layer's output on ids (the embeddings left out), in float64."""
+    return torch.stack(model(input_ids=torch.tensor([ids]), output_hidden_states=True).hidden_states[1:])[:, 0].double()
+
+
+def change_cosines(model, patched, prompt: list[int], queries: list) -> torch.Tensor:
+    """(layers,) how alike the changes are that the patch and the prompt make to the query's hidden states, against
+    the model on the query alone (Dai et al.'s comparison of ICL with fine-tuning): the cosine of (patched - plain)
+    and (prompted - plain), per layer, averaged over the query's and answer's positions and the queries."""
+    total = 0
+    for q, t in queries:
+        ids = q + t
+        plain = hidden_states(model, ids)
+        prompted = hidden_states(model, prompt + ids)[:, -len(ids):]
+        total = total + torch.cosine_similarity(hidden_states(patched, ids) - plain, prompted - plain, dim=-1).mean(-1)
+    return total / len(queries)
+
+
+def run(folder: Path, tasks: list[str], methods: dict[str, list[str]], n_prompts: int, seed: str, log=print,
+        changes: bool = False) -> list[dict]:
     """One row per (task, method): accuracy, prompted accuracy, KL, bytes, prompt lengths, conversion seconds and a
     plain forward's over the prompt (long lists: at most 3 prompts). prompted_mode_share: the share of queries that get the prompted model's
-    most common answer (near 1: it answers from a prior, not from the prompt)."""
+    most common answer (near 1: it answers from a prior, not from the prompt). changes: also each method's
+    layer_cosine (change_cosines, one value per layer)."""
     model, tokenizer = load_model(str(folder), "float32")
     fingerprint = model_fingerprint(model)  # once: it reads every weight
     rows = []
@@ -163,6 +189,8 @@ def run(folder: Path, tasks: list[str], methods: dict[str, list[str]], n_prompts
                     s["bytes"].append(patch.nbytes)
                     s["budgets"].append(int(patch.extra.get("budget", 0)))
                     patched = patched_copy(model, patch)
+                    if changes:
+                        s["cosine"] = s.get("cosine", 0) + change_cosines(model, patched, prompt, queries) / prompts
                 for (_, t), (right, kl, same) in zip(queries, scored(patched, queries, prompted)):
                     s["right"], s["n"], s["kl"] = s["right"] + right, s["n"] + 1, s["kl"] + kl
                     s["same_top"], s["positions"] = s["same_top"] + same, s["positions"] + len(t)
@@ -178,7 +206,8 @@ def run(folder: Path, tasks: list[str], methods: dict[str, list[str]], n_prompts
                          "mean_budget": sum(s["budgets"]) / len(s["budgets"]) if s["budgets"] else None,
                          "convert_seconds": s["seconds"] / prompts if s["bytes"] else None,
                          "forward_seconds": sum(forwards) / prompts,
-                         "prompt_tokens": [min(lengths), max(lengths)]})
+                         "prompt_tokens": [min(lengths), max(lengths)],
+                         **({"layer_cosine": s["cosine"].tolist()} if "cosine" in s else {})})
     return rows
 
 
@@ -213,7 +242,7 @@ def table(rows: list[dict]) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("stage", choices=["dev", "heldout", "refine", "plot", "plot-refine", "cost", "show"])
+    ap.add_argument("stage", choices=["dev", "heldout", "refine", "lora", "plot", "plot-refine", "cost", "show"])
     ap.add_argument("--prompts", type=int, default=None, help="fresh prompts per task (dev 3, heldout 5; long lists at most 3)")
     ap.add_argument("--tasks", nargs="+", default=None, help="a subset of the stage's tasks")
     ap.add_argument("--methods", nargs="+", default=None, help="method specs to run instead of the stage's "
@@ -227,6 +256,7 @@ def main() -> None:
         result = json.loads(args.save.read_text())
         print(f"{result['model']}, {result['stage']} tasks, {result['prompts']} prompts per task ({result['seconds']} s)\n")
         print(table(result["rows"]))
+        print("\n" + cosine_table(result["rows"]))
         return
     if args.stage == "plot-refine":
         from plot_curve import tradeoff_table, write_tradeoff
@@ -259,14 +289,15 @@ def main() -> None:
               f"{r['ratio']:.1f}"] for r in rows]))
         return
     dev = args.stage == "dev"
-    tasks = args.tasks or list(DEV_TASKS if dev else HELDOUT_TASKS)
-    default = {t: REFINE_METHODS if args.stage == "refine" else (DEV_LONG_METHODS if dev else LONG_METHODS)
-               if t.startswith("long_") else DEV_METHODS if dev else HELDOUT_METHODS for t in tasks}
+    lora = args.stage == "lora"
+    tasks = args.tasks or list(DEV_TASKS if dev else LORA_TASKS if lora else HELDOUT_TASKS)
+    default = {t: REFINE_METHODS if args.stage == "refine" else LORA_METHODS if lora else (DEV_LONG_METHODS if dev else
+               LONG_METHODS) if t.startswith("long_") else DEV_METHODS if dev else HELDOUT_METHODS for t in tasks}
     methods = {t: args.methods or default[t] for t in tasks}
-    n = args.prompts or (3 if dev or args.stage == "refine" else 5)
+    n = args.prompts or (2 if lora else 3 if dev or args.stage == "refine" else 5)
     t0 = time.perf_counter()
     folder = smollm2_folder(args.folder)
-    rows = run(folder, tasks, methods, n, args.stage, log=lambda m: print(m, file=sys.stderr))
+    rows = run(folder, tasks, methods, n, args.stage, log=lambda m: print(m, file=sys.stderr), changes=lora)
     result = {"model": "SmolLM2-135M-Instruct (GGUF Q4_1, de-quantised to float32)", "stage": args.stage,
               "prompts": n, "seconds": round(time.perf_counter() - t0), "rows": rows}
     RESULTS.mkdir(exist_ok=True)
@@ -276,6 +307,24 @@ def main() -> None:
         return
     print(f"SmolLM2-135M-Instruct, float32, {args.stage} tasks, {n} fresh prompts per task ({result['seconds']} s)\n")
     print(table(rows))
+    if lora:
+        print("\n" + cosine_table(rows))
+
+
+def cosine_table(rows: list[dict]) -> str:
+    """The change each method makes to the query's hidden states against the prompt's (cosine), averaged over the
+    tasks, at a few layers and over all of them."""
+    by_method: dict[str, list] = {}
+    for r in rows:
+        if "layer_cosine" in r:
+            by_method.setdefault(r["method"], []).append(torch.tensor(r["layer_cosine"]))
+    if not by_method:
+        return ""
+    layers = len(next(iter(by_method.values()))[0])
+    shown = sorted({0, layers // 4, layers // 2, 3 * layers // 4, layers - 1})
+    return markdown_table(["method", *(f"layer {i + 1}" for i in shown), "mean over layers"],
+                          [[name, *(f"{float(torch.stack(c).mean(0)[i]):.3f}" for i in shown),
+                            f"{float(torch.stack(c).mean()):.3f}"] for name, c in by_method.items()])
 
 
 if __name__ == "__main__":

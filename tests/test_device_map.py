@@ -89,3 +89,16 @@ def test_an_offloaded_model_refines_a_summary_as_one_device_does(tmp_path):
     fitted = convert_prompt(single, ids, "0" * 64, build("compressed", budget=4))
     assert all(torch.equal(got.tensors[n].cpu(), want.tensors[n]) for n in want.tensors)
     assert any(not torch.equal(want.tensors[n], fitted.tensors[n]) for n in want.tensors)  # training moved them
+
+
+def test_lora_with_offloaded_weights_is_refused_in_one_line(tmp_path):
+    """The update is a parametrization of the weights, which accelerate's offloading replaces: refused, not wrong."""
+    from iclca_cli.errors import IclcaError
+    from iclca_cli.methods import build
+
+    folder = save_checkpoint(MODELS["llama"](), tmp_path / "llama")
+    single, _ = load_model(str(folder), "float64")
+    weight_bytes = sum(p.numel() * p.element_size() for p in single.parameters())
+    model = offloaded(folder, f"{weight_bytes // 3 // 1024}KB")
+    with pytest.raises(IclcaError, match="lora with weights offloaded by --device-map is not supported yet"):
+        convert_prompt(model, [i + 3 for i in random_ids(P, 58, 4)], "0" * 64, build("lora", rank=2, steps=2))

@@ -1,6 +1,7 @@
 """scripts/gpu_check.py is run on a GPU when a session has one; here it runs small on the CPU so that it keeps
 working: every golden row holds (exact and prefix patches within twice the yardstick of the same run, float32 and
-bfloat16), the command line answers as prompted, a refined summary is closer to the prompted model than the fitted one, and
+bfloat16), the command line answers as prompted, a refined summary is closer to the prompted model than the fitted one, a
+lora patch closer than the plain model, and
 every benchmark row has a positive value."""
 
 import json
@@ -20,4 +21,4 @@ def test_the_gpu_check_runs_on_the_cpu_and_its_golden_rows_hold():
     assert all(c["holds"] and c["accuracy"]["prompted"] == 1.0 for c in result["cli"])
     assert result["bench"] and all(b["value"] > 0 for b in result["bench"])
     assert {r["model"] for r in result["refine"]} == {"demo-gpt2", "demo-lfm2"} and all(r["holds"] for r in result["refine"])
-
+    assert {r["model"] for r in result["lora"]} == {"demo-gpt2", "demo-lfm2"} and all(r["holds"] for r in result["lora"])

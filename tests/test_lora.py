@@ -240,3 +240,35 @@ def test_lora_refuses_chat_in_one_line(cli, tmp_path):
     res = cli("convert", system, "-m", folder, "--method", "lora", "--chat", "--out", tmp_path / "x.st")
     assert_one_line_error(res, "--chat with --method lora is not supported yet")
     assert not (tmp_path / "x.st").exists()
+
+
+def test_a_lora_patched_copy_shares_the_weights_and_leaves_the_base_as_it_was():
+    """`iclca eval` holds the base and the patched model at once: the update is a parametrization of the copy's
+    weights, never written into the parameters both share."""
+    from helpers import make_llama
+
+    model = make_llama()
+    query = torch.tensor([[3, 7, 9]])
+    before_state = {k: v.clone() for k, v in model.state_dict().items()}
+    before = model(input_ids=query).logits
+    patched = patched_copy(model, random_update(model, [5, 6, 7, 8]))
+    shared = {p.data_ptr() for p in model.parameters()}
+    assert all(p.data_ptr() in shared for p in patched.parameters())
+    assert not torch.allclose(patched(input_ids=query).logits, before)
+    torch.testing.assert_close(model(input_ids=query).logits, before, rtol=0, atol=0)
+    assert all(torch.equal(v, before_state[k]) for k, v in model.state_dict().items())
+
+
+def test_the_change_cosine_of_the_exact_patch_is_one():
+    """scripts/real_model.py's comparison of ICL with weight updates (Dai et al.): the change the exact prefix
+    patch makes to a query's hidden states is the prompt's own (cosine 1 at every layer); a random update's is not."""
+    from helpers import convert, load_script, make_llama, random_ids
+
+    real = load_script("real_model")
+    model = make_llama()
+    prompt, queries = random_ids(12, 61, 1), [(random_ids(3, 61, 2), random_ids(2, 61, 3))]
+    exact, _ = convert(model, prompt, "prefix")
+    cosine = real.change_cosines(model, exact, prompt, queries)
+    assert len(cosine) == model.config.num_hidden_layers and (cosine - 1).abs().max() <= 1e-6
+    other = real.change_cosines(model, patched_copy(model, random_update(model, prompt)), prompt, queries)
+    assert (other - 1).abs().min() > 1e-2

@@ -146,16 +146,16 @@ def training_params(key_prefix: str) -> tuple[Param, ...]:
     """The distillation engine's parameters (training.py), as every trained method takes them: the same fields and
     flags (--steps, --lr, --seed, --train-on, --time-limit), metadata keys iclca.<key_prefix>_<...>."""
     return (
-        Param("steps", "--steps", f"{key_prefix}_steps", int, "training steps (trained methods)", minimum=1),
-        Param("lr", "--lr", f"{key_prefix}_lr", float, "Adam's learning rate (trained methods)"),
+        Param("steps", "--steps", f"{key_prefix}_steps", int, "training steps (compressed: with --refine)", minimum=1),
+        Param("lr", "--lr", f"{key_prefix}_lr", float, "Adam's learning rate (compressed: with --refine)"),
         Param("seed", "--seed", f"{key_prefix}_seed", int, "the training inputs', order's and initial values' seed "
-              "(trained methods)"),
+              "(compressed: with --refine)"),
         Param("train_on", "--train-on", f"{key_prefix}_inputs", str, "what training inputs are made of, joined by +: "
               "spans of the prompt re-read (spans), its lines from their start as queries look (lines), "
-              "continuations the prompted model samples (samples) (trained methods)"),
+              "continuations the prompted model samples (samples) (compressed: with --refine)"),
         Param("time_limit", "--time-limit", f"{key_prefix}_time_limit", float, "stop training after this many "
               "seconds, 0: no limit; a patch stopped early records the steps it took and is not reproducible "
-              "(trained methods)"),
+              "(compressed: with --refine)"),
     )
 
 

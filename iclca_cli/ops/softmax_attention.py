@@ -26,7 +26,7 @@ from .taylor import taylor_features, taylor_kernel, taylor_order_of
 
 ATTENTION_NAME = "iclca_patch"
 # Keyword arguments transformers' attention modules pass that do not change the result here.
-IGNORED_KWARGS = ("use_cache", "output_attentions", "output_router_logits")
+IGNORED_KWARGS = ("use_cache", "output_attentions", "output_hidden_states", "output_router_logits")  # what is returned
 
 
 def soft_cap(scores: torch.Tensor, softcap: float | None) -> torch.Tensor:
