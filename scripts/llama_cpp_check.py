@@ -131,8 +131,8 @@ def main() -> None:
         result = {"model": "SmolLM2-135M-Instruct + lora (words prompt, defaults)", "prompt_tokens": len(prompt),
                   "checks": [check(folder, model, queries, source, t) for t in args.outtype]}
     for c in result["checks"]:
-        for (query, _), row in zip(facts, c["rows"]):
-            row["query"] = query
+        for (query, target), row in zip(facts, c["rows"]):
+            row["query"], row["prompt_says"] = query, target
             row.update({f"{k}_text": tokenizer.decode(row[k]) for k in ("llama_cpp", "transformers", "plain")})
     save_json(RESULT, result)
     print(json.dumps(result) if args.json else tables(result))
@@ -146,8 +146,9 @@ def tables(result: dict) -> str:
         f"{result['model']}, a {result['prompt_tokens']}-token prompt; greedy, 6 new tokens per query",
         markdown_table(["GGUF", "queries", "llama.cpp = transformers (tokens)", "differ from the plain model"],
                        [[c["outtype"], c["queries"], c["identical"], c["differ_from_plain"]] for c in result["checks"]]),
-        markdown_table(["query", "llama.cpp", "transformers", "plain model"],
-                       [[r["query"], shown(r["llama_cpp_text"]), shown(r["transformers_text"]), shown(r["plain_text"])]
+        markdown_table(["query", "the prompt says", "llama.cpp", "transformers", "plain model"],
+                       [[r["query"], r["prompt_says"], shown(r["llama_cpp_text"]), shown(r["transformers_text"]),
+                         shown(r["plain_text"])]
                         for r in result["checks"][0]["rows"]])])
 
 if __name__ == "__main__":
