@@ -158,7 +158,10 @@ from transformers.utils import logging
 logging.disable_progress_bar()
 result = []
 for case in json.loads(sys.argv[1]):
-    model = AutoModelForCausalLM.from_pretrained(case["folder"], trust_remote_code=True, dtype=getattr(torch, case["dtype"]))
+    # remote False: a stock checkpoint, loaded without remote code; eager_experts: float64 MoE (grouped_mm takes none)
+    extra = {"experts_implementation": "eager"} if case.get("eager_experts") else {}
+    model = AutoModelForCausalLM.from_pretrained(case["folder"], trust_remote_code=case.get("remote", True),
+                                                 dtype=getattr(torch, case["dtype"]), **extra)
     with torch.no_grad():
         out = model(input_ids=torch.tensor([case["query"]])).logits[0]
         gen = model.generate(torch.tensor([case["query"]]), max_new_tokens=case.get("new_tokens", 16), do_sample=False)

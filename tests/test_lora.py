@@ -13,14 +13,13 @@ from __future__ import annotations
 
 import copy
 import json
-import subprocess
-import sys
 
 import pytest
 import torch
 from transformers.pytorch_utils import Conv1D
 
-from helpers import EXAMPLE_PROMPT, ROOT, assert_one_line_error, greedy, logits, one_json, save_checkpoint
+from helpers import (EXAMPLE_PROMPT, ROOT, assert_one_line_error, greedy, logits, one_json, run_fresh_process,
+                     save_checkpoint)
 from iclca_cli.convert import describe_patch
 from iclca_cli.families import all_families, family_of
 from iclca_cli.loading import load_model
@@ -70,28 +69,6 @@ def test_a_lora_patch_is_the_update_in_the_weights(name):
     assert (logits(patched_copy(patched, patch), query) - want).abs().max() <= 1e-10  # attached twice: once
 
 
-FRESH_STOCK = r"""
-import importlib.abc, json, sys
-class NoIclca(importlib.abc.MetaPathFinder):
-    def find_spec(self, name, path=None, target=None):
-        if name.split(".")[0] == "iclca_cli":
-            raise ImportError("iclca_cli is blocked in this process")
-sys.meta_path.insert(0, NoIclca())
-import torch
-from transformers import AutoModelForCausalLM
-result = []
-for case in json.loads(sys.argv[1]):
-    # float64: MoE experts computed eagerly (grouped_mm takes no float64), as iclca loads them
-    model = AutoModelForCausalLM.from_pretrained(case["folder"], dtype=torch.float64, experts_implementation="eager")
-    with torch.no_grad():
-        out = model(input_ids=torch.tensor([case["query"]])).logits[0]
-        gen = model.generate(torch.tensor([case["query"]]), max_new_tokens=8, do_sample=False)
-    result.append({"logits": out.tolist(), "generated": gen[0, len(case["query"]):].tolist(),
-                   "class": type(model).__module__, "iclca_imported": "iclca_cli" in sys.modules})
-print(json.dumps(result))
-"""
-
-
 def test_merged_lora_folders_are_stock_checkpoints(tmp_path):
     """Every family transformers ships: the merged folder has the base's model_type and architectures, no auto_map
     and no modeling file, loads in a fresh process without iclca or remote code, and equals the patched model."""
@@ -108,12 +85,10 @@ def test_merged_lora_folders_are_stock_checkpoints(tmp_path):
         config, base_config = (json.loads((f / "config.json").read_text()) for f in (folder, base))
         assert (config["model_type"], config["architectures"]) == (base_config["model_type"], base_config["architectures"])
         assert "auto_map" not in config and not list(folder.glob("*.py")), name
-        cases.append({"folder": str(folder), "query": query})
+        cases.append({"folder": str(folder), "dtype": "float64", "query": query, "new_tokens": 8, "remote": False,
+                      "eager_experts": True})
         expected.append((name, logits(patched, query), greedy(patched, query, 8)))
-    proc = subprocess.run([sys.executable, "-c", FRESH_STOCK, json.dumps(cases)], capture_output=True, text=True,
-                          cwd=tmp_path, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    for res, (name, want, want_gen) in zip(json.loads(proc.stdout.strip().splitlines()[-1]), expected):
+    for res, (name, want, want_gen) in zip(run_fresh_process(cases, tmp_path), expected):
         assert res["class"].startswith("transformers.models.") and not res["iclca_imported"], (name, res["class"])
         assert (torch.tensor(res["logits"], dtype=torch.float64) - want).abs().max() <= 1e-10, name
         assert res["generated"] == want_gen, name
