@@ -48,6 +48,15 @@ def targets(model, family: Family, names: tuple[str, ...] | None) -> dict[str, n
     return dict(sorted(found.items()))
 
 
+def shapes(model, family: Family, method) -> dict[str, tuple[int, ...]]:
+    """'<path>.lora_A' -> (r, in) and '<path>.lora_B' -> (out, r) for each module the method updates, by path."""
+    out = {}
+    for path, module in targets(model, family, method.target_names()).items():
+        n_in, n_out = in_out(module)
+        out[f"{path}.lora_A"], out[f"{path}.lora_B"] = (method.rank, n_in), (n_out, method.rank)
+    return out
+
+
 def convert(model, family: Family, prompt_ids: list[int], method, chunk_size: int = 512,
             progress=None) -> dict[str, torch.Tensor]:
     """The untrained update, as PEFT starts one: A uniform in +-1/sqrt(in) (Kaiming, seeded by method.seed), B zero,
@@ -55,22 +64,17 @@ def convert(model, family: Family, prompt_ids: list[int], method, chunk_size: in
     generator = torch.Generator().manual_seed(method.seed)
     dtype = next(model.parameters()).dtype
     tensors = {}
-    for path, module in targets(model, family, method.target_names()).items():
-        n_in, n_out = in_out(module)
-        bound = 1 / math.sqrt(n_in)
-        a = (torch.rand(method.rank, n_in, generator=generator, dtype=torch.float64) * 2 - 1) * bound
-        tensors[f"{path}.lora_A"] = a.to(dtype)  # (r, in)
-        tensors[f"{path}.lora_B"] = torch.zeros(n_out, method.rank, dtype=dtype)  # (out, r)
+    for name, shape in shapes(model, family, method).items():
+        if name.endswith(".lora_A"):  # (r, in), drawn module after module
+            a = (torch.rand(shape, generator=generator, dtype=torch.float64) * 2 - 1) * (1 / math.sqrt(shape[1]))
+            tensors[name] = a.to(dtype)
+        else:  # (out, r)
+            tensors[name] = torch.zeros(shape, dtype=dtype)
     return tensors
 
 
 def expected_shapes(model, family: Family, patch) -> dict[str, tuple[int, ...]]:
-    rank = patch.method.rank
-    shapes = {}
-    for path, module in targets(model, family, patch.method.target_names()).items():
-        n_in, n_out = in_out(module)
-        shapes[f"{path}.lora_A"], shapes[f"{path}.lora_B"] = (rank, n_in), (n_out, rank)
-    return shapes
+    return shapes(model, family, patch.method)
 
 
 class _Update(nn.Module):
@@ -120,7 +124,7 @@ def merged_config(model, family: Family, tensors: dict[str, torch.Tensor], offse
 @torch.no_grad()
 def fold(model, family: Family, tensors: dict[str, torch.Tensor]):
     """A copy of `model` (its own weights) with every update written into its weight: W + B A (computed in float64,
-    stored in the weight's dtype); the stock class, no hooks, no buffers. A family that rescales weights in place
+    stored in the weight's dtype); the stock class, no parametrization, no buffers. A family that rescales weights in place
     for inference (RWKV) gets the update on the weights as it computes with them, then its weights back as trained."""
     folded = copy.deepcopy(model).eval()
     restore = getattr(folded.base_model, family.restore_weights) if family.restore_weights else None

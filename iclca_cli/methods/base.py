@@ -113,15 +113,10 @@ class Method:
         tokenizer, where the caller has it, shapes training inputs as the prompt's lines."""
         return tensors
 
-    def is_attention_buffer(self, buffer: str) -> bool:
-        """Whether a patch buffer holds attention keys, values or summaries (Patch.bytes_by_part), not a recurrent
-        state that does not grow with the prompt."""
-        return buffer.startswith(("prompt_", "prefix_"))
-
     def part(self, buffer: str) -> str:
         """What a patch buffer is, for Patch.bytes_by_part: "attention" (keys, values, summaries), "recurrent" (a
         state that does not grow with the prompt) or "weights" (an update of the model's weights)."""
-        return "attention" if self.is_attention_buffer(buffer) else "recurrent"
+        return "attention" if buffer.startswith(("prompt_", "prefix_")) else "recurrent"
 
     # ---- softmax layers: one full-attention layer at a time, or all of them (summarises) ----
 
@@ -159,10 +154,27 @@ def training_params(key_prefix: str) -> tuple[Param, ...]:
     )
 
 
-def training_of(method) -> Training:
-    """The distillation engine's settings from a trained method's training_params fields (Training checks them)."""
-    return Training(method.steps, method.lr, method.seed, sources=tuple(method.train_on.split("+")),
-                    time_limit=method.time_limit or None)
+@dataclass(frozen=True)
+class Trained(Method):
+    """Base of a method trained by the distillation engine (distill.py): the engine's settings as fields (their
+    flags and keys: training_params), with its defaults (training.py)."""
+
+    FIELDS: ClassVar[tuple[str, ...]] = ("steps", "lr", "seed", "train_on", "time_limit")
+
+    steps: int = Training.steps
+    lr: float = Training.lr
+    seed: int = Training.seed
+    train_on: str = "+".join(Training.sources)
+    time_limit: float = 0.0  # none
+
+    def validate(self) -> None:
+        super().validate()
+        self.training()
+
+    def training(self) -> Training:
+        """The distillation engine's settings (Training checks them)."""
+        return Training(self.steps, self.lr, self.seed, sources=tuple(self.train_on.split("+")),
+                        time_limit=self.time_limit or None)
 
 
 def _parse(p: Param, raw: str, where: str):

@@ -9,8 +9,7 @@ from typing import TYPE_CHECKING
 
 from ..errors import IclcaError
 from ..families import SOFTMAX_KINDS
-from ..training import Training
-from .base import Method, Param, training_of, training_params
+from .base import Param, Trained, training_params
 from .evict import BUDGET
 
 if TYPE_CHECKING:
@@ -18,7 +17,7 @@ if TYPE_CHECKING:
 
 
 @dataclass(frozen=True)
-class Compressed(Method):
+class Compressed(Trained):
     name = "compressed"
     help = "softmax attention: fitted summaries of the prompt (constant size, approximate)"
     kinds = SOFTMAX_KINDS
@@ -38,29 +37,19 @@ class Compressed(Method):
               "from the prompt (distill.py); the sink entries stay"),
         *training_params("refine"),
     )
-    TRAINING = ("steps", "lr", "seed", "train_on", "time_limit")  # recorded, and allowed to differ from their defaults, only with refine
+    TRAINING = Trained.FIELDS  # recorded, and allowed to differ from their defaults, only with refine
 
     budget: int = 0
     queries: str = "repeat"  # chosen on development tasks, as the other defaults
     keys: str = "attention"
     split: str = "heads"
     refine: bool = False
-    steps: int = Training.steps  # the engine's defaults (training.py)
-    lr: float = Training.lr
-    seed: int = Training.seed
-    train_on: str = "+".join(Training.sources)
-    time_limit: float = 0.0  # none
 
     def validate(self) -> None:
         super().validate()
-        self.training()
         changed = [self.param(f).flag for f in self.TRAINING if getattr(self, f) != self.default(self.param(f))]
         if changed and not self.refine:
             raise IclcaError(f"{', '.join(changed)} apply to --refine", "add --refine, or drop them")
-
-    def training(self) -> Training:
-        """The distillation engine's settings (Training checks them)."""
-        return training_of(self)
 
     def metadata(self) -> dict[str, str]:
         """Training parameters only for a refined summary: an unrefined patch's metadata is as before --refine."""

@@ -10,14 +10,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..families import CACHE_KINDS, LINEAR_KINDS, SOFTMAX_KINDS
-from ..training import Training
-from .base import Method, Param, training_of, training_params
+from .base import Param, Trained, training_params
 
 ALL_TARGETS = "all-linear"  # every linear projection of the decoder layers (PEFT's name for it)
 
 
 @dataclass(frozen=True)
-class Lora(Method):
+class Lora(Trained):
     name = "lora"
     help = "any model: low-rank weight updates trained toward the prompted model (constant size, approximate; " \
            "merges into a stock checkpoint)"
@@ -38,16 +37,10 @@ class Lora(Method):
 
     rank: int = 8
     targets: str = ALL_TARGETS
-    objective: str = "kl"
-    steps: int = Training.steps  # the engine's defaults (training.py), chosen on development tasks (docs/lora.md)
-    lr: float = Training.lr
-    seed: int = Training.seed
-    train_on: str = "+".join(Training.sources)
-    time_limit: float = 0.0  # none
+    objective: str = "kl"  # the training fields (Trained) keep the engine's defaults: chosen in docs/lora.md
 
     def validate(self) -> None:
         super().validate()
-        self.training()
         names = self.target_names()
         if names is not None and (not all(names) or any(not n.replace("_", "").isalnum() for n in names)):
             from ..errors import IclcaError
@@ -58,9 +51,6 @@ class Lora(Method):
     def target_names(self) -> tuple[str, ...] | None:
         """The module names updated (the last part of their paths); None: every linear projection."""
         return None if self.targets == ALL_TARGETS else tuple(n.strip() for n in self.targets.split(","))
-
-    def training(self) -> Training:
-        return training_of(self)
 
     def part(self, buffer: str) -> str:
         return "weights"

@@ -25,8 +25,8 @@ class Taylor(Method):
 
     order: int = 2
 
-    def is_attention_buffer(self, buffer: str) -> bool:
-        return True  # memories stand for the prompt's keys and values
+    def part(self, buffer: str) -> str:
+        return "attention"  # memories stand for the prompt's keys and values
 
     def full_layer_tensors(self, captured) -> dict[str, torch.Tensor]:
         import torch
