@@ -119,7 +119,8 @@ def evaluate(model: str, prompt: str | Path, queries: str | Path, patch: str | P
     reduced = next(m.base.parameters()).dtype in (DTYPES["bfloat16"], DTYPES["float16"])
     float32_base = load_model(model, "float32", *placement)[0] if reduced else None  # the yardstick
     return report_of(m.base, m.patched, m.tokenizer, text, asked, m.method, m.patch_bytes, m.element_size, progress,
-                     float32_base=float32_base, chat_messages=messages, reuse_cache=False if one_pass else None)
+                     float32_base=float32_base, chat_messages=messages, reuse_cache=False if one_pass else None,
+                     served_head=m.served_head(chat, messages))
 
 
 def generate(model: str, queries: list[str], patch: str | Path | None = None, merged: str | Path | None = None,
@@ -151,6 +152,7 @@ def generate(model: str, queries: list[str], patch: str | Path | None = None, me
     head, encode = chats.encoders(m.tokenizer, text, messages, roles)
     tokenizer = m.tokenizer
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    served = m.served_head(chat, messages)  # what the patched and the plain model read before a query
     runs = [("patched", m.patched, False)] + ([("prompted", m.base, True), ("base", m.base, False)] if compare else [])
     out = []
     for n, query in enumerate(queries):
@@ -161,7 +163,7 @@ def generate(model: str, queries: list[str], patch: str | Path | None = None, me
         for who, runner, prompted in runs:
             stream = TextStream(tokenizer, (lambda piece, n=n, who=who: on_text(n, who, piece)) if on_text else
                                 (lambda piece: None))
-            tokens[who] = continuation(runner, head + ids if prompted else ids, sampling, pad, stream)
+            tokens[who] = continuation(runner, head + ids if prompted else served + ids, sampling, pad, stream)
             row[who] = tokenizer.decode(tokens[who], skip_special_tokens=True)
         out.append({**row, "tokens": tokens})
     return {"method": getattr(m.method, "name", m.method), "generations": out}
@@ -175,6 +177,18 @@ class _Patched(NamedTuple):
     patch_bytes: int  # the patch tensors' bytes
     element_size: int  # bytes per element of the patch's dtype
     chat_roles: str | None  # the roles of the conversation a --chat patch was made after
+
+    def served_head(self, chat: bool, messages: list[dict] | None) -> list[int]:
+        """What the patched (or merged) model and the plain one read before each query: with --chat, for a weight
+        patch (which reads a query without the baked conversation), the chat template's own start, as a server
+        renders a query (chat.served_head); nothing otherwise."""
+        from .methods import method_class
+
+        in_context = self.method.in_context if isinstance(self.method, Method) else method_class(self.method).in_context
+        if not chat or in_context:
+            return []
+        roles = [msg["role"] for msg in messages] if messages else self.chat_roles.split(",")
+        return chats.served_head(self.tokenizer, roles)
 
 
 def _one_source(patch, merged, verb: str) -> None:
@@ -287,9 +301,8 @@ def _convert_one(m, tokenizer, prompt_file: Path, out: Path, method, base_patch,
         text = read_prompt(prompt_file, max_bytes)
         ids = encode_prompt(tokenizer, text)
     header = describe_patch(m, ids, sha256_text(text), method, base_patch, fingerprint)
-    if messages and not header.method.in_context:
-        raise IclcaError(f"--chat with --method {header.method.name} is not supported yet: the query would be read "
-                         "without the system turn a chat server renders", "convert the prompt as plain text")
+    if messages and not header.method.in_context:  # a weight patch: queries are read after the template's own start
+        chats.served_head(tokenizer, [msg["role"] for msg in messages])
     if messages:  # what a merged folder's chat template and `generate --chat` render the query after
         header.extra["chat_roles"] = ",".join(msg["role"] for msg in messages)
     same, patch = _kept(out, header) if check_patch_target(out) else (None, None)
@@ -300,7 +313,7 @@ def _convert_one(m, tokenizer, prompt_file: Path, out: Path, method, base_patch,
         status, file_bytes = "skipped", out.stat().st_size
     else:  # a base patch is applied in place: convert on a copy, so the next prompt starts from the plain model
         model = shared_copy(m) if base_patch is not None else m
-        patch = fill_patch(model, header, ids, base_patch, chunk_size, progress, tokenizer)
+        patch = fill_patch(model, header, ids, base_patch, chunk_size, progress, tokenizer, messages)
         status, file_bytes = "converted", save_patch(patch, out)
     return {"prompt": str(prompt_file), "patch": str(out), "status": status, "method": header.method.name,
             "prompt_tokens": header.prompt_tokens, "position_offset": header.position_offset,

@@ -72,6 +72,28 @@ def continuation_ids(tokenizer, roles: list[str], query: str) -> list[int]:
     return query_ids(tokenizer, baked, query)
 
 
+def served_head(tokenizer, roles: list[str]) -> list[int]:
+    """The tokens a stock chat template puts before a conversation's first user turn (a default system turn, a BOS,
+    or none): what a server reads before each query to a model whose weights hold the baked conversation (a weight
+    patch, lora, made with --chat), where the other patches continue after the conversation itself. Refused where
+    the template renders a first user turn otherwise than one after the baked conversation of these roles."""
+    whole = _ids(tokenizer, render(tokenizer, [{"role": "user", "content": PLACEHOLDER}], add_generation_prompt=True))
+    after = continuation_ids(tokenizer, roles, PLACEHOLDER)
+    if whole[len(whole) - len(after):] != after:
+        raise IclcaError("this chat template renders a conversation's first user turn otherwise than one after the "
+                         "baked conversation, so a weight patch cannot stand for it",
+                         "convert the prompt as plain text, or with --method prefix or compressed")
+    return whole[:len(whole) - len(after)]
+
+
+def turn_opener(tokenizer, messages: list[dict], head: list[int]) -> list[int]:
+    """The tokens that open a user turn after the conversation `messages` (ids `head`) and come before its content:
+    what an empty user turn and one with content share."""
+    empty, said = (query_ids(tokenizer, messages, text, head) for text in ("", "Hello"))
+    n = next((i for i, (a, b) in enumerate(zip(empty, said)) if a != b), min(len(empty), len(said)))
+    return empty[:n]
+
+
 def encoders(tokenizer, prompt_text: str | None, messages: list[dict] | None = None, roles: list[str] | None = None):
     """(the prompt's ids, or None without one; query text -> its ids), as the prompted model reads them: each query a
     user turn after the rendered conversation `messages`, or after placeholders of its `roles` (a chat patch whose

@@ -44,6 +44,7 @@ def convert_prompt(
     progress: Progress | None = None,
     fingerprint: str | Fingerprint | None = None,
     tokenizer=None,
+    messages: list[dict] | None = None,
 ) -> Patch:
     """The patch of `prompt_ids` for `model` by `method` (a Method with its parameters, e.g. `Compressed(budget=32)`,
     or a name; default: the family's): `exact` for layers that keep a finite state (on top of `base_patch` if
@@ -53,13 +54,14 @@ def convert_prompt(
     the patch of the concatenated prompts. The base patch is applied to `model` in place (pass a copy to keep it
     plain). `fingerprint`: the model's, when the caller knows it (model_fingerprint reads every weight); a
     Fingerprint with the tokenizer's (loading.load_fingerprinted) makes the patch refuse another vocabulary.
-    `tokenizer`: the one that made prompt_ids, for trained methods' inputs (the prompt's lines)."""
+    `tokenizer`: the one that made prompt_ids, for trained methods' inputs (the prompt's lines); `messages`: the
+    chat conversation prompt_ids render (--chat), for trained methods' inputs (user turns)."""
     patch = describe_patch(model, prompt_ids, prompt_sha256, method, base_patch, fingerprint)
-    return fill_patch(model, patch, prompt_ids, base_patch, chunk_size, progress, tokenizer)
+    return fill_patch(model, patch, prompt_ids, base_patch, chunk_size, progress, tokenizer, messages)
 
 
 def fill_patch(model, patch: Patch, prompt_ids: list[int], base_patch: Patch | None = None, chunk_size: int = 512,
-               progress: Progress | None = None, tokenizer=None) -> Patch:
+               progress: Progress | None = None, tokenizer=None, messages: list[dict] | None = None) -> Patch:
     """The tensors of a patch describe_patch made for these prompt ids, computed by running the prompt through
     `model` (from `base_patch`, applied in place, if given); returns `patch`. progress(done, total[, note])."""
     family = family_of(model)
@@ -67,7 +69,7 @@ def fill_patch(model, patch: Patch, prompt_ids: list[int], base_patch: Patch | N
     if base_patch is not None:
         apply_patch(model, base_patch)
     tensors = handler_for(family, patch.method).convert(model, family, prompt_ids, patch.method, chunk_size, progress)
-    tensors = patch.method.trained(model, patch, tensors, prompt_ids, progress, tokenizer)
+    tensors = patch.method.trained(model, patch, tensors, prompt_ids, progress, tokenizer, messages)
     check_finite(tensors, "the prompt's state", _overflow_hint(patch.dtype))
     patch.tensors = tensors
     return patch

@@ -72,11 +72,31 @@ def sampled_inputs(teacher, prompt_ids: list[int], count: int, max_len: int, see
     return out
 
 
-def training_inputs(teacher, prompt_ids: list[int], training: Training, breaks: frozenset[int] = frozenset()
-                    ) -> list[list[int]]:
+def turn_inputs(teacher, tokenizer, messages: list[dict], prompt_ids: list[int], count: int, max_len: int, seed: int,
+                temperature: float = 0.7) -> list[list[int]]:
+    """`count` user turns and answers the prompted model writes itself after a chat prompt (Cartridges' self-study):
+    after the tokens that open a user turn it writes a user's message (up to max_len / 2 tokens), which is rendered
+    as a user turn (chat.query_ids), and it answers it (up to max_len tokens more), at `temperature`. Seeded."""
+    from .chat import query_ids, turn_opener
+    from .generation import Sampling, continuation
+
+    opener = turn_opener(tokenizer, messages, prompt_ids)
+    out = []
+    with torch.random.fork_rng(devices=[]):
+        for n in range(count):
+            said = continuation(teacher, opener, Sampling(max(1, max_len // 2), temperature, 1.0, seed * 1000 + n))
+            message = tokenizer.decode(said, skip_special_tokens=True).strip() or "Hello"
+            turn = query_ids(tokenizer, messages, message, prompt_ids)
+            out.append(turn + continuation(teacher, turn, Sampling(max_len, temperature, 1.0, seed * 1000 + n)))
+    return out
+
+
+def training_inputs(teacher, prompt_ids: list[int], training: Training, breaks: frozenset[int] = frozenset(),
+                    tokenizer=None, messages: list[dict] | None = None) -> list[list[int]]:
     """training.inputs inputs made from the prompt alone (never the eval queries), shared out evenly among
-    training.sources: spans re-read (prompt_inputs), lines as queries look (line_inputs), and continuations the
-    prompted model samples (sampled_inputs)."""
+    training.sources: spans re-read (prompt_inputs), lines as queries look (line_inputs), continuations the
+    prompted model samples (sampled_inputs), and, after a chat prompt (`messages`), user turns it writes and
+    answers (turn_inputs)."""
     share = [training.inputs // len(training.sources) + (i < training.inputs % len(training.sources))
              for i in range(len(training.sources))]
     out = []
@@ -85,6 +105,11 @@ def training_inputs(teacher, prompt_ids: list[int], training: Training, breaks: 
             out += prompt_inputs(prompt_ids, count, training.max_len, training.seed)
         elif source == "lines":
             out += line_inputs(prompt_ids, count, training.max_len, training.seed, breaks)
+        elif source == "turns":
+            if messages is None:
+                raise IclcaError("--train-on turns trains on user turns after a chat prompt", "add --chat, or train "
+                                 "on spans, lines or samples")
+            out += turn_inputs(teacher, tokenizer, messages, prompt_ids, count, training.max_len, training.seed)
         else:
             out += sampled_inputs(teacher, prompt_ids, count, training.max_len, training.seed, breaks)
     return out
@@ -136,9 +161,12 @@ def _frozen(model):
 
 def distill(student, names: list[str], targets_of: list[tuple[list[int], tuple[torch.Tensor, torch.Tensor]]],
             training: Training, keep: dict[str, torch.Tensor] | None = None,
-            progress: Callable[[int, int, float], None] | None = None) -> tuple[dict[str, torch.Tensor], int]:
+            progress: Callable[[int, int, float], None] | None = None, head: list[int] = ()
+            ) -> tuple[dict[str, torch.Tensor], int]:
     """Train the student's buffers `names` (its patch tensors, in place) with Adam, one (input, teacher targets) pair
-    per step in a seeded order; entries where keep[name] is True do not move (a summary's sink). On CUDA the forward
+    per step in a seeded order; entries where keep[name] is True do not move (a summary's sink). The student reads
+    `head` before each input (a chat template's own start, where a weight patch stands for a chat prompt), the loss
+    is on the input's positions. On CUDA the forward
     runs under bfloat16 autocast; the trained tensors are kept in float64 (float32 on CUDA) between steps.
     Returns (the trained tensors, detached, in the buffers' dtypes; the steps taken: fewer than training.steps where
     training.time_limit ran out). progress(step, steps, loss)."""
@@ -159,7 +187,7 @@ def distill(student, names: list[str], targets_of: list[tuple[list[int], tuple[t
                 path, buffer = name.rsplit(".", 1)
                 setattr(student.get_submodule(path), buffer, t.to(buffers[name].dtype))
             with autocast:
-                logits = student(input_ids=torch.tensor([ids], device=device)).logits[0]
+                logits = student(input_ids=torch.tensor([[*head, *ids]], device=device)).logits[0, len(head):]
             loss = top_k_kl(logp.to(logits.device), top.to(logits.device), logits[:len(logp)])  # ce: T - 1 targets
             optimiser.zero_grad()
             loss.backward()
@@ -204,12 +232,15 @@ def summary_names_and_sinks(tensors: dict[str, torch.Tensor]) -> tuple[list[str]
 
 def train_patch(model, patch, tensors: dict[str, torch.Tensor], prompt_ids: list[int], training: Training,
                 names: list[str], keep: dict[str, torch.Tensor] | None = None, objective: str = "kl",
-                progress: Callable[..., None] | None = None, tokenizer=None, what: str = "training") -> dict[str, torch.Tensor]:
+                progress: Callable[..., None] | None = None, tokenizer=None, what: str = "training",
+                messages: list[dict] | None = None) -> dict[str, torch.Tensor]:
     """A patch's tensors `names` trained: the student is the model with the patch (tensors as given), the teacher the
     model with the prompt's exact patch (its default method: prefix, or a hybrid's exact cache), the inputs made from
     the prompt (training_inputs; lines need the tokenizer). objective kl: the teacher's top-k; ce: the inputs' own
-    next tokens (fine-tuning on the text). Where a time limit stops training early, patch.extra records the steps
-    taken (<what>_steps_taken)."""
+    next tokens (fine-tuning on the text). `messages`: the prompt is this chat conversation; a weight patch's
+    student then reads each input after the chat template's own start (chat.served_head), as a server renders a
+    query with no baked conversation in its context. Where a time limit stops training early, patch.extra records
+    the steps taken (<what>_steps_taken)."""
     import dataclasses
 
     from .convert import default_method, describe_patch, fill_patch
@@ -222,19 +253,26 @@ def train_patch(model, patch, tensors: dict[str, torch.Tensor], prompt_ids: list
     exact = describe_patch(model, prompt_ids, patch.prompt_sha256, method, fingerprint=patch.base_fingerprint)
     teacher = patched_copy(model, fill_patch(model, exact, prompt_ids))
     student = patched_copy(model, dataclasses.replace(patch, tensors=dict(tensors)))
-    drawn = training_inputs(teacher, prompt_ids, training, line_breaks(tokenizer, prompt_ids))
+    head = []
+    if messages is not None and not patch.method.in_context:
+        from .chat import served_head
+
+        head = served_head(tokenizer, [m["role"] for m in messages])
+    drawn = training_inputs(teacher, prompt_ids, training, line_breaks(tokenizer, prompt_ids), tokenizer, messages)
     targets = teacher_targets(teacher, drawn, training.top_k) if objective == "kl" else text_targets(drawn)
     unit = "KL" if objective == "kl" else "CE"
     step = (lambda done, total, loss: progress(done, total, f"{what}, {unit} {loss:.3f}")) if progress else None
-    trained, taken = distill(student, names, list(zip(drawn, targets)), training, keep, step)
+    trained, taken = distill(student, names, list(zip(drawn, targets)), training, keep, step, head)
     if taken < training.steps:
         patch.extra[f"{what}_steps_taken"] = str(taken)
     return {**tensors, **trained}
 
 
 def refine_summary(model, patch, tensors: dict[str, torch.Tensor], prompt_ids: list[int], training: Training,
-                   progress: Callable[..., None] | None = None, tokenizer=None) -> dict[str, torch.Tensor]:
+                   progress: Callable[..., None] | None = None, tokenizer=None, messages: list[dict] | None = None
+                   ) -> dict[str, torch.Tensor]:
     """`compressed --refine`: the fitted summary trained toward the prompted model, its sinks kept (train_patch)."""
     names, keep = summary_names_and_sinks(tensors)
-    return train_patch(model, patch, tensors, prompt_ids, training, names, keep, "kl", progress, tokenizer, "refine")
+    return train_patch(model, patch, tensors, prompt_ids, training, names, keep, "kl", progress, tokenizer, "refine",
+                       messages)
 

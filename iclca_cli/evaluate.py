@@ -112,13 +112,16 @@ def evaluate(
     float32_base=None,
     chat_messages: list[dict] | None = None,
     answer_tokens: int = 16,
+    served_head: list[int] = (),
 ) -> dict:
     """The `iclca eval` report (DESIGN.md keys) over all queries. reuse_cache: read the prompt once for the prompted
     reference (default: where the family allows, PromptedReference). float32_base: the base model in float32, for a
     run in reduced precision: the report's `precision` then holds the yardstick, how far the prompted model in this
     dtype is from itself in float32, and max_abs_logit_diff as a multiple of it. chat_messages: the prompt as a
     conversation's start (chat.py; prompt_text is then unused), each query a user turn. answers: each model's
-    greedy continuation, as long as the query's target, or `answer_tokens` where it has none."""
+    greedy continuation, as long as the query's target, or `answer_tokens` where it has none. served_head: what the
+    patched and the base model read before each query (a weight patch of a chat prompt: the chat template's own
+    start, as a server renders a query); their logits are the query's."""
     prompt, encode_query = chat.encoders(tokenizer, prompt_text, chat_messages)
     if not prompt:
         raise IclcaError("the prompt has no tokens", "write the demonstrations into the prompt file")
@@ -148,11 +151,12 @@ def evaluate(
         k = len(t_ids) if t_ids is not None else answer_tokens  # greedy tokens: the target's length
         prompted_logits, prompted_greedy = prompted.run(q_ids, k)  # (Tq, V)
         t1 = time.perf_counter()
-        patched_logits, patched_greedy = score_and_continue(patched, q_ids, k)  # (Tq, V)
+        patched_logits, patched_greedy = score_and_continue(patched, [*served_head, *q_ids], k)
         t2 = time.perf_counter()
         prompted_s += t1 - t0
         patched_s += t2 - t1
-        base_logits, base_greedy = score_and_continue(base, q_ids, k)  # (Tq, V)
+        base_logits, base_greedy = score_and_continue(base, [*served_head, *q_ids], k)
+        patched_logits, base_logits = patched_logits[len(served_head):], base_logits[len(served_head):]  # (Tq, V)
         if prompted32 is not None:
             reference = prompted32.run(q_ids, 0)[0]  # (Tq, V) float32
             yardstick = max(yardstick, float((prompted_logits.float() - reference).abs().max()))

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 from .errors import IclcaError
 
-SOURCES = ("spans", "lines", "samples")  # what training inputs are made of (distill.training_inputs)
+SOURCES = ("spans", "lines", "samples", "turns")  # what training inputs are made of (distill.training_inputs)
 
 
 @dataclass(frozen=True)
@@ -31,7 +31,7 @@ class Training:
         if not self.lr > 0:
             raise IclcaError(f"--lr {self.lr} is not a learning rate", "pass --lr 0.002, or another positive number")
         if not self.sources or set(self.sources) - set(SOURCES):
-            raise IclcaError(f"--train-on {'+'.join(self.sources)!r} is not made of {', '.join(SOURCES)}",
+            raise IclcaError(f"--train-on {'+'.join(self.sources)!r} is not auto or made of {', '.join(SOURCES)}",
                              "pass e.g. --train-on lines+samples")
         if self.time_limit is not None and not self.time_limit > 0:
             raise IclcaError(f"--time-limit {self.time_limit} is not a number of seconds", "pass 0 (none) or more")

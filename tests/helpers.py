@@ -120,14 +120,21 @@ CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }
           "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
 
 
-def save_chat_checkpoint(model, folder: Path) -> Path:
-    """save_checkpoint, with ChatML's special tokens and template: a tiny chat model."""
+# ChatML with a default system turn where a conversation has none, as SmolLM2's template renders it
+CHATML_DEFAULT_SYSTEM = ("{% for m in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
+                         "<|im_start|>system\nalpha beta<|im_end|>\n{% endif %}"
+                         "<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+                         "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+def save_chat_checkpoint(model, folder: Path, template: str = CHATML) -> Path:
+    """save_checkpoint, with ChatML's special tokens and a chat template (ChatML's): a tiny chat model."""
     from iclca_cli.loading import load_model
 
     save_checkpoint(model, folder)
     _, tokenizer = load_model(str(folder))
     tokenizer.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
-    tokenizer.chat_template = CHATML
+    tokenizer.chat_template = template
     tokenizer.save_pretrained(folder)
     return folder
 

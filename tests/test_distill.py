@@ -89,6 +89,36 @@ def test_sampled_inputs_are_the_prompted_models_own_and_seeded():
     assert len(mixed) == 7 and mixed[:3] == prompt_inputs(prompt, 3, 10, 0)
 
 
+def test_turn_inputs_are_user_turns_the_prompted_model_writes_and_answers(tmp_path):
+    """After a chat prompt, each input is a whole user turn as the template renders it after the conversation (the
+    message the prompted model wrote), then its answer; seeded. Refined summaries train on them by default too."""
+    from helpers import make_decoder, save_chat_checkpoint
+    from iclca_cli import chat
+    from iclca_cli.convert import convert_prompt
+    from iclca_cli.distill import turn_inputs
+    from iclca_cli.loading import load_model
+    from iclca_cli.methods import build
+    from iclca_cli.patch import patched_copy
+
+    model, tokenizer = load_model(str(save_chat_checkpoint(make_decoder("Llama", torch.float32, 72), tmp_path / "c")))
+    messages = [{"role": "system", "content": "alpha: one\nbeta: two"}]
+    prompt = chat.prompt_ids(tokenizer, messages)[1]
+    teacher = patched_copy(model, convert_prompt(model, prompt, "0" * 64, "prefix"))
+    a, b = (turn_inputs(teacher, tokenizer, messages, prompt, 3, 12, 0) for _ in range(2))
+    assert a == b != turn_inputs(teacher, tokenizer, messages, prompt, 3, 12, 1)
+    opener, assistant = chat.turn_opener(tokenizer, messages, prompt), tokenizer.encode("<|im_start|>assistant")
+    for ids in a:
+        message = tokenizer.decode(ids[len(opener):ids.index(tokenizer.convert_tokens_to_ids("<|im_end|>"))])
+        turn = chat.query_ids(tokenizer, messages, message, prompt)
+        assert ids[:len(turn)] == turn and len(ids) > len(turn) and ids[:len(opener)] == opener
+        assert turn[-len(assistant) - 1:-1] == assistant
+    with pytest.raises(IclcaError, match="--train-on turns"):
+        training_inputs(teacher, prompt, Training(sources=("turns",)))
+    refined = convert_prompt(model, prompt, "0" * 64, build("compressed", budget=4, refine=True, steps=3),
+                             tokenizer=tokenizer, messages=messages)
+    assert refined.metadata()["iclca.refine_inputs"] == "auto"
+
+
 def test_training_settings_are_checked_with_the_flags_named():
     for bad, flag in ((dict(steps=0), "--steps"), (dict(lr=0), "--lr"), (dict(sources=("spans", "docs")), "--train-on"),
                       (dict(time_limit=0), "--time-limit")):

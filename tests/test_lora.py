@@ -6,7 +6,8 @@
   tokens);
 - export-peft writes a PEFT LoRA adapter that on the base model equals the merged folder (<= 1e-4), generate() too;
 - trained toward the prompted model it takes on the prompt's effect (demo-gpt2's recall), deterministically;
-  `--objective ce` trains on the text instead.
+  `--objective ce` trains on the text instead; with --chat it is trained, evaluated and served after the stock chat
+  template's own start.
 """
 
 from __future__ import annotations
@@ -204,16 +205,66 @@ def test_every_family_takes_lora():
         assert "lora" in [m.name for m in applicable(all_families()[name], case.make(torch.float32).config)], name
 
 
-def test_lora_refuses_chat_in_one_line(cli, tmp_path):
-    """A chat server renders a query with a system turn of its own: a lora patch of a system prompt is not defined
-    yet, so --chat is refused rather than trained on inputs no server sends."""
-    from helpers import make_decoder, save_chat_checkpoint
+@pytest.fixture(scope="module")
+def default_system_chat(tmp_path_factory):
+    """A tiny chat model whose template adds a system turn of its own where a conversation has none, as SmolLM2's."""
+    from helpers import CHATML_DEFAULT_SYSTEM, make_decoder, save_chat_checkpoint
 
-    folder = save_chat_checkpoint(make_decoder("Llama", torch.float32, 72), tmp_path / "chat")
+    return save_chat_checkpoint(make_decoder("Llama", torch.float32, 72), tmp_path_factory.mktemp("m") / "chat",
+                                CHATML_DEFAULT_SYSTEM)
+
+
+def test_lora_bakes_a_chat_prompt_for_the_stock_template(cli, tmp_path, default_system_chat):
+    """A chat server renders a query to a baked model with the stock template: its own system turn, then the user's.
+    lora --chat trains the student on exactly that (after the template's own start) toward the model that read the
+    system prompt, on user turns the prompted model writes and answers itself (--train-on auto: turns); eval and
+    generate --chat read each query as a server would, the merged folder keeps the stock template, and the update
+    brings held-out user turns much closer to the prompted model than the plain model served the same way."""
+    from iclca_cli import chat
+
+    folder = default_system_chat
+    system, queries = tmp_path / "system.txt", tmp_path / "q.txt"
+    system.write_text("alpha: one\nbeta: two\ngamma: three\ndelta: four\n")
+    queries.write_text("beta:\ngamma: three alpha:\nfive six\ndelta\n")
+    res = cli("convert", system, "-m", folder, "--method", "lora", "--chat", "--steps", "60", "--lr", "0.01",
+              "--out", tmp_path / "l.st", "--json")
+    assert res.exit_code == 0, res.stderr
+    meta = load_patch(tmp_path / "l.st").metadata()
+    assert (meta["iclca.lora_inputs"], meta["iclca.chat_roles"], meta["iclca.position_offset"]) == ("auto", "system", "0")
+    res = cli("eval", "-m", folder, "-p", tmp_path / "l.st", "--prompt", system, "--queries", queries, "--chat", "--json")
+    assert res.exit_code == 0, res.stderr
+    report = one_json(res)
+    assert report["kl_prompted_patched"] < 0.5 * report["kl_prompted_base"], report
+
+    merged = tmp_path / "merged"
+    assert cli("merge", "-m", folder, "-p", tmp_path / "l.st", "-o", merged).exit_code == 0
+    _, tokenizer = load_model(str(folder))
+    _, merged_tokenizer = load_model(str(merged))
+    assert merged_tokenizer.chat_template == tokenizer.chat_template  # stock: a server renders its own system turn
+    messages = [{"role": "system", "content": system.read_text()}]
+    head = chat.served_head(tokenizer, ["system"])
+    assert tokenizer.decode(head).count("alpha beta") == 1  # the template's own system turn
+    served = merged_tokenizer(merged_tokenizer.apply_chat_template([{"role": "user", "content": "beta:"}],
+                              add_generation_prompt=True, tokenize=False), add_special_tokens=False).input_ids
+    assert served == head + chat.query_ids(tokenizer, messages, "beta:")
+    said = [one_json(cli("generate", "beta:", "delta", "-m", folder, *source, "--chat", "--max-new-tokens", "5",
+                         "--json"))["generations"] for source in (("--patch", tmp_path / "l.st"), ("--merged", merged))]
+    assert [g["tokens"]["patched"] for g in said[0]] == [g["tokens"]["patched"] for g in said[1]]
+    base = load_model(str(folder))[0]
+    assert said[0][0]["tokens"]["patched"] == greedy(load_model(str(merged))[0], served, 5) != greedy(base, served, 5)
+
+
+def test_a_template_that_renders_a_first_user_turn_otherwise_is_refused_for_lora(cli, tmp_path):
+    """A weight patch stands for the conversation only where a server's first user turn is rendered as one after it."""
+    from helpers import CHATML, make_decoder, save_chat_checkpoint
+
+    first_apart = CHATML.replace("<|im_start|>{{ m['role'] }}", "<|im_start|>{{ 'alpha' if loop.first and "
+                                 "m['role'] == 'user' else m['role'] }}")
+    folder = save_chat_checkpoint(make_decoder("Llama", torch.float32, 72), tmp_path / "chat", first_apart)
     system = tmp_path / "system.txt"
-    system.write_text("You are Maren, keeper of the lighthouse.")
+    system.write_text("alpha: one\n")
     res = cli("convert", system, "-m", folder, "--method", "lora", "--chat", "--out", tmp_path / "x.st")
-    assert_one_line_error(res, "--chat with --method lora is not supported yet")
+    assert_one_line_error(res, "renders a conversation's first user turn otherwise")
     assert not (tmp_path / "x.st").exists()
 
 

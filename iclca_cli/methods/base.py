@@ -108,9 +108,10 @@ class Method:
             raise IclcaError(f"{where}: {e.message}", "convert the prompt again with this version of iclca") from e
 
     def trained(self, model, patch, tensors: dict[str, torch.Tensor], prompt_ids: list[int],
-                progress=None, tokenizer=None) -> dict[str, torch.Tensor]:
+                progress=None, tokenizer=None, messages: list[dict] | None = None) -> dict[str, torch.Tensor]:
         """The patch tensors after the method's training, if it trains (distill.py); as they are, else. The
-        tokenizer, where the caller has it, shapes training inputs as the prompt's lines."""
+        tokenizer, where the caller has it, shapes training inputs as the prompt's lines; `messages`: the prompt is
+        this chat conversation (--chat)."""
         return tensors
 
     def part(self, buffer: str) -> str:
@@ -147,11 +148,15 @@ def training_params(key_prefix: str) -> tuple[Param, ...]:
               "(compressed: with --refine)"),
         Param("train_on", "--train-on", f"{key_prefix}_inputs", str, "what training inputs are made of, joined by +: "
               "spans of the prompt re-read (spans), its lines from their start as queries look (lines), "
-              "continuations the prompted model samples (samples) (compressed: with --refine)"),
+              "continuations the prompted model samples (samples), user turns it writes and answers after a --chat "
+              "prompt (turns); auto: turns with --chat, spans without (compressed: with --refine)"),
         Param("time_limit", "--time-limit", f"{key_prefix}_time_limit", float, "stop training after this many "
               "seconds, 0: no limit; a patch stopped early records the steps it took and is not reproducible "
               "(compressed: with --refine)"),
     )
+
+
+AUTO = "auto"  # --train-on's default: what suits the prompt (Trained.training)
 
 
 @dataclass(frozen=True)
@@ -164,17 +169,19 @@ class Trained(Method):
     steps: int = Training.steps
     lr: float = Training.lr
     seed: int = Training.seed
-    train_on: str = "+".join(Training.sources)
+    train_on: str = AUTO
     time_limit: float = 0.0  # none
 
     def validate(self) -> None:
         super().validate()
         self.training()
 
-    def training(self) -> Training:
-        """The distillation engine's settings (Training checks them)."""
-        return Training(self.steps, self.lr, self.seed, sources=tuple(self.train_on.split("+")),
-                        time_limit=self.time_limit or None)
+    def training(self, chat: bool = False) -> Training:
+        """The distillation engine's settings (Training checks them), for a prompt that is a chat conversation or
+        plain text: auto inputs are the user turns the prompted model writes after a chat prompt, else the engine's
+        default (spans)."""
+        sources = (("turns",) if chat else Training.sources) if self.train_on == AUTO else tuple(self.train_on.split("+"))
+        return Training(self.steps, self.lr, self.seed, sources=sources, time_limit=self.time_limit or None)
 
 
 def _parse(p: Param, raw: str, where: str):

@@ -59,12 +59,13 @@ class Compressed(Trained):
                 meta.pop(key)
         return meta
 
-    def trained(self, model, patch, tensors, prompt_ids, progress=None, tokenizer=None):
+    def trained(self, model, patch, tensors, prompt_ids, progress=None, tokenizer=None, messages=None):
         if not self.refine:
             return tensors
         from ..distill import refine_summary
 
-        return refine_summary(model, patch, tensors, prompt_ids, self.training(), progress, tokenizer)
+        return refine_summary(model, patch, tensors, prompt_ids, self.training(messages is not None), progress,
+                              tokenizer, messages)
 
     def capture_ids(self, prompt_ids: list[int], positions_left: int | None) -> list[int]:
         from ..summaries import repeat_ids

@@ -55,12 +55,13 @@ class Lora(Trained):
     def part(self, buffer: str) -> str:
         return "weights"
 
-    def trained(self, model, patch, tensors, prompt_ids, progress=None, tokenizer=None):
+    def trained(self, model, patch, tensors, prompt_ids, progress=None, tokenizer=None, messages=None):
         from ..distill import train_patch
 
-        # every update trained; the student reads its inputs from position 0 as the teacher reads them after the prompt
-        return train_patch(model, patch, tensors, prompt_ids, self.training(), sorted(tensors), None, self.objective,
-                           progress, tokenizer, self.name)
+        # every update trained; the student reads its inputs from position 0 as the teacher reads them after the
+        # prompt (after a chat prompt: after the chat template's own start, as a server renders a query)
+        return train_patch(model, patch, tensors, prompt_ids, self.training(messages is not None), sorted(tensors),
+                           None, self.objective, progress, tokenizer, self.name, messages)
 
 
 METHOD = Lora
