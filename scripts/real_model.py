@@ -9,6 +9,7 @@
     python scripts/real_model.py plot-refine              # docs/refine_tradeoff.svg from the saved refine run
     python scripts/real_model.py lora [--prompts 2]       # the prompt baked into weights, beside ICL and fine-tuning
     python scripts/real_model.py cost                     # conversion time against a plain forward, P = 256, 1k, 4k
+    python scripts/real_model.py lora-cost                # lora's conversion time (training included), P = 128, 300, 1k
     python scripts/real_model.py show --save FILE         # a saved run's table again
 
 Each stage prints a markdown table and saves its rows in scripts/results/real_model_<stage>.json. This script
@@ -232,6 +233,32 @@ def cost(folder: Path, lengths=(256, 1024, 4096), repeats: int = 2, log=print) -
     return rows
 
 
+def lora_cost(folder: Path, lengths=(128, 300, 1024), log=print) -> list[dict]:
+    """Seconds for a lora conversion with its defaults (its 100 training steps included) of a P-token prompt
+    (random ids), once each, against one plain forward over the prompt (best of 2), in the same run."""
+    model, _ = load_model(str(folder), "float32")
+    fingerprint = model_fingerprint(model)
+    rows = []
+    for P in lengths:
+        ids = torch.randint(100, model.config.vocab_size - 100, (P,), generator=torch.Generator().manual_seed(P)).tolist()
+        with torch.no_grad():
+            forward = best_of({"fn": lambda: model.model(input_ids=torch.tensor([ids]), use_cache=False)}, 2)["fn"]
+        t0 = time.perf_counter()
+        convert_by(model, ids, "lora", fingerprint=fingerprint)
+        seconds = time.perf_counter() - t0
+        rows.append({"prompt_tokens": P, "method": "lora", "budget": None, "forward_seconds": forward,
+                     "convert_seconds": seconds, "ratio": seconds / forward})
+        log(f"P = {P}: lora: {seconds:.1f} s, forward {forward:.2f} s")
+    return rows
+
+
+def cost_table(rows: list[dict]) -> str:
+    return markdown_table(
+        ["P", "method", "R", "plain forward s", "convert s", "convert / forward"],
+        [[r["prompt_tokens"], r["method"], r["budget"] or "—", f"{r['forward_seconds']:.2f}",
+          f"{r['convert_seconds']:.2f}", f"{r['ratio']:.1f}"] for r in rows])
+
+
 def table(rows: list[dict]) -> str:
     return markdown_table(
         ["task (P; prompted mode share)", "method", "accuracy", "kept", "KL(prompted‖x)", "top-1 = prompted", "patch bytes", "convert s"],
@@ -242,7 +269,8 @@ def table(rows: list[dict]) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("stage", choices=["dev", "heldout", "refine", "lora", "plot", "plot-refine", "cost", "show"])
+    ap.add_argument("stage", choices=["dev", "heldout", "refine", "lora", "plot", "plot-refine", "cost", "lora-cost",
+                                      "show"])
     ap.add_argument("--prompts", type=int, default=None, help="fresh prompts per task (dev 3, heldout 5; long lists at most 3)")
     ap.add_argument("--tasks", nargs="+", default=None, help="a subset of the stage's tasks")
     ap.add_argument("--methods", nargs="+", default=None, help="method specs to run instead of the stage's "
@@ -254,6 +282,9 @@ def main() -> None:
     args = ap.parse_args()
     if args.stage == "show":  # a saved run's table again
         result = json.loads(args.save.read_text())
+        if "cost" in result["stage"]:
+            print(cost_table(result["rows"]))
+            return
         print(f"{result['model']}, {result['stage']} tasks, {result['prompts']} prompts per task ({result['seconds']} s)\n")
         print(table(result["rows"]))
         print("\n" + cosine_table(result["rows"]))
@@ -277,16 +308,14 @@ def main() -> None:
                              curve_table(result["rows"])))
         return
     torch.manual_seed(0)
-    if args.stage == "cost":
+    if args.stage in ("cost", "lora-cost"):
         t0 = time.perf_counter()
-        rows = cost(smollm2_folder(args.folder), log=lambda m: print(m, file=sys.stderr))
-        result = {"stage": "cost", "seconds": round(time.perf_counter() - t0), "rows": rows}
+        measure = cost if args.stage == "cost" else lora_cost
+        rows = measure(smollm2_folder(args.folder), log=lambda m: print(m, file=sys.stderr))
+        result = {"stage": args.stage, "seconds": round(time.perf_counter() - t0), "rows": rows}
         RESULTS.mkdir(exist_ok=True)
-        save_json(RESULTS / "real_model_cost.json", result)
-        print(json.dumps(result) if args.json else markdown_table(
-            ["P", "method", "R", "plain forward s", "convert s", "convert / forward"],
-            [[r["prompt_tokens"], r["method"], r["budget"], f"{r['forward_seconds']:.2f}", f"{r['convert_seconds']:.2f}",
-              f"{r['ratio']:.1f}"] for r in rows]))
+        save_json(args.save or RESULTS / f"real_model_{args.stage.replace('-', '_')}.json", result)
+        print(json.dumps(result) if args.json else cost_table(rows))
         return
     dev = args.stage == "dev"
     lora = args.stage == "lora"
