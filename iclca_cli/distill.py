@@ -166,8 +166,8 @@ def distill(student, names: list[str], targets_of: list[tuple[list[int], tuple[t
     """Train the student's buffers `names` (its patch tensors, in place) with Adam, one (input, teacher targets) pair
     per step in a seeded order; entries where keep[name] is True do not move (a summary's sink). The student reads
     `head` before each input (a chat template's own start, where a weight patch stands for a chat prompt), the loss
-    is on the input's positions. On CUDA the forward
-    runs under bfloat16 autocast; the trained tensors are kept in float64 (float32 on CUDA) between steps.
+    is on the input's positions. On CUDA the forward runs under bfloat16 autocast; the trained tensors are kept in
+    float64 (float32 on CUDA) between steps.
     Returns (the trained tensors, detached, in the buffers' dtypes; the steps taken: fewer than training.steps where
     training.time_limit ran out). progress(step, steps, loss)."""
     buffers = {name: student.get_buffer(name) for name in names}
