@@ -301,8 +301,6 @@ def _convert_one(m, tokenizer, prompt_file: Path, out: Path, method, base_patch,
         text = read_prompt(prompt_file, max_bytes)
         ids = encode_prompt(tokenizer, text)
     header = describe_patch(m, ids, sha256_text(text), method, base_patch, fingerprint)
-    if messages and not header.method.in_context:  # a weight patch: queries are read after the template's own start
-        chats.served_head(tokenizer, [msg["role"] for msg in messages])
     if messages:  # what a merged folder's chat template and `generate --chat` render the query after
         header.extra["chat_roles"] = ",".join(msg["role"] for msg in messages)
     same, patch = _kept(out, header) if check_patch_target(out) else (None, None)

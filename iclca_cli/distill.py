@@ -246,6 +246,11 @@ def train_patch(model, patch, tensors: dict[str, torch.Tensor], prompt_ids: list
     from .convert import default_method, describe_patch, fill_patch
     from .patch import patched_copy
 
+    head = []  # checked first: a template a weight patch cannot stand for is refused before any work
+    if messages is not None and not patch.method.in_context:
+        from .chat import served_head
+
+        head = served_head(tokenizer, [m["role"] for m in messages])
     method = default_method(model)
     if not method.exact:
         raise IclcaError(f"iclca has no exact patch for this {model.config.model_type!r} model's layers to train toward "
@@ -253,11 +258,6 @@ def train_patch(model, patch, tensors: dict[str, torch.Tensor], prompt_ids: list
     exact = describe_patch(model, prompt_ids, patch.prompt_sha256, method, fingerprint=patch.base_fingerprint)
     teacher = patched_copy(model, fill_patch(model, exact, prompt_ids))
     student = patched_copy(model, dataclasses.replace(patch, tensors=dict(tensors)))
-    head = []
-    if messages is not None and not patch.method.in_context:
-        from .chat import served_head
-
-        head = served_head(tokenizer, [m["role"] for m in messages])
     drawn = training_inputs(teacher, prompt_ids, training, line_breaks(tokenizer, prompt_ids), tokenizer, messages)
     targets = teacher_targets(teacher, drawn, training.top_k) if objective == "kl" else text_targets(drawn)
     unit = "KL" if objective == "kl" else "CE"

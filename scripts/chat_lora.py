@@ -18,9 +18,8 @@ import argparse
 import sys
 import time
 
-import torch
 from common import ROOT, markdown_table, number, report, result_arguments, show_saved
-from real_model import DEFAULT_FOLDER, smollm2_folder
+from real_model import DEFAULT_FOLDER, answer_logits, smollm2_folder
 
 from iclca_cli import chat
 from iclca_cli.convert import convert_prompt, sha256_text
@@ -37,13 +36,6 @@ QUESTIONS = [("When was the lighthouse built?", "1847"), ("Who built it?", "Toma
              ("What is the name of your lighthouse?", "Brightwater"), ("On which island do you live?", "Skel"),
              ("What is your job?", "keeper"), ("Who built the lighthouse, and when?", "1847")]
 ANSWER_TOKENS = 24
-
-
-@torch.no_grad()
-def answer_kl(model, ids: list[int], answer: list[int], want: torch.Tensor) -> float:
-    """Mean KL(want || model) over the answer's positions, the model reading ids + answer."""
-    logits = model(input_ids=torch.tensor([ids + answer])).logits[0, len(ids) - 1:-1].double()
-    return float(kl_divergence(want, logits).mean())
 
 
 def run(steps: int | None, lr: float | None, log=print) -> dict:
@@ -63,14 +55,14 @@ def run(steps: int | None, lr: float | None, log=print) -> dict:
     for question, fact in QUESTIONS:
         turn = chat.query_ids(tokenizer, messages, question, prompt)
         said = continuation(model, prompt + turn, greedy)
-        with torch.no_grad():
-            want = model(input_ids=torch.tensor([prompt + turn + said])).logits[0, len(prompt + turn) - 1:-1].double()
+        want = answer_logits(model, prompt + turn + said, len(said))  # (len(said), V)
         row = {"question": question, "fact": fact}
         for who, runner, head in (("prompted", model, prompt), ("lora", baked, served), ("plain", model, served)):
             tokens = said if who == "prompted" else continuation(runner, head + turn, greedy)
             answer = tokenizer.decode(tokens, skip_special_tokens=True)
             row[who] = {"answer": answer, "fact": fact.lower() in answer.lower(),
-                        "kl": 0.0 if who == "prompted" else answer_kl(runner, head + turn, said, want)}
+                        "kl": 0.0 if who == "prompted" else
+                        float(kl_divergence(want, answer_logits(runner, head + turn + said, len(said))).mean())}
         rows.append(row)
         log(f"{question} prompted: {row['prompted']['answer']!r} lora: {row['lora']['answer']!r}")
     return {"model": "SmolLM2-135M-Instruct", "dtype": "float32", "method": patch.method.metadata(),
