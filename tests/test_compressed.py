@@ -36,6 +36,32 @@ def test_nnls_meets_its_optimality_conditions():
     assert grad[w > 0].abs().max() < 1e-6 and grad[w == 0].min() > -1e-6
 
 
+def test_largest_eigenvalue_is_eigvalsh_s_by_power_iteration_or_by_eigvalsh_itself():
+    """A mass system (non-negative entries): the power iteration's bound agrees with eigvalsh to ~1e-13; a matrix
+    with negative entries, or one whose bounds do not meet in the steps given, gets eigvalsh's own value."""
+    g = torch.Generator().manual_seed(4)
+    share = torch.rand(5, 80, 30, dtype=torch.float64, generator=g) ** 6  # (B, N, R): far from uniform
+    A = share.transpose(-1, -2) @ share
+    exact = torch.linalg.eigvalsh(A)[:, -1]
+    torch.testing.assert_close(compress.largest_eigenvalue(A), exact, rtol=1e-12, atol=0)
+    M = torch.randn(3, 40, 12, dtype=torch.float64, generator=g)
+    signed = M.transpose(-1, -2) @ M
+    assert (signed < 0).any()
+    assert torch.equal(compress.largest_eigenvalue(signed), torch.linalg.eigvalsh(signed)[:, -1])
+    assert torch.equal(compress.largest_eigenvalue(A, steps=1), exact)
+
+
+def test_nnls_of_a_batch_is_each_head_s_own(monkeypatch):
+    """The iterations run a few heads at a time (CACHE_BYTES): the same weights as one head alone."""
+    g = torch.Generator().manual_seed(5)
+    share = torch.rand(5, 60, 20, dtype=torch.float64, generator=g) ** 4
+    A, b = share.transpose(-1, -2) @ share, share.sum(1)
+    monkeypatch.setattr(compress, "CACHE_BYTES", 2 * 20 * 20 * 8)  # two heads a round
+    w = compress.nnls(A, b)
+    for h in range(5):
+        torch.testing.assert_close(w[h:h + 1], compress.nnls(A[h:h + 1], b[h:h + 1]), rtol=1e-12, atol=1e-12)
+
+
 def test_a_fit_over_every_key_is_the_prompt_itself():
     """All P keys kept: weight 1 each (bias 0) carries the whole mass, the values are the prompt's: error ~ 0 (up to
     the solver's steps and the values' small ridge)."""

@@ -32,6 +32,7 @@ MIN_WEIGHT = math.exp(-7)  # the smallest mass weight an entry keeps (a bias of 
 PAD_BIAS = -1e4  # another head's entry in a layer's shared list (summaries.layer_tensors): exp(-1e4) = 0
 RIDGE = 1e-3  # relative ridge of the value fit (conditioning; the fit has many more queries than entries)
 NNLS_STEPS = 100
+CACHE_BYTES = 8 << 20  # the systems one round of FISTA iterations holds (the processor's cache)
 GRID_TOP = 4  # a head takes at most GRID_TOP x the budget in a split (but `free`: up to the whole prompt)
 
 
@@ -99,22 +100,55 @@ def spd_solve(A: torch.Tensor, B: torch.Tensor, ridge: float) -> torch.Tensor:
     """Solve (A + ridge * mean(diag A) * I) X = B for symmetric positive semi-definite A (B, R, R), B (B, R, K), by
     Cholesky (batched LU in float64 fails inside MKL with two threads, torch 2.13 on CPU)."""
     scale = A.diagonal(dim1=-2, dim2=-1).mean(-1).clamp_min(1e-30)[:, None, None]  # (B, 1, 1)
-    eye = torch.eye(A.shape[-1], dtype=A.dtype, device=A.device)
-    factor, _ = torch.linalg.cholesky_ex(A + ridge * scale * eye)
+    ridged = A.clone()
+    ridged.diagonal(dim1=-2, dim2=-1).add_(ridge * scale[..., 0])  # A + ridge * scale * I
+    factor, _ = torch.linalg.cholesky_ex(ridged)
     return torch.cholesky_solve(B, factor)
 
 
 def nnls(A: torch.Tensor, b: torch.Tensor, steps: int = NNLS_STEPS) -> torch.Tensor:
     """argmin_{w >= 0} w.A w - 2 b.w for A (B, R, R) symmetric positive semi-definite, b (B, R): accelerated projected
-    gradient (FISTA) from the clamped unconstrained solution, batched over B."""
-    w = spd_solve(A, b[..., None], 1e-6)[..., 0].clamp_min(0)  # (B, R)
-    step = 1 / torch.linalg.eigvalsh(A)[:, -1:].clamp_min(1e-30)  # (B, 1): 1 / Lipschitz constant
-    z, t = w, 1.0
-    for _ in range(steps):
-        w_next = (z - step * ((A @ z[..., None])[..., 0] - b)).clamp_min(0)
-        t_next = (1 + math.sqrt(1 + 4 * t * t)) / 2
-        z, w, t = w_next + (t - 1) / t_next * (w_next - w), w_next, t_next
-    return w
+    gradient (FISTA) from the clamped unconstrained solution, batched over B. The iterations run on a few heads at a
+    time, whose systems stay in the processor's cache (CACHE_BYTES): they are matrix-vector products, bound by
+    memory, and each head's iterates do not depend on the others'."""
+    w0 = spd_solve(A, b[..., None], 1e-6)[..., 0].clamp_min(0)  # (B, R)
+    heads = max(1, CACHE_BYTES // (A.shape[-1] ** 2 * A.element_size()))
+    out = []
+    for i in range(0, len(A), heads):
+        a, rhs, w = A[i:i + heads], b[i:i + heads], w0[i:i + heads]
+        step = 1 / largest_eigenvalue(a).clamp_min(1e-30)[:, None]  # (b, 1): 1 / Lipschitz constant
+        z, t = w, 1.0
+        for _ in range(steps):
+            w_next = (z - step * ((z[:, None] @ a)[:, 0] - rhs)).clamp_min(0)  # z.A = A z: A is symmetric
+            t_next = (1 + math.sqrt(1 + 4 * t * t)) / 2
+            z, w, t = w_next + (t - 1) / t_next * (w_next - w), w_next, t_next
+        out.append(w)
+    return torch.cat(out)
+
+
+def largest_eigenvalue(A: torch.Tensor, tol: float = 1e-13, steps: int = 200) -> torch.Tensor:
+    """(B,) the largest eigenvalue of symmetric positive semi-definite A (B, R, R). With non-negative entries (a mass
+    system's), by power iteration from the ones vector: for x > 0, min_i (Ax)_i / x_i <= lambda <= max_i (Ax)_i / x_i
+    (Collatz-Wielandt), and the upper bound is taken once the two agree to `tol` (relative), as tight as eigvalsh
+    in float64. A head whose bounds do not meet within `steps`, or a matrix with negative entries: eigvalsh."""
+    top = torch.full(A.shape[:1], math.nan, dtype=A.dtype, device=A.device)  # (B,)
+    active = torch.arange(len(A), device=A.device) if bool((A >= 0).all()) else A.new_zeros(0, dtype=torch.long)
+    a, x = A, A.new_ones(A.shape[:2])  # the active heads' systems (b, R, R) and vectors (b, R)
+    for _ in range(steps if len(active) else 0):
+        y = (x[:, None] @ a)[:, 0]  # x.A = A x: A is symmetric
+        ratio = y / x
+        hi, lo = ratio.amax(-1), ratio.amin(-1)  # NaN where x has underflowed: never "met"
+        met = (hi - lo) <= tol * hi
+        top[active[met]] = hi[met]
+        if bool(met.any()):
+            active, a, y = active[~met], a[~met], y[~met]
+        if not len(active):
+            break
+        x = y / y.amax(-1, keepdim=True)
+    rest = top.isnan().nonzero()[:, 0]
+    if len(rest):
+        top[rest] = torch.linalg.eigvalsh(A[rest])[:, -1]
+    return top
 
 
 def output_error(ref: Reference, keys, values, bias, scaling, softcap) -> torch.Tensor:
