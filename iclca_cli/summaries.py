@@ -62,6 +62,16 @@ class Heads:
                 out[b].update({h: _one(s, j) for j, h in enumerate(batch)})
         return out
 
+    def ranked_errors(self, budgets: list[int]) -> torch.Tensor:
+        """(B, len(budgets)) evict's output error of every head at each budget (compress.ranked_errors), in batches
+        as summarise."""
+        step = max(1, FIT_ELEMENTS // (self.ref.queries.shape[1] * min(max(budgets), self.keys.shape[1])))
+        out = []
+        for i in range(0, len(self.keys), step):
+            k, v, ref, scaling = self.rows(list(range(i, min(i + step, len(self.keys)))))
+            out.append(compress.ranked_errors(k, v, ref, budgets, scaling, self.softcap))
+        return torch.cat(out)
+
 
 FIT_ELEMENTS = 1 << 25  # reference queries x entries per fitting step (a few hundred MB at most)
 
@@ -114,34 +124,43 @@ def head_entries(tensors: dict[str, torch.Tensor]) -> dict[str, list[int]]:
 
 
 def compressed_tensors(captured: dict, prompt_tokens: int, budget: int, keys: str = "attention",
-                       split: str = "heads") -> dict[str, dict[str, torch.Tensor]]:
+                       split: str = "heads", search: str = "fitted") -> dict[str, dict[str, torch.Tensor]]:
     """{full-attention layer: {buffer: tensor}} of a `compressed` patch of `budget` entries per layer and key/value
     head (on average, with a split by layers or heads), keys chosen by `keys`. captured: the layers' Captured."""
     heads = captured_heads(captured, prompt_tokens)
     Hkv = heads.kv_heads
-    per_head, fits = head_budgets(heads, budget, keys, split)
+    per_head, fits = head_budgets(heads, budget, keys, split, search)
     return {name: layer_tensors([fits[per_head[i * Hkv + h]][i * Hkv + h] for h in range(Hkv)], heads.dtype)
             for i, name in enumerate(heads.names)}
 
 
-def head_budgets(heads: Heads, budget: int, keys: str = "attention", split: str = "heads",
+def head_budgets(heads: Heads, budget: int, keys: str = "attention", split: str = "heads", search: str = "fitted",
                  ) -> tuple[list[int], dict[int, dict[int, compress.Summary]]]:
     """(each head's budget under `split`, {budget: {head: Summary}} fitted on the way: every head at each budget it
     holds). split: uniform, layers (whole layers move together), heads (each head up to GRID_TOP x the budget) or
-    free (each head anything from its sink alone to its whole prompt as it is, exact: a retrieval head kept whole)."""
+    free (each head anything from its sink alone to its whole prompt as it is, exact: a retrieval head kept whole).
+    search: the error the split weighs, each head's fitted error at every budget of the grid (fitted), or (ranked)
+    the fitted error up to half the budget and above it evict's error (one pass: compress.ranked_errors), scaled to
+    meet the fitted error at the last budget fitted; then only the budgets the heads take are fitted."""
     P, L, Hkv = heads.keys.shape[1], len(heads.names), heads.kv_heads
     if split == "uniform" or budget >= P:
         per_head = [min(budget, P)] * len(heads.keys)
         return per_head, heads.summarise(per_head[:1], keys)
     grid = compress.budget_grid(budget, P, free=split == "free")
-    fits = heads.summarise(grid, keys)
-    errors = torch.stack([torch.cat([fits[b][h].error for h in range(len(heads.keys))]) for b in grid], -1)  # (B, grid)
+    fitted = grid if search == "fitted" else [b for b in grid if b <= max(grid[0], budget // 2)]
+    fits = heads.summarise(fitted, keys)
+    errors = torch.stack([torch.cat([fits[b][h].error for h in range(len(heads.keys))]) for b in fitted], -1)  # (B, G)
+    if len(fitted) < len(grid):  # ranked: evict's error above, scaled to meet the fitted error at the last fitted budget
+        ranked = heads.ranked_errors(grid)  # (B, grid)
+        at = len(fitted) - 1
+        scale = torch.where(ranked[:, at] > 0, errors[:, at] / ranked[:, at].clamp_min(1e-30), 1.0)  # (B,)
+        errors = torch.cat([errors, ranked[:, at + 1:] * scale[:, None]], -1)
     if split == "layers":  # whole layers: Hkv heads move together
         per_layer = compress.split_budget(errors.view(L, Hkv, -1).sum(1), grid, Hkv, budget * L * Hkv)
         per_head = [b for b in per_layer for _ in range(Hkv)]
     else:
         per_head = compress.split_budget(errors, grid, 1, budget * L * Hkv)
-    for b in set(per_head) - set(fits):  # budgets off the grid: only the heads that took them
+    for b in sorted(set(per_head) - set(fits)):  # budgets not fitted yet: only the heads that took them
         fits.update(heads.summarise([b], keys, [h for h, hb in enumerate(per_head) if hb == b]))
     return per_head, fits
 

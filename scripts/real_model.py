@@ -212,24 +212,37 @@ def run(folder: Path, tasks: list[str], methods: dict[str, list[str]], n_prompts
     return rows
 
 
+def random_prompt(model, P: int, repeats: int) -> tuple[list[int], float]:
+    """(P random token ids, seeded by P; the seconds of one plain forward over them, best of `repeats`)."""
+    ids = torch.randint(100, model.config.vocab_size - 100, (P,), generator=torch.Generator().manual_seed(P)).tolist()
+    with torch.no_grad():
+        return ids, best_of({"fn": lambda: model.model(input_ids=torch.tensor([ids]), use_cache=False)}, repeats)["fn"]
+
+
+COST_SPECS = ("compressed-32", "compressed-32:search=ranked", "evict-32", "compressed-P/4", "compressed-P/4:search=ranked",
+              "compressed-P/3", "compressed-P/3:search=ranked")
+
+
 def cost(folder: Path, lengths=(256, 1024, 4096), repeats: int = 2, log=print) -> list[dict]:
     """Seconds to convert a P-token prompt (random ids) against one plain forward over it, in the same run (best of
-    `repeats` each), for compressed (default options) and evict at R = 32 and P/3."""
+    `repeats` each), for compressed (default options, and the ranked search) and evict at R = 32, P/4 and P/3."""
+    from iclca_cli.methods import from_spec
+
     model, _ = load_model(str(folder), "float32")
     fingerprint = model_fingerprint(model)
     rows = []
     best = lambda fn: best_of({"fn": fn}, repeats)["fn"]  # noqa: E731
     for P in lengths:
-        ids = torch.randint(100, model.config.vocab_size - 100, (P,), generator=torch.Generator().manual_seed(P)).tolist()
-        with torch.no_grad():
-            forward = best(lambda: model.model(input_ids=torch.tensor([ids]), use_cache=False))
-        for method, budget in (("compressed", 32), ("evict", 32), ("compressed", P // 3)):
-            if P > 1024 and budget > 32:
+        ids, forward = random_prompt(model, P, repeats)
+        for spec in COST_SPECS:
+            method = from_spec(spec, P)
+            if P > 1024 and method.budget > 32:
                 continue  # P/3 of a 4k prompt: a grid of large fits, minutes on this CPU (see docs/smollm2.md)
-            seconds = best(lambda: convert_by(model, ids, f"{method}-{budget}", fingerprint=fingerprint))
-            rows.append({"prompt_tokens": P, "method": method, "budget": budget, "forward_seconds": forward,
+            seconds = best(lambda: convert_by(model, ids, spec, fingerprint=fingerprint))
+            name = spec.split("-")[0] + (" (ranked)" if "ranked" in spec else "")
+            rows.append({"prompt_tokens": P, "method": name, "budget": method.budget, "forward_seconds": forward,
                          "convert_seconds": seconds, "ratio": seconds / forward})
-            log(f"P = {P}: {method} R = {budget}: {seconds:.2f} s, forward {forward:.2f} s")
+            log(f"P = {P}: {name} R = {method.budget}: {seconds:.2f} s, forward {forward:.2f} s")
     return rows
 
 
@@ -240,9 +253,7 @@ def lora_cost(folder: Path, lengths=(128, 300, 1024), log=print) -> list[dict]:
     fingerprint = model_fingerprint(model)
     rows = []
     for P in lengths:
-        ids = torch.randint(100, model.config.vocab_size - 100, (P,), generator=torch.Generator().manual_seed(P)).tolist()
-        with torch.no_grad():
-            forward = best_of({"fn": lambda: model.model(input_ids=torch.tensor([ids]), use_cache=False)}, 2)["fn"]
+        ids, forward = random_prompt(model, P, 2)
         t0 = time.perf_counter()
         convert_by(model, ids, "lora", fingerprint=fingerprint)
         seconds = time.perf_counter() - t0

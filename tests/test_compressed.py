@@ -159,6 +159,43 @@ def test_a_free_split_keeps_a_head_that_cannot_be_summarised_whole():
     assert float(fits[capped[-1]][easy].error) > 1e-3  # what the cap leaves: the head is not summarised well
 
 
+def test_ranked_errors_are_evict_s_at_each_budget():
+    """One pass over the ranked keys gives evict's output error at every budget of a grid; 0 for the whole prompt."""
+    k, v, q = heads(P=40)
+    ref = compress.reference(k, v, q, S, 20.0)
+    grid = [1, 3, 7, 16, 40]
+    errors = compress.ranked_errors(k, v, ref, grid, S, 20.0)
+    for i, r in enumerate(grid[:-1]):
+        torch.testing.assert_close(errors[:, i], compress.evict(k, v, ref, r, S, 20.0).error, rtol=1e-9, atol=1e-12)
+    assert (errors[:, -1] == 0).all() and (errors[:, 0] > errors[:, -2]).all()
+
+
+@pytest.mark.parametrize("split", ["heads", "free"])
+def test_a_ranked_search_fits_only_the_budgets_the_heads_take(split, monkeypatch):
+    """search=ranked: every grid budget up to half the budget is fitted; above, evict's error, scaled to meet the
+    fitted one, steers the split, and only the budgets the heads take are fitted, as the full search fits them. The
+    same total; the fitted error it holds lies between the full search's and a uniform budget's."""
+    from iclca_cli import summaries
+
+    model = make_llama()
+    prompt = torch.randint(0, 97, (60,), generator=torch.Generator().manual_seed(2)).tolist()
+    one = summaries.prompt_heads(model, prompt)
+    asked = []
+    summarise = summaries.Heads.summarise
+    monkeypatch.setattr(summaries.Heads, "summarise", lambda self, b, *a: asked.append(list(b)) or summarise(self, b, *a))
+    per_head, fits = summaries.head_budgets(one, 10, split=split, search="ranked")
+    grid = compress.budget_grid(10, 60, free=split == "free")
+    assert asked[0] == [b for b in grid if b <= 5] and all(len(b) == 1 for b in asked[1:])
+    assert sum(per_head) == 10 * len(one.keys)
+    full, full_fits = summaries.head_budgets(one, 10, split=split)
+    for h, b in enumerate(per_head):
+        for name in ("keys", "values", "bias"):
+            torch.testing.assert_close(getattr(fits[b][h], name), getattr(summaries.Heads.summarise(one, [b], "attention", [h])[b][h], name))
+    uniform, uniform_fits = summaries.head_budgets(one, 10, split="uniform")
+    error = lambda per, f: sum(float(f[b][h].error) for h, b in enumerate(per))  # noqa: E731  (the fitted error held)
+    assert error(full, full_fits) <= error(per_head, fits) < error(uniform, uniform_fits)
+
+
 def test_a_layer_of_heads_with_different_budgets_attends_as_each_heads_own_entries():
     """A split by heads gives the heads of a layer different budgets; the layer keeps their entries in one list with a
     bias per head that hides the others' entries: attention over it equals attention over each head's own entries
@@ -254,10 +291,10 @@ def test_cli_options_reach_the_patch_and_bad_ones_are_one_line_errors(cli, tmp_p
     prompt.write_text("".join(f"w{i}: {i % 10}\n" for i in range(8)))
     out = tmp_path / "c.safetensors"
     res = cli("convert", prompt, "-m", "demo-gpt2", "-o", out, "--method", "compressed", "--budget", "6",
-              "--split", "uniform", "--reference", "own", "--json")
+              "--split", "uniform", "--reference", "own", "--search", "ranked", "--json")
     assert res.exit_code == 0, res.stderr
     method = load_patch(out).method
-    assert (method.split, method.queries, method.keys) == ("uniform", "own", "attention")
+    assert (method.split, method.queries, method.keys, method.search) == ("uniform", "own", "attention", "ranked")
     res = cli("convert", prompt, "-m", "demo-gpt2", "-o", out, "--method", "compressed", "--budget", "6", "--split", "rows")
     assert res.exit_code == 2 and "--split 'rows'" in res.stderr and "Traceback" not in res.stderr
     res = cli("convert", prompt, "-m", "demo-gpt2", "-o", tmp_path / "e.safetensors", "--method", "evict", "--budget", "6",

@@ -33,6 +33,9 @@ class Compressed(Trained):
         Param("split", "--split", "summary_split", str, "the same budget for every head (uniform), or the total split "
               "by fitted error across layers (layers), across heads up to 4x the budget each (heads), or across heads "
               "from one entry to the whole prompt kept as it is (free)", choices=("uniform", "layers", "heads", "free")),
+        Param("search", "--search", "summary_search", str, "the error a split weighs: each head's fitted error at every "
+              "budget it may take (fitted), or fitted up to half the budget and above it evict's error, scaled to meet "
+              "(ranked: several times faster; only the budgets taken are fitted)", choices=("fitted", "ranked")),
         Param("refine", "--refine", "refine", bool, "train the fitted summary toward the prompted model on inputs made "
               "from the prompt (distill.py); the sink entries stay"),
         *training_params("refine"),
@@ -43,6 +46,7 @@ class Compressed(Trained):
     queries: str = "repeat"  # chosen on development tasks, as the other defaults
     keys: str = "attention"
     split: str = "heads"
+    search: str = "fitted"
     refine: bool = False
 
     def validate(self) -> None:
@@ -75,7 +79,7 @@ class Compressed(Trained):
     def summary_tensors(self, captured: dict, prompt_tokens: int) -> dict[str, dict[str, torch.Tensor]]:
         from ..summaries import compressed_tensors
 
-        return compressed_tensors(captured, prompt_tokens, self.budget, self.keys, self.split)
+        return compressed_tensors(captured, prompt_tokens, self.budget, self.keys, self.split, self.search)
 
     def full_layer_shapes(self, patch, path: str, kv_heads: int, head_dim: int) -> dict[str, tuple[int, ...]]:
         """Uniform budgets: R = min(budget, P) per key/value head. A split by layers: the layer's R, as its tensor

@@ -208,6 +208,30 @@ def fit_ranked(k: torch.Tensor, ref: Reference, budgets: list[int], scaling, sof
     return out
 
 
+def ranked_errors(k: torch.Tensor, v: torch.Tensor, ref: Reference, budgets: list[int], scaling,
+                  softcap: float | None) -> torch.Tensor:
+    """(B, len(budgets)) evict's output error at each budget: attention over the prompt entries that receive the
+    most attention, as they are, against attention over the whole prompt; 0 at budgets >= P. One pass over the
+    ranked keys: each budget adds its entries' exp-scores and exp-score-weighted values to running sums (B, N, D)."""
+    P = k.shape[1]
+    rank = ranking(ref)[:, :min(max(budgets), P)]  # (B, top)
+    out = k.new_zeros(len(k), len(budgets))
+    numerator = torch.zeros_like(ref.outputs)  # (B, N, D)
+    mass = ref.outputs.new_zeros(ref.outputs.shape[:2])  # (B, N)
+    start = 0
+    for i, r in enumerate(sorted(budgets)):
+        if r >= P:
+            break
+        index = rank[:, start:r]  # (B, r - start): the entries this budget adds
+        scores = soft_cap(ref.queries @ gather(k, index).transpose(-1, -2) * scaling, softcap)  # (B, N, r - start)
+        share = torch.exp(scores - ref.log_mass[..., None])  # each entry's share of the query's whole mass
+        numerator += share @ gather(v, index)
+        mass += share.sum(-1)
+        out[:, budgets.index(r)] = ((numerator / mass[..., None] - ref.outputs) ** 2).sum(-1).mean(-1)
+        start = r
+    return out
+
+
 def kmeans_keys(k: torch.Tensor, v: torch.Tensor, budget: int, iters: int = 20) -> torch.Tensor:
     """(B, budget, D): the first key, and the mean keys of budget-1 k-means clusters of the others' keys and values
     together (so that alike keys with different values stay apart); deterministic, evenly spaced starts."""
@@ -260,26 +284,26 @@ def split_budget(errors: torch.Tensor, grid: list[int], members: int, total: int
     then goes to the units with the best next steps (off the grid), so that the units hold `total` entries in all,
     budget * members each (unless every unit holds the grid's top).
     -> each unit's budget."""
-    err = errors.tolist()  # (U, grid) as Python floats: the loop below reads them one by one
-    at = [0] * len(err)
+    err = errors.double()  # (U, G)
+    sizes = torch.tensor(grid, dtype=torch.float64, device=err.device)  # (G,)
+    units = torch.arange(len(err), device=err.device)
+    at = torch.zeros(len(err), dtype=torch.long, device=err.device)  # each unit's place on the grid
+    later = (sizes > sizes[0]).expand(len(err), -1).clone()  # (U, G): the grid points above each unit's place
     left = total - members * grid[0] * len(err)
-    rates = []  # (gain per entry of the unit's next step, unit)
     while True:
-        best, move, rates = 0.0, None, []
-        for u, i in enumerate(at):
-            for j in range(i + 1, len(grid)):
-                cost = members * (grid[j] - grid[i])
-                gain = (err[u][i] - err[u][j]) / cost
-                if j == i + 1:
-                    rates.append((gain, u))
-                if cost > left:
-                    break
-                if gain > best:
-                    best, move = gain, (u, j, cost)
-        if move is None:
+        cost = members * (sizes[None] - sizes[at][:, None])  # (U, G) entries a move to each point takes
+        gain = (err[units, at][:, None] - err) / cost  # error dropped per entry
+        gain = gain.masked_fill(~later | (cost > left) | gain.isnan(), -math.inf)
+        best = int(gain.argmax())  # the first best move in (unit, point) order
+        if not float(gain.view(-1)[best]) > 0:
             break
-        u, j, cost = move
-        at[u], left = j, left - cost
+        u, j = divmod(best, len(grid))
+        at[u], left = j, left - int(cost[u, j])
+        later[u] = sizes > sizes[j]
+    at = at.tolist()
+    nxt = [min(i + 1, len(grid) - 1) for i in at]
+    rates = [(((err[u, i] - err[u, n]) / (members * (grid[n] - grid[i]))).item(), u)  # the gain per entry of each
+             for u, (i, n) in enumerate(zip(at, nxt)) if n > i]  # unit's next step
     budgets = [grid[i] for i in at]
     for _, u in sorted(rates, reverse=True):  # the rest, between grid points
         extra = min(left // members, grid[-1] - budgets[u])
