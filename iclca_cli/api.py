@@ -116,6 +116,7 @@ def evaluate(model: str, prompt: str | Path, queries: str | Path, patch: str | P
     asked = read_queries(queries, max_input_bytes)
     placement = (device, allow_pickle, device_map, max_memory)
     m = _with_patch(model, patch, merged, dtype, *placement)
+    m.check_prompt(prompt, text, messages)
     reduced = next(m.base.parameters()).dtype in (DTYPES["bfloat16"], DTYPES["float16"])
     float32_base = load_model(model, "float32", *placement)[0] if reduced else None  # the yardstick
     return report_of(m.base, m.patched, m.tokenizer, text, asked, m.method, m.patch_bytes, m.element_size, progress,
@@ -145,6 +146,8 @@ def generate(model: str, queries: list[str], patch: str | Path | None = None, me
     messages = chats.read_messages(prompt, max_input_bytes) if chat and prompt is not None else None
     text = read_prompt(prompt, max_input_bytes) if prompt is not None and not chat else None
     m = _with_patch(model, patch, merged, dtype, device, allow_pickle, device_map, max_memory)
+    if compare:
+        m.check_prompt(prompt, text, messages)
     if chat and messages is None and not m.chat_roles:
         raise IclcaError("--chat renders each query after the baked conversation, and this patch does not say what "
                          "it was (made before iclca recorded it, or without --chat)", "add --prompt PROMPT_FILE")
@@ -177,6 +180,26 @@ class _Patched(NamedTuple):
     patch_bytes: int  # the patch tensors' bytes
     element_size: int  # bytes per element of the patch's dtype
     chat_roles: str | None  # the roles of the conversation a --chat patch was made after
+    prompt_sha256: str | None  # of the prompt the patch holds; None for a stacked patch (it holds its parent's too)
+
+    def check_prompt(self, path, text: str | None, messages: list[dict] | None) -> None:
+        """Refuse a prompt file other than the one the patch was made from (the prompted model would read another
+        prompt than the patch holds): its text, or with --chat its rendered conversation, by sha256."""
+        from .convert import sha256_text
+
+        if self.prompt_sha256 is None:
+            return
+        read = chats.prompt_ids(self.tokenizer, messages)[0] if messages is not None else text
+        if sha256_text(read) == self.prompt_sha256:
+            return
+        if self.chat_roles and messages is None:
+            hint = "the patch was made with --chat: add --chat"
+        elif messages is not None and "strftime_now" in (self.tokenizer.chat_template or ""):
+            hint = "this chat template writes today's date into the conversation: convert the prompt again today"
+        else:
+            hint = "pass the prompt file the patch was converted from" + (", without --chat" if messages else "")
+        raise IclcaError(f"{path} is not the prompt this patch was made from (its sha256 differs from the "
+                         "patch's iclca.prompt_sha256)", hint)
 
     def served_head(self, chat: bool, messages: list[dict] | None) -> list[int]:
         """What the patched (or merged) model and the plain one read before each query: with --chat, for a weight
@@ -208,8 +231,9 @@ def _with_patch(model: str, patch, merged, dtype: str, device: str, allow_pickle
     if loaded is None:
         return _Patched(base, tokenizer, *load_merged(merged, fingerprint, dtype, device, device_map, max_memory))
     check_patch_fits(loaded, base, fingerprint)
+    own = None if "parent_prompt_sha256" in loaded.extra else loaded.prompt_sha256
     return _Patched(base, tokenizer, patched_copy(base, loaded), loaded.method, loaded.nbytes,
-                    DTYPES[loaded.dtype].itemsize, loaded.extra.get("chat_roles"))
+                    DTYPES[loaded.dtype].itemsize, loaded.extra.get("chat_roles"), own)
 
 
 def inspect(patch: str | Path) -> dict:

@@ -106,8 +106,8 @@ def read_provenance(folder: str | Path) -> dict[str, str] | None:
 def load_merged(folder: str | Path, base_fingerprint: str | Fingerprint, dtype: str = "float32", device: str = "cpu",
                 device_map: str | None = None, max_memory: str | None = None):
     """(merged model, method, patch bytes, bytes per element of the model's dtype, the chat roles it was baked after
-    or None) of a folder written by merge_patch, refused unless it was merged from the base model with
-    `base_fingerprint`."""
+    or None, the sha256 of the prompt it holds or None for a stacked patch's) of a folder written by merge_patch,
+    refused unless it was merged from the base model with `base_fingerprint`."""
     from .loading import load_model
     from .patch import DTYPES
 
@@ -122,4 +122,5 @@ def load_merged(folder: str | Path, base_fingerprint: str | Fingerprint, dtype: 
     if not as_fingerprint(base_fingerprint).made_for(made_from, provenance.get("iclca.fingerprint_covers")):
         raise IclcaError(f"merged folder {folder} was made from another base model", "pass the --model it was merged from")
     model, _ = load_model(str(folder), dtype, device, device_map=device_map, max_memory=max_memory)
-    return model, method, nbytes, element, provenance.get("iclca.chat_roles")
+    own = None if "iclca.parent_prompt_sha256" in provenance else provenance.get("iclca.prompt_sha256")
+    return model, method, nbytes, element, provenance.get("iclca.chat_roles"), own

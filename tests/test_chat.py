@@ -54,6 +54,40 @@ def test_patched_on_a_user_turn_equals_the_model_on_the_whole_conversation(cli, 
     assert res.exit_code == 0, res.stderr
     report = one_json(res)
     assert report["prompt_tokens"] == P and report["top1_agreement"] == 1.0
+    res = cli("eval", "-m", chat_model, "-p", tmp_path / "p.st", "--prompt", prompt, "--queries", queries)
+    assert_one_line_error(res, "is not the prompt this patch was made from")
+    assert "hint: the patch was made with --chat: add --chat" in res.stderr  # the same file, read as raw text
+
+
+def test_a_template_that_writes_today_s_date_is_named_when_the_prompt_no_longer_matches(cli, tmp_path, chat_model,
+                                                                                       monkeypatch):
+    """A template calling strftime_now renders the conversation with the day's date: on another day the prompt
+    does not match the patch, and the hint says why."""
+    from datetime import datetime
+
+    from transformers.utils import chat_template_utils
+
+    model, tokenizer = load_model(str(chat_model))
+    tokenizer.chat_template = "{{ strftime_now('%d %b %Y') }}\n" + tokenizer.chat_template
+    folder = tmp_path / "dated"
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    prompt = tmp_path / "system.txt"
+    prompt.write_text("alpha: one\n")
+    (tmp_path / "q.jsonl").write_text('{"input": "beta:"}\n')
+    assert cli("convert", prompt, "-m", folder, "-o", tmp_path / "p.st", "--chat").exit_code == 0
+    ask = ("eval", "-m", folder, "-p", tmp_path / "p.st", "--prompt", prompt, "--queries", tmp_path / "q.jsonl", "--chat")
+    assert cli(*ask).exit_code == 0
+
+    class Later(datetime):
+        @classmethod
+        def now(cls, tz=None):
+            return datetime(2031, 1, 2)
+
+    monkeypatch.setattr(chat_template_utils, "datetime", Later)
+    res = cli(*ask)
+    assert_one_line_error(res, "is not the prompt this patch was made from")
+    assert "writes today's date" in res.stderr
 
 
 def test_a_model_without_a_chat_template_is_refused_in_one_line(cli, tmp_path):

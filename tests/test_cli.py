@@ -72,11 +72,11 @@ def test_eval_patch_and_merged_are_exact_in_float64(cli, tmp_path, demo_patch):
     assert report_merged["sizes"] == report["sizes"]
 
 
-def test_eval_exits_1_when_a_threshold_is_missed(cli, tmp_path, demo_patch):
-    """The patch of one prompt evaluated against another prompt misses a fidelity threshold."""
-    other = tmp_path / "other.txt"
-    other.write_text("river: 5\napple: 1\n")
-    res = cli("eval", "-m", "demo-linear", "-p", demo_patch, "--prompt", other, "--queries", EXAMPLE_QUERIES,
+def test_eval_exits_1_when_a_threshold_is_missed(cli, tmp_path):
+    """An approximate patch (a summary of two entries per head) misses a fidelity threshold."""
+    patch = tmp_path / "c.st"
+    assert cli("convert", EXAMPLE_PROMPT, "-m", "demo-gpt2", "-o", patch, "--method", "compressed", "--budget", "2").exit_code == 0
+    res = cli("eval", "-m", "demo-gpt2", "-p", patch, "--prompt", EXAMPLE_PROMPT, "--queries", EXAMPLE_QUERIES,
               "--max-abs-logit-diff", "1e-3", "--json")
     assert res.exit_code == 1
     assert one_json(res)["max_abs_logit_diff"] > 1e-3

@@ -272,6 +272,23 @@ def test_inconsistent_metadata_is_refused(cli, work, changes, fragment):
     assert_one_line_error(cli("merge", "-m", work["model"], "-p", work["patch"], "-o", work["dir"] / "m"), fragment)
 
 
+def test_eval_and_generate_compare_refuse_a_prompt_other_than_the_patch_s(cli, work):
+    """The prompted model of a report must read the prompt the patch holds: another prompt file (or the right one
+    read without the --chat the patch was made with) is refused before any model runs, for a patch and for its merged
+    folder; the right one passes."""
+    w = work
+    other = w["dir"] / "other.txt"
+    other.write_text(w["prompt"].read_text() + "one more line\n")
+    merged = w["dir"] / "merged"
+    assert cli("merge", "-m", w["model"], "--patch", w["patch"], "-o", merged).exit_code == 0
+    for source in (("--patch", w["patch"]), ("--merged", merged)):
+        res = cli("eval", "-m", w["model"], *source, "--prompt", other, "--queries", w["queries"])
+        assert_one_line_error(res, f"{other} is not the prompt", "made from")
+        res = cli("generate", "-m", w["model"], *source, "--prompt", other, "--compare", "hello")
+        assert_one_line_error(res, f"{other} is not the prompt")
+        assert cli("eval", "-m", w["model"], *source, "--prompt", w["prompt"], "--queries", w["queries"]).exit_code == 0
+
+
 def test_a_patch_that_lost_tensors_is_refused(cli, work):
     patch = load_patch(work["patch"])
     rewrite_patch(work["patch"], dict(sorted(patch.tensors.items())[:1]))
