@@ -51,13 +51,9 @@ class Heads:
     def summarise(self, budgets: list[int], keys: str, heads: list[int] | None = None) -> dict[int, dict[int, compress.Summary]]:
         """{budget: {head: its Summary (a batch of one)}} at each of `budgets`, for these heads (default: all), fitted
         in batches of heads whose (N, largest budget) scores stay under FIT_ELEMENTS."""
-        heads = list(range(len(self.keys))) if heads is None else heads
         fitted = [b for b in budgets if b < self.keys.shape[1]] or [1]  # the whole prompt is kept, not fitted
-        step = max(1, FIT_ELEMENTS // (self.ref.queries.shape[1] * max(fitted)))
         out = {b: {} for b in budgets}
-        for i in range(0, len(heads), step):
-            batch = heads[i:i + step]
-            k, v, ref, scaling = self.rows(batch)
+        for batch, (k, v, ref, scaling) in self.batches(max(fitted), heads):
             for b, s in compress.summarise(k, v, ref, budgets, scaling, self.softcap, keys).items():
                 out[b].update({h: _one(s, j) for j, h in enumerate(batch)})
         return out
@@ -65,12 +61,16 @@ class Heads:
     def ranked_errors(self, budgets: list[int]) -> torch.Tensor:
         """(B, len(budgets)) evict's output error of every head at each budget (compress.ranked_errors), in batches
         as summarise."""
-        step = max(1, FIT_ELEMENTS // (self.ref.queries.shape[1] * min(max(budgets), self.keys.shape[1])))
-        out = []
-        for i in range(0, len(self.keys), step):
-            k, v, ref, scaling = self.rows(list(range(i, min(i + step, len(self.keys)))))
-            out.append(compress.ranked_errors(k, v, ref, budgets, scaling, self.softcap))
-        return torch.cat(out)
+        return torch.cat([compress.ranked_errors(k, v, ref, budgets, scaling, self.softcap)
+                          for _, (k, v, ref, scaling) in self.batches(min(max(budgets), self.keys.shape[1]))])
+
+    def batches(self, width: int, heads: list[int] | None = None):
+        """(a batch of these heads (default: all), its rows) in batches whose (N, width) scores stay under
+        FIT_ELEMENTS."""
+        heads = list(range(len(self.keys))) if heads is None else heads
+        step = max(1, FIT_ELEMENTS // (self.ref.queries.shape[1] * width))
+        for i in range(0, len(heads), step):
+            yield heads[i:i + step], self.rows(heads[i:i + step])
 
 
 FIT_ELEMENTS = 1 << 25  # reference queries x entries per fitting step (a few hundred MB at most)

@@ -288,18 +288,16 @@ def split_budget(errors: torch.Tensor, grid: list[int], members: int, total: int
     sizes = torch.tensor(grid, dtype=torch.float64, device=err.device)  # (G,)
     units = torch.arange(len(err), device=err.device)
     at = torch.zeros(len(err), dtype=torch.long, device=err.device)  # each unit's place on the grid
-    later = (sizes > sizes[0]).expand(len(err), -1).clone()  # (U, G): the grid points above each unit's place
     left = total - members * grid[0] * len(err)
     while True:
-        cost = members * (sizes[None] - sizes[at][:, None])  # (U, G) entries a move to each point takes
+        cost = members * (sizes[None] - sizes[at][:, None])  # (U, G) entries a move to each point takes (> 0: above)
         gain = (err[units, at][:, None] - err) / cost  # error dropped per entry
-        gain = gain.masked_fill(~later | (cost > left) | gain.isnan(), -math.inf)
+        gain = gain.masked_fill((cost <= 0) | (cost > left) | gain.isnan(), -math.inf)
         best = int(gain.argmax())  # the first best move in (unit, point) order
         if not float(gain.view(-1)[best]) > 0:
             break
         u, j = divmod(best, len(grid))
         at[u], left = j, left - int(cost[u, j])
-        later[u] = sizes > sizes[j]
     at = at.tolist()
     nxt = [min(i + 1, len(grid) - 1) for i in at]
     rates = [(((err[u, i] - err[u, n]) / (members * (grid[n] - grid[i]))).item(), u)  # the gain per entry of each
