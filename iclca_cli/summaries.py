@@ -124,7 +124,7 @@ def head_entries(tensors: dict[str, torch.Tensor]) -> dict[str, list[int]]:
 
 
 def compressed_tensors(captured: dict, prompt_tokens: int, budget: int, keys: str = "attention",
-                       split: str = "heads", search: str = "fitted") -> dict[str, dict[str, torch.Tensor]]:
+                       split: str = "heads", search: str = "ranked") -> dict[str, dict[str, torch.Tensor]]:
     """{full-attention layer: {buffer: tensor}} of a `compressed` patch of `budget` entries per layer and key/value
     head (on average, with a split by layers or heads), keys chosen by `keys`. captured: the layers' Captured."""
     heads = captured_heads(captured, prompt_tokens)
@@ -134,20 +134,21 @@ def compressed_tensors(captured: dict, prompt_tokens: int, budget: int, keys: st
             for i, name in enumerate(heads.names)}
 
 
-def head_budgets(heads: Heads, budget: int, keys: str = "attention", split: str = "heads", search: str = "fitted",
+def head_budgets(heads: Heads, budget: int, keys: str = "attention", split: str = "heads", search: str = "ranked",
                  ) -> tuple[list[int], dict[int, dict[int, compress.Summary]]]:
     """(each head's budget under `split`, {budget: {head: Summary}} fitted on the way: every head at each budget it
-    holds). split: uniform, layers (whole layers move together), heads (each head up to GRID_TOP x the budget) or
-    free (each head anything from its sink alone to its whole prompt as it is, exact: a retrieval head kept whole).
-    search: the error the split weighs, each head's fitted error at every budget of the grid (fitted), or (ranked)
-    the fitted error up to half the budget and above it evict's error (one pass: compress.ranked_errors), scaled to
-    meet the fitted error at the last budget fitted; then only the budgets the heads take are fitted."""
+    holds). split: uniform, layers (whole layers move together), heads (each head up to the grid's top, about GRID_TOP
+    x the budget: compress.budget_grid) or free (each head anything from its sink alone to its whole prompt as it is,
+    exact: a retrieval head kept whole). search: the error the split weighs, each head's fitted error at every budget
+    of the grid (fitted), or (ranked) the fitted error up to half the budget or CHEAP_FIT entries and above it evict's
+    error (one pass: compress.ranked_errors), scaled to meet the fitted error at the last budget fitted; then only
+    the budgets the heads take are fitted."""
     P, L, Hkv = heads.keys.shape[1], len(heads.names), heads.kv_heads
     if split == "uniform" or budget >= P:
         per_head = [min(budget, P)] * len(heads.keys)
         return per_head, heads.summarise(per_head[:1], keys)
     grid = compress.budget_grid(budget, P, free=split == "free")
-    fitted = grid if search == "fitted" else [b for b in grid if b <= max(grid[0], budget // 2)]
+    fitted = grid if search == "fitted" else [b for b in grid if b <= max(compress.CHEAP_FIT, budget // 2)]
     fits = heads.summarise(fitted, keys)
     errors = torch.stack([torch.cat([fits[b][h].error for h in range(len(heads.keys))]) for b in fitted], -1)  # (B, G)
     if len(fitted) < len(grid):  # ranked: evict's error above, scaled to meet the fitted error at the last fitted budget

@@ -219,13 +219,13 @@ def random_prompt(model, P: int, repeats: int) -> tuple[list[int], float]:
         return ids, best_of({"fn": lambda: model.model(input_ids=torch.tensor([ids]), use_cache=False)}, repeats)["fn"]
 
 
-COST_SPECS = ("compressed-32", "compressed-32:search=ranked", "evict-32", "compressed-P/4", "compressed-P/4:search=ranked",
-              "compressed-P/3", "compressed-P/3:search=ranked")
+COST_SPECS = ("compressed-32", "compressed-32:search=fitted", "evict-32", "compressed-P/4", "compressed-P/4:search=fitted",
+              "compressed-P/3", "compressed-P/3:search=fitted")
 
 
 def cost(folder: Path, lengths=(256, 1024, 4096), repeats: int = 2, log=print) -> list[dict]:
     """Seconds to convert a P-token prompt (random ids) against one plain forward over it, in the same run (best of
-    `repeats` each), for compressed (default options, and the ranked search) and evict at R = 32, P/4 and P/3."""
+    `repeats` each), for compressed (default options, and the full search) and evict at R = 32, P/4 and P/3."""
     from iclca_cli.methods import from_spec
 
     model, _ = load_model(str(folder), "float32")
@@ -239,7 +239,7 @@ def cost(folder: Path, lengths=(256, 1024, 4096), repeats: int = 2, log=print) -
             if P > 1024 and method.budget > 32:
                 continue  # P/3 of a 4k prompt: a grid of large fits, minutes on this CPU (see docs/smollm2.md)
             seconds = best(lambda: convert_by(model, ids, spec, fingerprint=fingerprint))
-            name = spec.split("-")[0] + (" (ranked)" if "ranked" in spec else "")
+            name = spec.split("-")[0] + (" (fitted search)" if "fitted" in spec else "")
             rows.append({"prompt_tokens": P, "method": name, "budget": method.budget, "forward_seconds": forward,
                          "convert_seconds": seconds, "ratio": seconds / forward})
             log(f"P = {P}: {name} R = {method.budget}: {seconds:.2f} s, forward {forward:.2f} s")

@@ -123,7 +123,9 @@ def test_kmeans_keys_keep_the_sink_and_fit_like_the_rest():
 
 def test_budget_grid_and_the_split():
     assert compress.budget_grid(8, 24) == [2, 3, 4, 6, 8, 11, 16, 23, 24]
-    assert compress.budget_grid(5, 300)[-1] == 20 and 5 in compress.budget_grid(5, 300)
+    assert compress.budget_grid(5, 300) == [2, 3, 4, 5, 6, 8, 11, 16, 20]
+    assert compress.budget_grid(5, 29)[-1] == 20 and compress.budget_grid(5, 28)[-1] == 28  # 20 sqrt 2 = 28.3
+    assert compress.budget_grid(275, 1103)[-2:] == [1056, 1103]  # no fit at 1,100 of 1,103: the prompt as it is
     grid = [2, 4, 8]
     # unit 0 gains nothing from entries, unit 1 a lot: unit 1 takes what the total allows
     errors = torch.tensor([[1.0, 1.0, 1.0], [9.0, 2.0, 0.0]])
@@ -151,12 +153,12 @@ def test_a_free_split_keeps_a_head_that_cannot_be_summarised_whole():
                 None, torch.float64)
     assert compress.budget_grid(10, P, free=True) == [1, *compress.budget_grid(10, P)[:-1], 40, 60]
     free, fits = head_budgets(one, 10, split="free")
-    capped, _ = head_budgets(one, 10, split="heads")
+    capped, capped_fits = head_budgets(one, 10, split="heads")
     assert sum(free) == sum(capped) == 10 * (easy + 1)
     assert free[-1] == P and capped[-1] == compress.GRID_TOP * 10
     kept = fits[P][easy]
     assert torch.equal(kept.keys[0], k[-1]) and torch.equal(kept.values[0], v[-1]) and (kept.bias == 0).all()
-    assert float(fits[capped[-1]][easy].error) > 1e-3  # what the cap leaves: the head is not summarised well
+    assert float(capped_fits[capped[-1]][easy].error) > 1e-3  # what the cap leaves: the head is not summarised well
 
 
 def test_ranked_errors_are_evict_s_at_each_budget():
@@ -172,11 +174,13 @@ def test_ranked_errors_are_evict_s_at_each_budget():
 
 @pytest.mark.parametrize("split", ["heads", "free"])
 def test_a_ranked_search_fits_only_the_budgets_the_heads_take(split, monkeypatch):
-    """search=ranked: every grid budget up to half the budget is fitted; above, evict's error, scaled to meet the
-    fitted one, steers the split, and only the budgets the heads take are fitted, as the full search fits them. The
-    same total; the fitted error it holds lies between the full search's and a uniform budget's."""
+    """search=ranked: every grid budget up to half the budget (or CHEAP_FIT entries, here 4) is fitted; above, evict's
+    error, scaled to meet the fitted one, steers the split, and only the budgets the heads take are fitted, as the
+    full search fits them. The same total; the fitted error it holds lies between the full search's and a uniform
+    budget's."""
     from iclca_cli import summaries
 
+    monkeypatch.setattr(compress, "CHEAP_FIT", 4)
     model = make_llama()
     prompt = torch.randint(0, 97, (60,), generator=torch.Generator().manual_seed(2)).tolist()
     one = summaries.prompt_heads(model, prompt)
@@ -194,6 +198,18 @@ def test_a_ranked_search_fits_only_the_budgets_the_heads_take(split, monkeypatch
     uniform, uniform_fits = summaries.head_budgets(one, 10, split="uniform")
     error = lambda per, f: sum(float(f[b][h].error) for h, b in enumerate(per))  # noqa: E731  (the fitted error held)
     assert error(full, full_fits) <= error(per_head, fits) < error(uniform, uniform_fits)
+
+
+def test_a_grid_within_cheap_fits_is_searched_in_full():
+    """Where every grid budget is at most CHEAP_FIT entries (short prompts, small budgets), the ranked search is the
+    full one: the same budgets and the same fits."""
+    from iclca_cli import summaries
+
+    one = summaries.prompt_heads(make_llama(), list(range(3, 63)))
+    assert compress.budget_grid(10, 60)[-1] <= compress.CHEAP_FIT
+    ranked, ranked_fits = summaries.head_budgets(one, 10, search="ranked")
+    full, full_fits = summaries.head_budgets(one, 10, search="fitted")
+    assert ranked == full and all(torch.equal(ranked_fits[b][h].keys, full_fits[b][h].keys) for h, b in enumerate(full))
 
 
 def test_a_layer_of_heads_with_different_budgets_attends_as_each_heads_own_entries():
@@ -284,6 +300,11 @@ def test_a_patch_with_a_layer_wider_than_the_split_allows_is_refused(tmp_path):
     (tmp_path / "p.st").write_bytes(canonical_safetensors(tensors, meta))
     with pytest.raises(IclcaError, match="iclca.summary_split 'diagonal', not one of uniform, layers, heads, free"):
         load_patch(tmp_path / "p.st")
+    meta = patch.metadata()  # a patch from before the default search was ranked: it was made with the full search
+    for key in ("iclca.tensors_sha256", "iclca.summary_search"):
+        meta.pop(key)
+    (tmp_path / "old.st").write_bytes(canonical_safetensors(tensors, meta))
+    assert patch.method.search == "ranked" and load_patch(tmp_path / "old.st").method.search == "fitted"
 
 
 def test_cli_options_reach_the_patch_and_bad_ones_are_one_line_errors(cli, tmp_path):

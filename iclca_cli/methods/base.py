@@ -35,6 +35,7 @@ class Param:
     help: str
     choices: tuple = ()
     minimum: int | None = None
+    was: Any = None  # what a patch without iclca.<key> (written before its default changed) was made with, if known
 
 
 @dataclass(frozen=True)
@@ -90,12 +91,14 @@ class Method:
 
     @classmethod
     def from_metadata(cls, extra: dict[str, str], where: str) -> Method:
-        """The method a patch's metadata (iclca.<key> without the prefix) describes; a missing key takes the default
-        where the method has one."""
+        """The method a patch's metadata (iclca.<key> without the prefix) describes; a missing key takes what patches
+        were made with before the key was written (Param.was), else the default where the method has one."""
         values = {}
         for p in cls.params:
             if p.key not in extra:
-                if cls.default(p) is dataclasses.MISSING:
+                if p.was is not None:
+                    values[p.field] = p.was
+                elif cls.default(p) is dataclasses.MISSING:
                     raise IclcaError(f"{where} is a {cls.name} patch without iclca.{p.key}", "convert the prompt again")
                 continue
             values[p.field] = _parse(p, extra[p.key], where)

@@ -34,6 +34,7 @@ RIDGE = 1e-3  # relative ridge of the value fit (conditioning; the fit has many 
 NNLS_STEPS = 100
 CACHE_BYTES = 8 << 20  # the systems one round of FISTA iterations holds (the processor's cache)
 GRID_TOP = 4  # a head takes at most GRID_TOP x the budget in a split (but `free`: up to the whole prompt)
+CHEAP_FIT = 64  # the ranked search fits every grid budget up to this many entries (a fraction of a forward at P = 1k)
 
 
 def own_entries(bias: torch.Tensor) -> torch.Tensor:
@@ -268,9 +269,10 @@ def summarise(k: torch.Tensor, v: torch.Tensor, ref: Reference, budgets: list[in
 
 def budget_grid(budget: int, prompt_tokens: int, free: bool = False) -> list[int]:
     """The budgets a head is fitted at for the split: 2, 3, 4, 6, 8, 11, 16, 23, ... (steps of about sqrt 2), the uniform
-    budget itself, up to GRID_TOP x it or the whole prompt. free: also the sink alone (1) and the whole prompt as it
-    is (P entries, exact: summarise), so that a head may take anything from one entry to all of its prompt."""
-    top = min(prompt_tokens, GRID_TOP * budget)
+    budget itself, up to the top: GRID_TOP x the budget, or the whole prompt (P entries as they are, exact:
+    summarise) where that is a step or less above it (a fit at nearly P entries costs most and gains least). free:
+    also the sink alone (1) and the whole prompt, so that a head may take anything from one entry to all of it."""
+    top = prompt_tokens if GRID_TOP * budget * math.sqrt(2) >= prompt_tokens else GRID_TOP * budget
     grid, b = {min(budget, top), top}, 2
     while b < top:
         grid.add(b)
