@@ -31,11 +31,11 @@ class Compressed(Trained):
         Param("keys", "--keys", "summary_keys", str, "a summary's keys: the prompt keys that receive most attention "
               "(attention), or k-means centroids (kmeans)", choices=("attention", "kmeans")),
         Param("split", "--split", "summary_split", str, "the same budget for every head (uniform), or the total split "
-              "by fitted error across layers (layers), across heads up to 4x the budget each or the whole prompt (heads), or across heads "
+              "by fitted error across layers (layers), across heads up to 4x the budget each (heads), or across heads "
               "from one entry to the whole prompt kept as it is (free)", choices=("uniform", "layers", "heads", "free")),
-        Param("search", "--search", "summary_search", str, "the error a split weighs: each head's fitted error at every "
-              "budget it may take (fitted), or fitted up to half the budget and above it evict's error, scaled to meet "
-              "(ranked: several times faster on long prompts; only the budgets taken are fitted)",
+        Param("search", "--search", "summary_search", str, "the error a split weighs: fitted up to half the budget or "
+              "64 entries, above that evict's error scaled to meet it, and only the budgets taken fitted (ranked); or "
+              "each head's fitted error at every budget it may take (fitted: several times slower on long prompts)",
               choices=("ranked", "fitted"), was="fitted"),
         Param("refine", "--refine", "refine", bool, "train the fitted summary toward the prompted model on inputs made "
               "from the prompt (distill.py); the sink entries stay"),
