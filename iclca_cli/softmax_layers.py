@@ -14,6 +14,7 @@ have, and putting a patch on a model.
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -39,6 +40,7 @@ class Captured:
     scaling: float
     sliding_window: int | None
     softcap: float | None
+    weight: float | None = None  # how much an error in its attention output moves the residual stream (residual_weight)
 
 
 def attention_modules(model: nn.Module, family: Family) -> dict[str, nn.Module]:
@@ -57,29 +59,61 @@ def kv_shape(config) -> tuple[int, int]:
 @contextmanager
 def capture_prompt_kv(model, modules: dict[str, nn.Module], with_queries: bool = True) -> Iterator[dict[str, Captured]]:
     """Yield {attention module path: Captured}, filled by the model's forward passes (batch 1; the last call
-    of each module wins)."""
+    of each module wins). With queries, each layer also gets its weight (residual_weight) once the pass is over."""
     captured: dict[str, Captured] = {}
     if not modules:  # nothing to capture (a model without attention layers): leave the model alone
         yield captured
         return
     before = model.config._attn_implementation
+    powers: dict[str, dict[str, torch.Tensor]] = {name: {} for name in modules}  # per layer, each (T,): residual_weight's
 
     def keeper(name):
-        def keep(key, value, query, scaling, sliding_window, softcap):
+        def keep(key, value, query, output, scaling, sliding_window, softcap):
             captured[name] = Captured(key[0], value[0], query[0] if with_queries else None, scaling, sliding_window,
                                       softcap)
+            powers[name]["attention"] = output[0].double().pow(2).sum((-2, -1))  # (T,): every head's output together
 
         return keep
 
+    def power(name, kind):
+        def record(tensor):
+            if isinstance(tensor, torch.Tensor) and tensor.dim() == 3 and len(tensor) == 1:
+                powers[name][kind] = tensor[0].detach().double().pow(2).sum(-1)  # (T,)
+
+        return record
+
+    hooks = []
     for name, m in modules.items():
         m._iclca_capture = keeper(name)
+        if with_queries and "." in name:
+            out, residual = power(name, "output"), power(name, "residual")
+            hooks.append(m.register_forward_hook(lambda _m, _a, y, out=out: out(y[0] if isinstance(y, tuple) else y)))
+            hooks.append(model.get_submodule(name.rsplit(".", 1)[0]).register_forward_pre_hook(  # its decoder layer
+                lambda _m, a, kw, residual=residual: residual(a[0] if a else kw.get("hidden_states")), with_kwargs=True))
     model.set_attn_implementation(ATTENTION_NAME)
     try:
         yield captured
+        for name, c in list(captured.items()) if with_queries else ():
+            captured[name] = dataclasses.replace(c, weight=residual_weight(**powers[name]))
     finally:
         model.set_attn_implementation(before)
+        for h in hooks:
+            h.remove()
         for m in modules.values():
             del m._iclca_capture
+
+
+def residual_weight(attention: torch.Tensor | None = None, output: torch.Tensor | None = None,
+                    residual: torch.Tensor | None = None) -> float | None:
+    """How much a squared error in a layer's attention output moves the residual stream it is added to, relative
+    to the stream: the output projection's gain (the module's output power over the attention output's) x the mean
+    over tokens of 1 / the residual's power. Each argument (T,): a token's squared norm. None where the hooks did
+    not see all three alike (a layer whose parent module does not take the residual stream first). Assumes the
+    module's output is added to the stream as it is (a post-attention norm, as Gemma's, makes it a rougher proxy)."""
+    if attention is None or output is None or residual is None or not attention.shape == output.shape == residual.shape:
+        return None
+    weight = float(output.sum() / attention.sum() * residual.reciprocal().mean())
+    return weight if 0 < weight < math.inf else None
 
 
 def window_entries(prompt_tokens: int, sliding_window: int) -> int:

@@ -1,6 +1,7 @@
 """`compressed` (attention matching, budget split) and `evict`: the fit's parts against their definitions, the padded
 layout against attention over each head's own entries, the options on the command line and in the patch."""
 
+import dataclasses
 import json
 
 import pytest
@@ -196,7 +197,8 @@ def test_a_ranked_search_fits_only_the_budgets_the_heads_take(split, monkeypatch
         for name in ("keys", "values", "bias"):
             torch.testing.assert_close(getattr(fits[b][h], name), getattr(summaries.Heads.summarise(one, [b], "attention", [h])[b][h], name))
     uniform, uniform_fits = summaries.head_budgets(one, 10, split="uniform")
-    error = lambda per, f: sum(float(f[b][h].error) for h, b in enumerate(per))  # noqa: E731  (the fitted error held)
+    assert one.weight is not None  # each head's layer's (Captured.weight), as the split weighs the error
+    error = lambda per, f: sum(float(f[b][h].error * one.weight[h]) for h, b in enumerate(per))  # noqa: E731  (held)
     assert error(full, full_fits) <= error(per_head, fits) < error(uniform, uniform_fits)
 
 
@@ -300,11 +302,13 @@ def test_a_patch_with_a_layer_wider_than_the_split_allows_is_refused(tmp_path):
     (tmp_path / "p.st").write_bytes(canonical_safetensors(tensors, meta))
     with pytest.raises(IclcaError, match="iclca.summary_split 'diagonal', not one of uniform, layers, heads, free"):
         load_patch(tmp_path / "p.st")
-    meta = patch.metadata()  # a patch from before the default search was ranked: it was made with the full search
-    for key in ("iclca.tensors_sha256", "iclca.summary_search"):
+    meta = patch.metadata()  # a patch from before the default search was ranked and errors weighed: made without
+    for key in ("iclca.tensors_sha256", "iclca.summary_search", "iclca.summary_weigh"):
         meta.pop(key)
     (tmp_path / "old.st").write_bytes(canonical_safetensors(tensors, meta))
-    assert patch.method.search == "ranked" and load_patch(tmp_path / "old.st").method.search == "fitted"
+    old = load_patch(tmp_path / "old.st").method
+    assert (patch.method.search, patch.method.weigh) == ("ranked", "residual")
+    assert (old.search, old.weigh) == ("fitted", "none")
 
 
 def test_cli_options_reach_the_patch_and_bad_ones_are_one_line_errors(cli, tmp_path):
@@ -416,3 +420,50 @@ def test_the_research_surface_rebuilds_the_prefix_and_the_default_patch():
     summarised = patched_with(model, heads, [fits[per_head[b]][b] for b in rows], len(prompt))
     assert (logits(summarised, query) - logits(default, query)).abs().max() <= 1e-10
     assert (logits(summarised, query) - logits(prefix, query)).abs().max() > 1e-4  # a summary, not the prefix
+
+
+@pytest.mark.parametrize("make", [make_llama, make_gpt2_model])
+def test_each_layer_s_weight_is_its_output_gain_over_its_residual_stream(make):
+    """Captured.weight, recorded by hooks during capture: the output projection's gain over the attention output
+    (its input), x the mean over tokens of 1 / the squared norm of the residual stream entering the layer. Checked
+    against the projection's own input and output and the model's hidden states, on the same ids."""
+    from iclca_cli import summaries
+    from iclca_cli.families import family_of
+    from iclca_cli.methods.compressed import Compressed
+    from iclca_cli.softmax_layers import attention_modules, capture
+
+    model = make()
+    prompt = list(range(3, 33))
+    method = Compressed(budget=4)
+    captured = capture(model, family_of(model), prompt, method)
+    ids = torch.tensor([method.capture_ids(prompt, None)])
+    seen = {}
+    projections = {name: m.o_proj if hasattr(m, "o_proj") else m.c_proj
+                   for name, m in attention_modules(model, family_of(model)).items()}
+    hooks = [p.register_forward_hook(lambda _m, a, y, name=name: seen.__setitem__(name, (a[0], y)))
+             for name, p in projections.items()]
+    with torch.no_grad():
+        hidden = model(input_ids=ids, output_hidden_states=True).hidden_states
+    for h in hooks:
+        h.remove()
+    for i, name in enumerate(projections):
+        a, y = seen[name]
+        want = float(y.pow(2).sum() / a.pow(2).sum() * hidden[i][0].pow(2).sum(-1).reciprocal().mean())
+        assert captured[name].weight == pytest.approx(want, rel=1e-9)
+    weights = summaries.captured_heads(captured, len(prompt)).weight  # (B,): each head its layer's
+    assert weights.tolist() == [captured[n].weight for n in captured for _ in range(len(weights) // len(captured))]
+
+
+def test_weighing_moves_budget_to_the_heads_whose_errors_move_the_model():
+    """weigh=residual splits by error x weight: four like heads, one of them weighed 1000x, takes more entries than
+    the others and than it does unweighed (weigh=none, or no weights known); the same total either way."""
+    from iclca_cli.summaries import Heads, head_budgets
+
+    k, v, q = heads(n=4, P=60, N=90)
+    one = Heads(["a", "b"], k, v, compress.reference(k, v, q, S, None), torch.full((4, 1, 1), S, dtype=torch.float64),
+                None, torch.float64, torch.tensor([1.0, 1.0, 1000.0, 1.0], dtype=torch.float64))
+    weighed, _ = head_budgets(one, 8)
+    plain, _ = head_budgets(one, 8, weigh="none")
+    unknown, _ = head_budgets(dataclasses.replace(one, weight=None), 8)
+    assert sum(weighed) == sum(plain) == 32 and unknown == plain
+    assert weighed[2] > plain[2] and weighed[2] > max(weighed[:2] + weighed[3:])

@@ -37,6 +37,9 @@ class Compressed(Trained):
               "64 entries, above that evict's error scaled to meet it, and only the budgets taken fitted (ranked); or "
               "each head's fitted error at every budget it may take (fitted: several times slower on long prompts)",
               choices=("ranked", "fitted"), was="fitted"),
+        Param("weigh", "--weigh", "summary_weigh", str, "how a split weighs a head's error: by how much it moves the "
+              "residual stream its layer adds to, relative to that stream (residual), or as it is (none)",
+              choices=("residual", "none"), was="none"),
         Param("refine", "--refine", "refine", bool, "train the fitted summary toward the prompted model on inputs made "
               "from the prompt (distill.py); the sink entries stay"),
         *training_params("refine"),
@@ -48,6 +51,7 @@ class Compressed(Trained):
     keys: str = "attention"
     split: str = "heads"
     search: str = "ranked"
+    weigh: str = "residual"
     refine: bool = False
 
     def validate(self) -> None:
@@ -80,7 +84,8 @@ class Compressed(Trained):
     def summary_tensors(self, captured: dict, prompt_tokens: int) -> dict[str, dict[str, torch.Tensor]]:
         from ..summaries import compressed_tensors
 
-        return compressed_tensors(captured, prompt_tokens, self.budget, self.keys, self.split, self.search)
+        return compressed_tensors(captured, prompt_tokens, self.budget, self.keys, self.split, self.search,
+                                  self.weigh)
 
     def full_layer_shapes(self, patch, path: str, kv_heads: int, head_dim: int) -> dict[str, tuple[int, ...]]:
         """Uniform budgets: R = min(budget, P) per key/value head. A split by layers: the layer's R, as its tensor

@@ -79,14 +79,21 @@ def patched_attention(module, query, key, value, attention_mask, scaling=None, d
     """AttentionInterface function. query (B,H,Tq,D), key/value (B,Hkv,Tk,D) with Hkv dividing H, attention_mask
     boolean or additive (B,1,Tq,Tk) (sliding windows already in it), or None for plain causal attention; returns
     (out (B,Tq,H,D), None). Adds the prompt part of the module's patch buffers (module docstring). A module with an
-    `_iclca_capture` callable hands it (key, value, query) and how this layer attends (scaling, sliding_window,
+    `_iclca_capture` callable hands it (key, value, query, the output) and how this layer attends (scaling, sliding_window,
     softcap): that is how prompts are captured. Arguments it does not
     implement are refused, never ignored."""
     _check_arguments(module, kwargs, sliding_window, softcap, position_ids)
     scaling = query.size(-1) ** -0.5 if scaling is None else scaling
+    out = _attend(module, query, key, value, attention_mask, scaling, dropout, sliding_window, softcap, position_ids)
     if getattr(module, "_iclca_capture", None) is not None:
-        module._iclca_capture(key.detach(), value.detach(), query.detach(), scaling=scaling,
+        module._iclca_capture(key.detach(), value.detach(), query.detach(), out.detach(), scaling=scaling,
                               sliding_window=sliding_window, softcap=softcap)
+    return out, None
+
+
+def _attend(module, query, key, value, attention_mask, scaling, dropout, sliding_window, softcap,
+            position_ids) -> torch.Tensor:
+    """patched_attention's output (B, Tq, H, D)."""
     H, Tq, Tk = query.shape[1], query.shape[-2], key.shape[-2]
     mask = None if attention_mask is None else attention_mask[..., :Tk]  # (B, 1, Tq, Tk), True/0 = attend
     if mask is None and sliding_window is not None and Tk > sliding_window:  # a window that binds needs a mask
@@ -97,11 +104,11 @@ def patched_attention(module, query, key, value, attention_mask, scaling=None, d
         out = nn.functional.scaled_dot_product_attention(
             query, key, value, attn_mask=mask, dropout_p=dropout, scale=scaling, is_causal=mask is None and Tq > 1,
             enable_gqa=key.shape[1] != H)  # (B, H, Tq, D)
-        return out.transpose(1, 2).contiguous(), None
+        return out.transpose(1, 2).contiguous()
     dtype = query.dtype
     reduced = dtype in (torch.bfloat16, torch.float16)
     if reduced and hasattr(module, "prefix_keys") and not hasattr(module, "prefix_bias") and softcap is None:
-        return _prefix_sdpa(module, query, key, value, mask, scaling, dropout, sliding_window, position_ids), None
+        return _prefix_sdpa(module, query, key, value, mask, scaling, dropout, sliding_window, position_ids)
     if reduced:  # scores and softmax in float32, as sdpa's and flash kernels do
         query, key, value = query.float(), key.float(), value.float()
     key, value = _heads(key, H), _heads(value, H)  # (B, H, Tk, D)
@@ -138,7 +145,7 @@ def patched_attention(module, query, key, value, attention_mask, scaling=None, d
         out = num / den
     else:  # soft-capped scores and no patch (capture of a Gemma 2 prompt): eager attention
         out = nn.functional.dropout(torch.softmax(scores, dim=-1), p=dropout) @ value  # (B, H, Tq, D)
-    return out.to(dtype).transpose(1, 2).contiguous(), None  # (B, Tq, H, D)
+    return out.to(dtype).transpose(1, 2).contiguous()  # (B, Tq, H, D)
 
 
 def _prefix_sdpa(module, query, key, value, mask, scaling, dropout, sliding_window, position_ids) -> torch.Tensor:
