@@ -71,7 +71,8 @@ def capture_prompt_kv(model, modules: dict[str, nn.Module], with_queries: bool =
         def keep(key, value, query, output, scaling, sliding_window, softcap):
             captured[name] = Captured(key[0], value[0], query[0] if with_queries else None, scaling, sliding_window,
                                       softcap)
-            powers[name]["attention"] = output[0].double().pow(2).sum((-2, -1))  # (T,): every head's output together
+            if with_queries:  # a summarising method: residual_weight's (T,), every head's output together
+                powers[name]["attention"] = output[0].double().pow(2).sum((-2, -1))
 
         return keep
 
@@ -112,7 +113,8 @@ def residual_weight(attention: torch.Tensor | None = None, output: torch.Tensor 
     module's output is added to the stream as it is (a post-attention norm, as Gemma's, makes it a rougher proxy)."""
     if attention is None or output is None or residual is None or not attention.shape == output.shape == residual.shape:
         return None
-    weight = float(output.sum() / attention.sum() * residual.reciprocal().mean())
+    attended = float(attention.sum())  # floats: the three may sit on different devices
+    weight = float(output.sum()) / attended * float(residual.reciprocal().mean()) if attended > 0 else math.nan
     return weight if 0 < weight < math.inf else None
 
 

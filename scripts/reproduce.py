@@ -5,7 +5,8 @@
 Every prompt maps the task's words to digits afresh (configs/tasks/recall.json, seeded apart from
 training), with one query per key. Methods: none (the model on the query alone), prompted (on
 prompt + query, one pass per query), exact (linear and state-space models; for the LFM2 hybrid its convolution states and attention
-keys and values), prefix / taylor1 / taylor2 / compressed / evict (GPT-2; budget a third of the prompt's tokens),
+keys and values), prefix / taylor1 / taylor2 / compressed / evict (GPT-2; budget a third of the prompt's tokens;
+compressed also with --weigh none, the split by plain error),
 compressed / evict (LFM2: convolution states exact, the attention layer cut to a third of the prompt's tokens).
 accuracy: greedy answer equals the target; kl: KL(prompted || method) per query position, averaged;
 max_abs_logit_diff: against prompted, over all prompts; bytes in float32.
@@ -25,7 +26,8 @@ from iclca_cli.inputs import encode_prompt
 from iclca_cli.loading import builtin_models, load_model
 from iclca_demo.tasks import RecallTask
 
-METHODS = {"iclca_linear": ["exact"], "gpt2": ["prefix", "taylor1", "taylor2", "compressed-P/3", "evict-P/3"],
+METHODS = {"iclca_linear": ["exact"], "gpt2": ["prefix", "taylor1", "taylor2", "compressed-P/3", "compressed-P/3:weigh=none",
+                                                "evict-P/3"],
            "mamba2": ["exact"], "lfm2": ["exact", "compressed-P/3", "evict-P/3"]}
 EVAL_SEED = 2024  # training samples from torch generators seeded 1 and 10_000; these prompts are text drawn apart
 
@@ -38,7 +40,7 @@ def table(models: list[str], n_prompts: int, log=lambda *a: None) -> list[dict]:
         rng = random.Random(EVAL_SEED)
         prompts = [task.sample(rng) for _ in range(n_prompts)]
         methods = METHODS[model.config.model_type]
-        label = lambda m: m.removesuffix("-P/3")  # noqa: E731  (the table says compressed / evict; the budget is P/3)
+        label = lambda m: m.replace("-P/3", "").replace(":", ", ")  # noqa: E731  (the table says compressed / evict; the budget is P/3)
         acc = {"none": [], "prompted": [], **{label(m): [] for m in methods}}
         kl = {k: [] for k in acc}
         diff = dict.fromkeys(acc, 0.0)
