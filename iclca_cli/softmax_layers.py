@@ -17,7 +17,7 @@ import dataclasses
 import math
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -40,7 +40,8 @@ class Captured:
     scaling: float
     sliding_window: int | None
     softcap: float | None
-    weight: float | None = None  # how much an error in its attention output moves the residual stream (residual_weight)
+    weights: dict[str, float | None] = field(default_factory=dict)  # {weigh: residual_weight}, how much an error in
+    # its attention output moves the residual stream, relative to the stream entering (residual) or leaving the layer
 
 
 def attention_modules(model: nn.Module, family: Family) -> dict[str, nn.Module]:
@@ -59,7 +60,7 @@ def kv_shape(config) -> tuple[int, int]:
 @contextmanager
 def capture_prompt_kv(model, modules: dict[str, nn.Module], with_queries: bool = True) -> Iterator[dict[str, Captured]]:
     """Yield {attention module path: Captured}, filled by the model's forward passes (batch 1; the last call
-    of each module wins). With queries, each layer also gets its weight (residual_weight) once the pass is over."""
+    of each module wins). With queries, each layer also gets its weights (residual_weight) once the pass is over."""
     captured: dict[str, Captured] = {}
     if not modules:  # nothing to capture (a model without attention layers): leave the model alone
         yield captured
@@ -87,15 +88,21 @@ def capture_prompt_kv(model, modules: dict[str, nn.Module], with_queries: bool =
     for name, m in modules.items():
         m._iclca_capture = keeper(name)
         if with_queries and "." in name:
-            out, residual = power(name, "output"), power(name, "residual")
-            hooks.append(m.register_forward_hook(lambda _m, _a, y, out=out: out(y[0] if isinstance(y, tuple) else y)))
-            hooks.append(model.get_submodule(name.rsplit(".", 1)[0]).register_forward_pre_hook(  # its decoder layer
+            out, residual, leaving = power(name, "output"), power(name, "residual"), power(name, "leaving")
+            first = lambda y: y[0] if isinstance(y, tuple) else y  # noqa: E731
+            parent = model.get_submodule(name.rsplit(".", 1)[0])  # its decoder layer
+            hooks.append(m.register_forward_hook(lambda _m, _a, y, out=out: out(first(y))))
+            hooks.append(parent.register_forward_pre_hook(
                 lambda _m, a, kw, residual=residual: residual(a[0] if a else kw.get("hidden_states")), with_kwargs=True))
+            hooks.append(parent.register_forward_hook(lambda _m, _a, y, leaving=leaving: leaving(first(y))))
     model.set_attn_implementation(ATTENTION_NAME)
     try:
         yield captured
         for name, c in list(captured.items()) if with_queries else ():
-            captured[name] = dataclasses.replace(c, weight=residual_weight(**powers[name]))
+            got = powers[name]
+            captured[name] = dataclasses.replace(c, weights={
+                "residual": residual_weight(got.get("attention"), got.get("output"), got.get("residual")),
+                "leaving": residual_weight(got.get("attention"), got.get("output"), got.get("leaving"))})
     finally:
         model.set_attn_implementation(before)
         for h in hooks:
@@ -108,8 +115,9 @@ def residual_weight(attention: torch.Tensor | None = None, output: torch.Tensor 
                     residual: torch.Tensor | None = None) -> float | None:
     """How much a squared error in a layer's attention output moves the residual stream it is added to, relative
     to the stream: the output projection's gain (the module's output power over the attention output's) x the mean
-    over tokens of 1 / the residual's power. Each argument (T,): a token's squared norm. None where the hooks did
-    not see all three alike (a layer whose parent module does not take the residual stream first). Assumes the
+    over tokens of 1 / the residual's power (the stream entering the layer, or leaving it). Each argument (T,): a
+    token's squared norm. None where the hooks did not see all three alike (a layer whose parent module does not take
+    or return the residual stream first). Assumes the
     module's output is added to the stream as it is (a post-attention norm, as Gemma's, makes it a rougher proxy)."""
     if attention is None or output is None or residual is None or not attention.shape == output.shape == residual.shape:
         return None

@@ -36,7 +36,8 @@ class Heads:
     scaling: torch.Tensor  # (B, 1, 1): each head's layer's
     softcap: float | None
     dtype: torch.dtype  # the model's: what the patch stores
-    weight: torch.Tensor | None = None  # (B,): each head's layer's Captured.weight; None: unknown (all alike)
+    weights: dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)  # {weigh: (B,) each head's layer's
+    # Captured.weights[weigh]}; a weigh missing: unknown (all heads alike)
 
     @property
     def kv_heads(self) -> int:
@@ -79,7 +80,7 @@ FIT_ELEMENTS = 1 << 25  # reference queries x entries per fitting step (a few hu
 
 def captured_heads(captured: dict, prompt_tokens: int) -> Heads:
     """The captured full-attention layers' prompt keys, values and reference queries, in float32 at least."""
-    keys, values, refs, scalings, weights = [], [], [], [], []
+    keys, values, refs, scalings = [], [], [], []
     softcaps = {c.softcap for c in captured.values()}
     if len(softcaps) > 1:
         raise NotImplementedError(f"layers with different soft caps ({sorted(map(str, softcaps))}) in one model")
@@ -90,13 +91,15 @@ def captured_heads(captured: dict, prompt_tokens: int) -> Heads:
         Hkv, G = k.shape[0], q.shape[0] // k.shape[0]
         pooled = q.reshape(Hkv, G * q.shape[1], q.shape[-1])  # (Hkv, G*T, D): a group's query heads pooled
         keys.append(k), values.append(v), scalings.append(torch.full((Hkv, 1, 1), c.scaling, dtype=k.dtype))
-        weights += [c.weight] * Hkv
         refs.append(compress.reference(k, v, pooled, c.scaling, c.softcap))
     ref = compress.Reference(*(torch.cat([getattr(r, f.name) for r in refs]) for f in dataclasses.fields(refs[0])))
     first = next(iter(captured.values()))
-    weight = None if None in weights else torch.tensor(weights, dtype=torch.float64, device=first.keys.device)
+    Hkv = len(first.keys)
+    layers = [[c.weights.get(weigh) for c in captured.values()] for weigh in first.weights]
+    weights = {weigh: torch.tensor(w, dtype=torch.float64, device=first.keys.device).repeat_interleave(Hkv)
+               for weigh, w in zip(first.weights, layers) if None not in w}
     return Heads(list(captured), torch.cat(keys), torch.cat(values), ref, torch.cat(scalings).to(first.keys.device),
-                 softcaps.pop(), first.keys.dtype, weight)
+                 softcaps.pop(), first.keys.dtype, weights)
 
 
 def layer_tensors(summaries: list[compress.Summary], dtype) -> dict[str, torch.Tensor]:
@@ -127,7 +130,7 @@ def head_entries(tensors: dict[str, torch.Tensor]) -> dict[str, list[int]]:
 
 
 def compressed_tensors(captured: dict, prompt_tokens: int, budget: int, keys: str = "attention",
-                       split: str = "heads", search: str = "ranked", weigh: str = "residual",
+                       split: str = "heads", search: str = "ranked", weigh: str = "leaving",
                        ) -> dict[str, dict[str, torch.Tensor]]:
     """{full-attention layer: {buffer: tensor}} of a `compressed` patch of `budget` entries per layer and key/value
     head (on average, with a split by layers or heads), keys chosen by `keys`. captured: the layers' Captured."""
@@ -139,15 +142,16 @@ def compressed_tensors(captured: dict, prompt_tokens: int, budget: int, keys: st
 
 
 def head_budgets(heads: Heads, budget: int, keys: str = "attention", split: str = "heads", search: str = "ranked",
-                 weigh: str = "residual") -> tuple[list[int], dict[int, dict[int, compress.Summary]]]:
+                 weigh: str = "leaving") -> tuple[list[int], dict[int, dict[int, compress.Summary]]]:
     """(each head's budget under `split`, {budget: {head: Summary}} fitted on the way: every head at each budget it
     holds). split: uniform, layers (whole layers move together), heads (each head up to the grid's top, about GRID_TOP
     x the budget: compress.budget_grid) or free (each head anything from its sink alone to its whole prompt as it is,
     exact: a retrieval head kept whole). search: the error the split weighs, each head's fitted error at every budget
     of the grid (fitted), or (ranked) the fitted error up to half the budget or CHEAP_FIT entries and above it evict's
     error (one pass: compress.ranked_errors), scaled to meet the fitted error at the last budget fitted; then only
-    the budgets the heads take are fitted. weigh: residual, each head's error x its weight (Heads.weight: an error
-    in layer 0 moves the model more than one in a late layer, whose residual stream is larger); none, as it is."""
+    the budgets the heads take are fitted. weigh: leaving or residual, each head's error x its weight
+    (Heads.weights[weigh]: an error in layer 0 moves the model more than one in a late layer, whose residual stream is
+    larger; measured on the stream leaving the layer or entering it); none, as it is."""
     P, L, Hkv = heads.keys.shape[1], len(heads.names), heads.kv_heads
     if split == "uniform" or budget >= P:
         per_head = [min(budget, P)] * len(heads.keys)
@@ -161,8 +165,8 @@ def head_budgets(heads: Heads, budget: int, keys: str = "attention", split: str 
         at = len(fitted) - 1
         scale = torch.where(ranked[:, at] > 0, errors[:, at] / ranked[:, at].clamp_min(1e-30), 1.0)  # (B,)
         errors = torch.cat([errors, ranked[:, at + 1:] * scale[:, None]], -1)
-    if weigh == "residual" and heads.weight is not None:
-        errors = errors * heads.weight[:, None].to(errors.dtype)
+    if weigh in heads.weights:
+        errors = errors * heads.weights[weigh][:, None].to(errors.dtype)
     if split == "layers":  # whole layers: Hkv heads move together
         per_layer = compress.split_budget(errors.view(L, Hkv, -1).sum(1), grid, Hkv, budget * L * Hkv)
         per_head = [b for b in per_layer for _ in range(Hkv)]

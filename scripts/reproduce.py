@@ -6,7 +6,7 @@ Every prompt maps the task's words to digits afresh (configs/tasks/recall.json, 
 training), with one query per key. Methods: none (the model on the query alone), prompted (on
 prompt + query, one pass per query), exact (linear and state-space models; for the LFM2 hybrid its convolution states and attention
 keys and values), prefix / taylor1 / taylor2 / compressed / evict (GPT-2; budget a third of the prompt's tokens;
-compressed also with --weigh none, the split by plain error),
+compressed also with --weigh residual, the split weighed by the stream entering each layer, not leaving it),
 compressed / evict (LFM2: convolution states exact, the attention layer cut to a third of the prompt's tokens).
 accuracy: greedy answer equals the target; kl: KL(prompted || method) per query position, averaged;
 max_abs_logit_diff: against prompted, over all prompts; bytes in float32.
@@ -26,7 +26,7 @@ from iclca_cli.inputs import encode_prompt
 from iclca_cli.loading import builtin_models, load_model
 from iclca_demo.tasks import RecallTask
 
-METHODS = {"iclca_linear": ["exact"], "gpt2": ["prefix", "taylor1", "taylor2", "compressed-P/3", "compressed-P/3:weigh=none",
+METHODS = {"iclca_linear": ["exact"], "gpt2": ["prefix", "taylor1", "taylor2", "compressed-P/3", "compressed-P/3:weigh=residual",
                                                 "evict-P/3"],
            "mamba2": ["exact"], "lfm2": ["exact", "compressed-P/3", "evict-P/3"]}
 EVAL_SEED = 2024  # training samples from torch generators seeded 1 and 10_000; these prompts are text drawn apart

@@ -1,7 +1,6 @@
 """`compressed` (attention matching, budget split) and `evict`: the fit's parts against their definitions, the padded
 layout against attention over each head's own entries, the options on the command line and in the patch."""
 
-import dataclasses
 import json
 
 import pytest
@@ -180,6 +179,7 @@ def test_a_ranked_search_fits_only_the_budgets_the_heads_take(split, monkeypatch
     full search fits them. The same total; the fitted error it holds lies between the full search's and a uniform
     budget's."""
     from iclca_cli import summaries
+    from iclca_cli.methods.compressed import Compressed
 
     monkeypatch.setattr(compress, "CHEAP_FIT", 4)
     model = make_llama()
@@ -197,8 +197,8 @@ def test_a_ranked_search_fits_only_the_budgets_the_heads_take(split, monkeypatch
         for name in ("keys", "values", "bias"):
             torch.testing.assert_close(getattr(fits[b][h], name), getattr(summaries.Heads.summarise(one, [b], "attention", [h])[b][h], name))
     uniform, uniform_fits = summaries.head_budgets(one, 10, split="uniform")
-    assert one.weight is not None  # each head's layer's (Captured.weight), as the split weighs the error
-    error = lambda per, f: sum(float(f[b][h].error * one.weight[h]) for h, b in enumerate(per))  # noqa: E731  (held)
+    weight = one.weights[Compressed.weigh]  # each head's layer's (Captured.weights), as the default split weighs
+    error = lambda per, f: sum(float(f[b][h].error * weight[h]) for h, b in enumerate(per))  # noqa: E731  (held)
     assert error(full, full_fits) <= error(per_head, fits) < error(uniform, uniform_fits)
 
 
@@ -307,7 +307,7 @@ def test_a_patch_with_a_layer_wider_than_the_split_allows_is_refused(tmp_path):
         meta.pop(key)
     (tmp_path / "old.st").write_bytes(canonical_safetensors(tensors, meta))
     old = load_patch(tmp_path / "old.st").method
-    assert (patch.method.search, patch.method.weigh) == ("ranked", "residual")
+    assert (patch.method.search, patch.method.weigh) == ("ranked", "leaving")
     assert (old.search, old.weigh) == ("fitted", "none")
 
 
@@ -423,10 +423,11 @@ def test_the_research_surface_rebuilds_the_prefix_and_the_default_patch():
 
 
 @pytest.mark.parametrize("make", [make_llama, make_gpt2_model])
-def test_each_layer_s_weight_is_its_output_gain_over_its_residual_stream(make):
-    """Captured.weight, recorded by hooks during capture: the output projection's gain over the attention output
-    (its input), x the mean over tokens of 1 / the squared norm of the residual stream entering the layer. Checked
-    against the projection's own input and output and the model's hidden states, on the same ids."""
+def test_each_layer_s_weights_are_its_output_gain_over_its_residual_stream(make):
+    """Captured.weights, recorded by hooks during capture: the output projection's gain over the attention output
+    (its input), x the mean over tokens of 1 / the squared norm of the residual stream entering the layer (residual)
+    or leaving it (leaving). Checked against the projection's own input and output, the model's hidden states and
+    the final norm's input, on the same ids."""
     from iclca_cli import summaries
     from iclca_cli.families import family_of
     from iclca_cli.methods.compressed import Compressed
@@ -442,16 +443,24 @@ def test_each_layer_s_weight_is_its_output_gain_over_its_residual_stream(make):
                    for name, m in attention_modules(model, family_of(model)).items()}
     hooks = [p.register_forward_hook(lambda _m, a, y, name=name: seen.__setitem__(name, (a[0], y)))
              for name, p in projections.items()]
+    final_norm = model.model.norm if hasattr(model, "model") else model.transformer.ln_f
+    hooks.append(final_norm.register_forward_pre_hook(lambda _m, a: seen.__setitem__("last", a[0])))
     with torch.no_grad():
         hidden = model(input_ids=ids, output_hidden_states=True).hidden_states
     for h in hooks:
         h.remove()
+    streams = [h[0] for h in hidden[:len(projections)]] + [seen["last"][0]]  # entering each layer, then the last's out
     for i, name in enumerate(projections):
         a, y = seen[name]
-        want = float(y.pow(2).sum() / a.pow(2).sum() * hidden[i][0].pow(2).sum(-1).reciprocal().mean())
-        assert captured[name].weight == pytest.approx(want, rel=1e-9)
-    weights = summaries.captured_heads(captured, len(prompt)).weight  # (B,): each head its layer's
-    assert weights.tolist() == [captured[n].weight for n in captured for _ in range(len(weights) // len(captured))]
+        gain = float(y.pow(2).sum() / a.pow(2).sum())
+        for weigh, stream in (("residual", streams[i]), ("leaving", streams[i + 1])):
+            want = gain * float(stream.pow(2).sum(-1).reciprocal().mean())
+            assert captured[name].weights[weigh] == pytest.approx(want, rel=1e-9)
+    weights = summaries.captured_heads(captured, len(prompt)).weights  # {weigh: (B,)}: each head its layer's
+    assert sorted(weights) == ["leaving", "residual"]
+    for weigh, per_head in weights.items():
+        assert per_head.tolist() == [captured[n].weights[weigh] for n in captured
+                                     for _ in range(len(per_head) // len(captured))]
 
 
 def test_weighing_moves_budget_to_the_heads_whose_errors_move_the_model():
@@ -461,9 +470,9 @@ def test_weighing_moves_budget_to_the_heads_whose_errors_move_the_model():
 
     k, v, q = heads(n=4, P=60, N=90)
     one = Heads(["a", "b"], k, v, compress.reference(k, v, q, S, None), torch.full((4, 1, 1), S, dtype=torch.float64),
-                None, torch.float64, torch.tensor([1.0, 1.0, 1000.0, 1.0], dtype=torch.float64))
-    weighed, _ = head_budgets(one, 8)
+                None, torch.float64, {"residual": torch.tensor([1.0, 1.0, 1000.0, 1.0], dtype=torch.float64)})
+    weighed, _ = head_budgets(one, 8, weigh="residual")
     plain, _ = head_budgets(one, 8, weigh="none")
-    unknown, _ = head_budgets(dataclasses.replace(one, weight=None), 8)
+    unknown, _ = head_budgets(one, 8, weigh="leaving")  # no weights of that kind known
     assert sum(weighed) == sum(plain) == 32 and unknown == plain
     assert weighed[2] > plain[2] and weighed[2] > max(weighed[:2] + weighed[3:])

@@ -38,8 +38,8 @@ class Compressed(Trained):
               "each head's fitted error at every budget it may take (fitted: several times slower on long prompts)",
               choices=("ranked", "fitted"), was="fitted"),
         Param("weigh", "--weigh", "summary_weigh", str, "how a split weighs a head's error: by how much it moves the "
-              "residual stream its layer adds to, relative to that stream (residual), or as it is (none)",
-              choices=("residual", "none"), was="none"),
+              "residual stream its layer adds to, relative to the stream leaving the layer (leaving) or entering it "
+              "(residual), or as it is (none)", choices=("leaving", "residual", "none"), was="none"),
         Param("refine", "--refine", "refine", bool, "train the fitted summary toward the prompted model on inputs made "
               "from the prompt (distill.py); the sink entries stay"),
         *training_params("refine"),
@@ -51,7 +51,7 @@ class Compressed(Trained):
     keys: str = "attention"
     split: str = "heads"
     search: str = "ranked"
-    weigh: str = "residual"
+    weigh: str = "leaving"
     refine: bool = False
 
     def validate(self) -> None:

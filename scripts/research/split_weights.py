@@ -1,8 +1,8 @@
 """Which weight should the split give each head's error? A probe on development prompts, comparing the budgets a
-split gives when each head's attention-output error is weighed by: nothing (`--weigh none`); its layer's effect on
-the residual stream *entering* the layer (`--weigh residual`, the default: output-projection gain x mean over tokens
-of 1 / ||h_in||^2, Captured.weight); or on the stream *leaving* it (the same gain x mean 1 / ||h_out||^2, the
-decoder layer's output). None of it is part of iclca.
+split gives when each head's attention-output error is weighed by (compressed --weigh): nothing (none); its layer's
+effect on the residual stream *entering* the layer (residual: output-projection gain x mean over tokens of
+1 / ||h_in||^2); or on the stream *leaving* it (leaving: the same gain x mean 1 / ||h_out||^2, the decoder layer's
+output). The weights are Captured.weights, as convert measures them.
 
     python scripts/research/split_weights.py demo-gpt2 [--prompts 40]
     python scripts/research/split_weights.py smollm2 --tasks digits words labels format [--fraction 4]
@@ -15,7 +15,6 @@ Prints the mean KL(prompted || patched) per weighting.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import random
 import sys
 from pathlib import Path
@@ -30,34 +29,13 @@ from iclca_cli.evaluate import kl_divergence
 from iclca_cli.loading import load_model
 
 
-def mean_inverse_power(model, layers, ids: list[int], leaving: bool) -> torch.Tensor:
-    """(L,) mean over tokens of 1 / ||h||^2, h the residual stream entering (or leaving) each decoder layer."""
-    seen = []
-    record = lambda h: seen.append(h[0].double().pow(2).sum(-1).reciprocal().mean())  # noqa: E731
-    hooks = [layer.register_forward_hook(lambda _m, _a, y: record(y[0] if isinstance(y, tuple) else y)) if leaving
-             else layer.register_forward_pre_hook(lambda _m, a: record(a[0])) for layer in layers]
-    with torch.no_grad():
-        model(input_ids=torch.tensor([ids]))
-    for h in hooks:
-        h.remove()
-    return torch.stack(seen)
+WEIGHS = ("none", "residual", "leaving")  # compressed --weigh: nothing, the stream entering, the stream leaving
 
 
-def weights(model, layers, heads: summaries.Heads, prompt: list[int]) -> dict[str, torch.Tensor | None]:
-    """{weighting: (B,) per head, or None}, on the pass compressed captures (the prompt and its repeat)."""
-    ids = summaries.repeat_ids(prompt, getattr(model.config, "n_positions", None))
-    per_layer = heads.weight.view(len(heads.names), -1)[:, 0]  # gain x entering
-    gain = per_layer / mean_inverse_power(model, layers, ids, leaving=False)
-    leaving = gain * mean_inverse_power(model, layers, ids, leaving=True)
-    return {"none": None, "entering (default)": heads.weight,
-            "leaving": leaving.repeat_interleave(heads.kv_heads)}
-
-
-def kl_of(model, heads, prompt, budget, weight, score) -> float:
-    """Mean KL of `score` on the model patched with the split that weighs each head's error by `weight`."""
-    one = dataclasses.replace(heads, weight=weight)
-    per_head, fits = summaries.head_budgets(one, budget, weigh="none" if weight is None else "residual")
-    return score(summaries.patched_with(model, one, [fits[b][h] for h, b in enumerate(per_head)], len(prompt)))
+def kl_of(model, heads, prompt, budget, weigh, score) -> float:
+    """Mean KL of `score` on the model patched with the split that weighs each head's error by `weigh`."""
+    per_head, fits = summaries.head_budgets(heads, budget, weigh=weigh)
+    return score(summaries.patched_with(model, heads, [fits[b][h] for h, b in enumerate(per_head)], len(prompt)))
 
 
 @torch.no_grad()
@@ -79,8 +57,8 @@ def demo_gpt2(n: int) -> dict[str, float]:
             return sum(float(kl_divergence(w, patched(input_ids=torch.tensor([q])).logits[0, -1:].double()).mean())
                        for q, w in zip(qs, wants)) / len(qs)
 
-        for name, w in weights(model, model.transformer.h, heads, prompt).items():
-            out[name] = out.get(name, 0.0) + kl_of(model, heads, prompt, len(prompt) // 3, w, score) / n
+        for weigh in WEIGHS:
+            out[weigh] = out.get(weigh, 0.0) + kl_of(model, heads, prompt, len(prompt) // 3, weigh, score) / n
     return out
 
 
@@ -100,8 +78,9 @@ def smollm2(tasks: list[str], fraction: int) -> dict[str, float]:
             def score(patched):
                 return sum(s[1] for s in scored(patched, queries, wants)) / len(queries)
 
-            for name, w in weights(model, model.model.layers, heads, prompt).items():
-                out[name] = out.get(name, 0.0) + kl_of(model, heads, prompt, len(prompt) // fraction, w, score) / n
+            for weigh in WEIGHS:
+                out[weigh] = out.get(weigh, 0.0) + kl_of(model, heads, prompt, len(prompt) // fraction, weigh,
+                                                         score) / n
     return out
 
 
