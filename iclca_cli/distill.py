@@ -8,6 +8,7 @@ tensors it trains beyond their names.
 
 from __future__ import annotations
 
+import math
 import random
 import time
 from collections.abc import Callable
@@ -20,7 +21,7 @@ from .errors import IclcaError
 from .training import Training
 
 
-def prompt_inputs(prompt_ids: list[int], count: int, max_len: int, seed: int) -> list[list[int]]:
+def prompt_inputs(prompt_ids: list[int], count: int, max_len: int, seed: int | str) -> list[list[int]]:
     """`count` inputs made from the prompt alone: spans of it re-read from a random start, of random lengths up to
     max_len, as the queries to come will look things up in it (never the eval queries)."""
     rng = random.Random(seed)
@@ -37,15 +38,16 @@ def line_starts(prompt_ids: list[int], breaks: frozenset[int]) -> list[int]:
     return [0] + [i + 1 for i, t in enumerate(prompt_ids[:-1]) if t in breaks]
 
 
-def line_inputs(prompt_ids: list[int], count: int, max_len: int, seed: int, breaks: frozenset[int]) -> list[list[int]]:
+def line_inputs(prompt_ids: list[int], count: int, max_len: int, seed: int, breaks: frozenset[int],
+                salt: str = "lines") -> list[list[int]]:
     """`count` inputs shaped as queries are: from a line's start, one to three whole lines of the prompt (so the
     teacher's targets include each line's answer after its question), at most max_len tokens. Spans where the prompt
-    has no line breaks."""
+    has no line breaks. `salt` draws another set for the same seed (held-back inputs)."""
     starts = line_starts(prompt_ids, breaks)
     if len(starts) < 2:
-        return prompt_inputs(prompt_ids, count, max_len, seed)
+        return prompt_inputs(prompt_ids, count, max_len, seed if salt == "lines" else f"{salt}-{seed}")
     ends = starts[1:] + [len(prompt_ids)]  # line i ends where line i + 1 starts
-    rng = random.Random(f"lines-{seed}")
+    rng = random.Random(f"{salt}-{seed}")
     out = []
     for _ in range(count):
         i = rng.randrange(len(starts))
@@ -141,9 +143,21 @@ def text_targets(inputs: list[list[int]]) -> list[tuple[torch.Tensor, torch.Tens
 
 
 def top_k_kl(teacher_logp: torch.Tensor, teacher_ids: torch.Tensor, student_logits: torch.Tensor) -> torch.Tensor:
-    """KL(teacher || student) over the teacher's top-k tokens, mean over positions. (T, k), (T, k), (T, V) -> ()"""
-    student_logp = torch.log_softmax(student_logits.double(), -1).gather(-1, teacher_ids)  # (T, k)
-    return (teacher_logp.exp() * (teacher_logp - student_logp)).sum(-1).mean()
+    """KL(teacher || student) over the teacher's top-k tokens and the rest of the vocabulary as one more outcome,
+    mean over positions: a true divergence (>= 0, 0 only where the student gives each top-k token and the rest the
+    teacher's probability). Summed over the top-k alone it is not one: a student that puts more mass on the
+    teacher's top-k than the teacher does scores below 0, so training on it makes the student overconfident.
+    With k = V it is the whole KL. (T, k), (T, k), (T, V) -> ()"""
+    logp = torch.log_softmax(student_logits.double(), -1)  # (T, V)
+    student_logp = logp.gather(-1, teacher_ids)  # (T, k)
+    teacher_p = teacher_logp.exp()
+    top = (teacher_p * (teacher_logp - student_logp)).sum(-1)  # (T,)
+    teacher_rest = (1 - teacher_p.sum(-1)).clamp_min(0)  # (T,): the teacher's mass outside its top-k
+    if teacher_ids.shape[-1] >= logp.shape[-1] or not (teacher_rest > 0).any():  # nothing outside (text targets too)
+        return top.mean()
+    student_rest = logp.scatter(-1, teacher_ids, -math.inf).logsumexp(-1)  # (T,): log of the student's mass outside
+    rest = torch.where(teacher_rest > 0, teacher_rest * (teacher_rest.clamp_min(1e-300).log() - student_rest), 0.0)
+    return (top + rest).mean()
 
 
 @contextmanager
@@ -159,17 +173,23 @@ def _frozen(model):
             p.requires_grad_(flag)
 
 
+CHECKS = 4  # with held-back inputs, their loss is measured before training and after each quarter of the steps
+
+
 def distill(student, names: list[str], targets_of: list[tuple[list[int], tuple[torch.Tensor, torch.Tensor]]],
             training: Training, keep: dict[str, torch.Tensor] | None = None,
-            progress: Callable[[int, int, float], None] | None = None, head: list[int] = ()
-            ) -> tuple[dict[str, torch.Tensor], int]:
+            progress: Callable[[int, int, float], None] | None = None, head: list[int] = (),
+            held_back: list[tuple[list[int], tuple[torch.Tensor, torch.Tensor]]] = (),
+            checked: Callable[[int, float], None] | None = None) -> tuple[dict[str, torch.Tensor], int, int]:
     """Train the student's buffers `names` (its patch tensors, in place) with Adam, one (input, teacher targets) pair
     per step in a seeded order; entries where keep[name] is True do not move (a summary's sink). The student reads
     `head` before each input (a chat template's own start, where a weight patch stands for a chat prompt), the loss
     is on the input's positions. On CUDA the forward runs under bfloat16 autocast; the trained tensors are kept in
-    float64 (float32 on CUDA) between steps.
-    Returns (the trained tensors, detached, in the buffers' dtypes; the steps taken: fewer than training.steps where
-    training.time_limit ran out). progress(step, steps, loss)."""
+    float64 (float32 on CUDA) between steps. With `held_back` pairs (never trained on), their mean loss is measured
+    before the first step and after each of CHECKS equal parts of the steps (checked(step, loss) each time), and the
+    tensors where it was lowest are kept: step 0, the tensors as given, where training only made it worse.
+    Returns (the tensors kept, detached, in the buffers' dtypes; the steps taken: fewer than training.steps where
+    training.time_limit ran out; the step whose tensors were kept). progress(step, steps, loss)."""
     buffers = {name: student.get_buffer(name) for name in names}
     device = input_device(student)
     work_dtype = torch.float32 if device.type == "cuda" else torch.float64
@@ -177,18 +197,40 @@ def distill(student, names: list[str], targets_of: list[tuple[list[int], tuple[t
     optimiser = torch.optim.Adam(list(work.values()), lr=training.lr)
     order = random.Random(training.seed).choices(range(len(targets_of)), k=training.steps)
     autocast = torch.autocast("cuda", torch.bfloat16) if device.type == "cuda" else nullcontext()
+    checks = {round(training.steps * (c + 1) / CHECKS) for c in range(CHECKS)} if held_back else set()
+
+    def load():  # the buffers hold the working tensors, cast as the model computes
+        for name, t in work.items():
+            path, buffer = name.rsplit(".", 1)
+            setattr(student.get_submodule(path), buffer, t.to(buffers[name].dtype))
+
+    def loss_of(ids, logp, top):
+        with autocast:
+            logits = student(input_ids=torch.tensor([[*head, *ids]], device=device)).logits[0, len(head):]
+        return top_k_kl(logp.to(logits.device), top.to(logits.device), logits[:len(logp)])  # ce: T - 1 targets
+
+    best = None  # (held-back loss, step, tensors)
+
+    def check(step):
+        nonlocal best
+        load()
+        with torch.no_grad():
+            loss = sum(float(loss_of(ids, *targets)) for ids, targets in held_back) / len(held_back)
+        if checked is not None:
+            checked(step, loss)
+        if best is None or loss < best[0]:
+            best = (loss, step, {name: t.detach().clone() for name, t in work.items()})
+
     start, taken = time.monotonic(), 0
     with _frozen(student):
+        if held_back:
+            check(0)
         for step, i in enumerate(order, start=1):
             if training.time_limit is not None and time.monotonic() - start > training.time_limit:
                 break
+            load()
             ids, (logp, top) = targets_of[i]
-            for name, t in work.items():  # the buffers hold the working tensors, cast as the model computes
-                path, buffer = name.rsplit(".", 1)
-                setattr(student.get_submodule(path), buffer, t.to(buffers[name].dtype))
-            with autocast:
-                logits = student(input_ids=torch.tensor([[*head, *ids]], device=device)).logits[0, len(head):]
-            loss = top_k_kl(logp.to(logits.device), top.to(logits.device), logits[:len(logp)])  # ce: T - 1 targets
+            loss = loss_of(ids, logp, top)
             optimiser.zero_grad()
             loss.backward()
             for name, mask in (keep or {}).items():
@@ -197,12 +239,17 @@ def distill(student, names: list[str], targets_of: list[tuple[list[int], tuple[t
             taken = step
             if progress is not None:
                 progress(step, training.steps, float(loss))
+            if step in checks:
+                check(step)
+        if held_back and taken not in checks and taken > 0:  # stopped by the time limit between checks
+            check(taken)
+    kept_step, kept = (taken, work) if best is None else best[1:]
     trained = {}
-    for name, t in work.items():
+    for name, t in kept.items():
         path, buffer = name.rsplit(".", 1)
         trained[name] = t.detach().to(buffers[name].dtype)
         student.get_submodule(path).register_buffer(buffer, trained[name].clone())
-    return trained, taken
+    return trained, taken, kept_step
 
 
 def summary_names_and_sinks(tensors: dict[str, torch.Tensor]) -> tuple[list[str], dict[str, torch.Tensor]]:
@@ -258,13 +305,19 @@ def train_patch(model, patch, tensors: dict[str, torch.Tensor], prompt_ids: list
     exact = describe_patch(model, prompt_ids, patch.prompt_sha256, method, fingerprint=patch.base_fingerprint)
     teacher = patched_copy(model, fill_patch(model, exact, prompt_ids))
     student = patched_copy(model, dataclasses.replace(patch, tensors=dict(tensors)))
-    drawn = training_inputs(teacher, prompt_ids, training, line_breaks(tokenizer, prompt_ids), tokenizer, messages)
-    targets = teacher_targets(teacher, drawn, training.top_k) if objective == "kl" else text_targets(drawn)
+    breaks = line_breaks(tokenizer, prompt_ids)
+    drawn = training_inputs(teacher, prompt_ids, training, breaks, tokenizer, messages)
+    held = line_inputs(prompt_ids, training.held_back, training.max_len, training.seed, breaks, "held")
+    targets_of = teacher_targets if objective == "kl" else lambda _t, inputs, _k: text_targets(inputs)
+    targets, held_targets = (targets_of(teacher, inputs, training.top_k) for inputs in (drawn, held))
     unit = "KL" if objective == "kl" else "CE"
     step = (lambda done, total, loss: progress(done, total, f"{what}, {unit} {loss:.3f}")) if progress else None
-    trained, taken = distill(student, names, list(zip(drawn, targets)), training, keep, step, head)
+    trained, taken, kept = distill(student, names, list(zip(drawn, targets)), training, keep, step, head,
+                                   list(zip(held, held_targets)))
     if taken < training.steps:
         patch.extra[f"{what}_steps_taken"] = str(taken)
+    if kept < taken:
+        patch.extra[f"{what}_step_kept"] = str(kept)
     return {**tensors, **trained}
 
 

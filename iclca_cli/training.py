@@ -13,8 +13,8 @@ SOURCES = ("spans", "lines", "samples", "turns")  # what training inputs are mad
 @dataclass(frozen=True)
 class Training:
     """Adam steps (one input each), learning rate, seed, the teacher's top-k, the longest input (tokens), how many
-    inputs, what they are made of (SOURCES, shared out evenly), and a time limit in seconds (training stops there;
-    None: the steps alone)."""
+    inputs, what they are made of (SOURCES, shared out evenly), a time limit in seconds (training stops there;
+    None: the steps alone), and how many inputs are held back to choose the step kept (0: the last)."""
 
     steps: int = 100  # the defaults of every trained method, chosen on development tasks (docs/smollm2.md)
     lr: float = 2e-3
@@ -24,6 +24,7 @@ class Training:
     inputs: int = 32
     sources: tuple[str, ...] = ("spans",)
     time_limit: float | None = None
+    held_back: int = 0  # inputs (lines of the prompt) never trained on: the step where their KL is lowest is kept
 
     def __post_init__(self):
         if self.steps < 1:
@@ -35,5 +36,7 @@ class Training:
                              "pass e.g. --train-on lines+samples")
         if self.time_limit is not None and not self.time_limit > 0:
             raise IclcaError(f"--time-limit {self.time_limit} is not a number of seconds", "pass 0 (none) or more")
+        if self.held_back < 0:
+            raise IclcaError(f"--held-back {self.held_back} is not a number of inputs", "pass 0 (none) or more")
         if self.top_k < 1 or self.max_len < 2 or self.inputs < 1:
             raise IclcaError(f"cannot train with {self}", "train on at least one input of two tokens, top-k 1 or more")

@@ -28,7 +28,7 @@ def refine(budget=4, steps=150, seed=0, lr=5e-2, count=32):
     keep = {n: torch.zeros_like(patch.tensors[n], dtype=torch.bool) for n in names}
     for n in names:  # the first entry of every head (keys, values, bias): the sink
         keep[n][:, 0] = True
-    trained, taken = distill(student, names, targets, Training(steps=steps, lr=lr, seed=seed), keep)
+    trained, taken, _ = distill(student, names, targets, Training(steps=steps, lr=lr, seed=seed), keep)
     assert taken == steps
     return model, prompt, teacher, student, patch, trained
 
@@ -53,6 +53,31 @@ def test_training_is_deterministic_for_a_seed():
     a, b, c = (refine(steps=10, seed=s, count=8)[-1] for s in (0, 0, 1))
     assert all(torch.equal(a[n], b[n]) for n in a)
     assert any(not torch.equal(a[n], c[n]) for n in a)
+
+
+def test_the_top_k_loss_is_a_divergence():
+    """KL over the teacher's top-k and the rest as one outcome: >= 0, at most the whole KL, the whole KL at k = V, 0
+    where the student matches the teacher's top-k and rest; a student more confident in the teacher's top-k than the
+    teacher scores above 0 (the top-k sum alone scored it below)."""
+    g = torch.Generator().manual_seed(0)
+    teacher, student = torch.randn(5, 50, generator=g, dtype=torch.float64) * 3, torch.randn(5, 50, generator=g, dtype=torch.float64)
+    logp_t = teacher.log_softmax(-1)
+    whole = (logp_t.exp() * (logp_t - student.log_softmax(-1))).sum(-1).mean()
+    for k in (1, 5, 20):
+        top = logp_t.topk(k, -1)
+        loss = top_k_kl(top.values, top.indices, student)
+        assert 0 <= loss <= whole + 1e-12
+        rest = torch.ones_like(teacher, dtype=torch.bool).scatter_(-1, top.indices, False)
+        noise = torch.randn(5, 50 - k, generator=g, dtype=torch.float64)  # the rest's mass spread otherwise, same total
+        spread = noise - noise.logsumexp(-1, keepdim=True) + logp_t[rest].view(5, -1).logsumexp(-1, keepdim=True)
+        same = logp_t.clone() + 1.0  # logits: the teacher's top-k probabilities ...
+        same[rest] = spread.flatten() + 1.0  # ... and the rest's total
+        assert top_k_kl(top.values, top.indices, same) == pytest.approx(0, abs=1e-12)
+        confident = logp_t.scatter(-1, top.indices, top.values + 5.0)  # more mass on the top-k than the teacher
+        naive = (top.values.exp() * (top.values - confident.log_softmax(-1).gather(-1, top.indices))).sum(-1).mean()
+        assert naive < 0 < top_k_kl(top.values, top.indices, confident)
+    every = logp_t.topk(50, -1)
+    assert top_k_kl(every.values, every.indices, student) == pytest.approx(float(whole), rel=1e-12)
 
 
 def test_inputs_come_from_the_prompt():
@@ -121,7 +146,7 @@ def test_turn_inputs_are_user_turns_the_prompted_model_writes_and_answers(tmp_pa
 
 def test_training_settings_are_checked_with_the_flags_named():
     for bad, flag in ((dict(steps=0), "--steps"), (dict(lr=0), "--lr"), (dict(sources=("spans", "docs")), "--train-on"),
-                      (dict(time_limit=0), "--time-limit")):
+                      (dict(time_limit=0), "--time-limit"), (dict(held_back=-1), "--held-back")):
         with pytest.raises(IclcaError, match=flag):
             Training(**bad)
 
@@ -133,8 +158,58 @@ def test_a_time_limit_stops_training_and_says_how_far_it_got():
     teacher, _ = convert(model, prompt, "prefix")
     inputs = prompt_inputs(prompt, 4, 16, 0)
     targets = list(zip(inputs, teacher_targets(teacher, inputs, 20)))
-    _, taken = distill(student, sorted(patch.tensors), targets, Training(steps=10_000, time_limit=0.5))
+    _, taken, _ = distill(student, sorted(patch.tensors), targets, Training(steps=10_000, time_limit=0.5))
     assert 1 <= taken < 10_000
+
+
+@pytest.mark.parametrize("lr", [5e-2, 50.0])
+def test_held_back_inputs_choose_the_step_kept(lr):
+    """With held-back inputs, their KL is measured before training and after each quarter of the steps, and the
+    tensors of the lowest are kept: at a learning rate that learns, a trained step; at one that ruins the summary,
+    step 0, the tensors as given (bit for bit)."""
+    model = make_llama(seed=5)
+    prompt = random_ids(48, 97, 6)
+    teacher, _ = convert(model, prompt, "prefix")
+    student, patch = convert(model, prompt, "compressed", budget=4, split="uniform")
+    inputs, held = prompt_inputs(prompt, 16, 24, 0), prompt_inputs(prompt, 4, 24, 99)
+    targets, held_targets = (list(zip(x, teacher_targets(teacher, x, 20))) for x in (inputs, held))
+    names, seen = sorted(patch.tensors), []
+    trained, taken, kept = distill(student, names, targets, Training(steps=20, lr=lr), held_back=held_targets,
+                                   checked=lambda step, loss: seen.append((step, loss)))
+    assert [step for step, _ in seen] == [0, 5, 10, 15, 20] and taken == 20
+    assert kept == min(seen, key=lambda s: s[1])[0]
+    def held_kl(m):  # the loss distill measures: KL on the teacher's top 20
+        with torch.no_grad():
+            return sum(float(top_k_kl(logp, top, m(input_ids=torch.tensor([ids])).logits[0]))
+                       for ids, (logp, top) in held_targets) / len(held)
+
+    assert seen[0][1] == pytest.approx(held_kl(convert(model, prompt, "compressed", budget=4, split="uniform")[0]))
+    assert held_kl(student) == pytest.approx(min(loss for _, loss in seen))  # the student holds the tensors kept
+    if lr > 1:
+        assert kept == 0 and all(torch.equal(trained[n], patch.tensors[n]) for n in names)
+    else:
+        assert kept > 0 and any(not torch.equal(trained[n], patch.tensors[n]) for n in names)
+
+
+def test_refine_held_back_is_recorded_with_the_step_kept():
+    """--held-back reaches the patch (iclca.refine_held_back), a patch without it reads 0, and the step kept is
+    recorded where it is not the last."""
+    from helpers import EXAMPLE_PROMPT
+    from iclca_cli.convert import convert_prompt
+    from iclca_cli.inputs import encode_prompt
+    from iclca_cli.loading import load_model
+    from iclca_cli.methods import build
+
+    model, tokenizer = load_model("demo-gpt2", "float32")
+    prompt = encode_prompt(tokenizer, EXAMPLE_PROMPT.read_text())
+    metas = [convert_prompt(model, prompt, "0" * 64, build("compressed", budget=6, refine=True, steps=8, lr=lr,
+                                                           held_back=4), tokenizer=tokenizer).metadata()
+             for lr in (0.002, 50.0)]
+    assert all(m["iclca.refine_held_back"] == "4" for m in metas)
+    assert metas[1]["iclca.refine_step_kept"] == "0"  # a learning rate that ruins: the fitted summary kept
+    plain = convert_prompt(model, prompt, "0" * 64, build("compressed", budget=6, refine=True, steps=8),
+                           tokenizer=tokenizer).metadata()
+    assert plain["iclca.refine_held_back"] == "0" and "iclca.refine_step_kept" not in plain
 
 
 def test_refine_through_the_command_line_is_deterministic_and_recorded(cli, tmp_path):

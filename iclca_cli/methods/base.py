@@ -156,6 +156,10 @@ def training_params(key_prefix: str) -> tuple[Param, ...]:
         Param("time_limit", "--time-limit", f"{key_prefix}_time_limit", float, "stop training after this many "
               "seconds, 0: no limit; a patch stopped early records the steps it took and is not reproducible "
               "(compressed: with --refine)"),
+        Param("held_back", "--held-back", f"{key_prefix}_held_back", int, "inputs held back from training (lines of "
+              "the prompt, as queries look): the tensors are kept as they were before training or after the quarter "
+              "of the steps where the KL on them is lowest; 0: after the last step (compressed: with --refine)",
+              minimum=0, was=0),
     )
 
 
@@ -167,13 +171,14 @@ class Trained(Method):
     """Base of a method trained by the distillation engine (distill.py): the engine's settings as fields (their
     flags and keys: training_params), with its defaults (training.py)."""
 
-    FIELDS: ClassVar[tuple[str, ...]] = ("steps", "lr", "seed", "train_on", "time_limit")
+    FIELDS: ClassVar[tuple[str, ...]] = ("steps", "lr", "seed", "train_on", "time_limit", "held_back")
 
     steps: int = Training.steps
     lr: float = Training.lr
     seed: int = Training.seed
     train_on: str = AUTO
     time_limit: float = 0.0  # none
+    held_back: int = Training.held_back
 
     def validate(self) -> None:
         super().validate()
@@ -184,7 +189,8 @@ class Trained(Method):
         plain text: auto inputs are the user turns the prompted model writes after a chat prompt, else the engine's
         default (spans)."""
         sources = (("turns",) if chat else Training.sources) if self.train_on == AUTO else tuple(self.train_on.split("+"))
-        return Training(self.steps, self.lr, self.seed, sources=sources, time_limit=self.time_limit or None)
+        return Training(self.steps, self.lr, self.seed, sources=sources, time_limit=self.time_limit or None,
+                        held_back=self.held_back)
 
 
 def _parse(p: Param, raw: str, where: str):
