@@ -84,12 +84,12 @@ def capture_prompt_kv(model, modules: dict[str, nn.Module], with_queries: bool =
 
         return record
 
+    first = lambda y: y[0] if isinstance(y, tuple) else y  # noqa: E731  (a module's output, or its first)
     hooks = []
     for name, m in modules.items():
         m._iclca_capture = keeper(name)
         if with_queries and "." in name:
             out, residual, leaving = power(name, "output"), power(name, "residual"), power(name, "leaving")
-            first = lambda y: y[0] if isinstance(y, tuple) else y  # noqa: E731
             parent = model.get_submodule(name.rsplit(".", 1)[0])  # its decoder layer
             hooks.append(m.register_forward_hook(lambda _m, _a, y, out=out: out(first(y))))
             hooks.append(parent.register_forward_pre_hook(
@@ -99,10 +99,10 @@ def capture_prompt_kv(model, modules: dict[str, nn.Module], with_queries: bool =
     try:
         yield captured
         for name, c in list(captured.items()) if with_queries else ():
-            got = powers[name]
+            got = powers[name]  # the stream entering the layer (residual) or leaving it
             captured[name] = dataclasses.replace(c, weights={
-                "residual": residual_weight(got.get("attention"), got.get("output"), got.get("residual")),
-                "leaving": residual_weight(got.get("attention"), got.get("output"), got.get("leaving"))})
+                stream: residual_weight(got.get("attention"), got.get("output"), got.get(stream))
+                for stream in ("residual", "leaving")})
     finally:
         model.set_attn_implementation(before)
         for h in hooks:

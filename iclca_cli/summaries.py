@@ -94,10 +94,12 @@ def captured_heads(captured: dict, prompt_tokens: int) -> Heads:
         refs.append(compress.reference(k, v, pooled, c.scaling, c.softcap))
     ref = compress.Reference(*(torch.cat([getattr(r, f.name) for r in refs]) for f in dataclasses.fields(refs[0])))
     first = next(iter(captured.values()))
-    Hkv = len(first.keys)
-    layers = [[c.weights.get(weigh) for c in captured.values()] for weigh in first.weights]
-    weights = {weigh: torch.tensor(w, dtype=torch.float64, device=first.keys.device).repeat_interleave(Hkv)
-               for weigh, w in zip(first.weights, layers) if None not in w}
+    weights = {}  # {weigh: (B,)}, where every layer's weight is known
+    for weigh in first.weights:
+        per_layer = [c.weights.get(weigh) for c in captured.values()]
+        if None not in per_layer:
+            per_layer = torch.tensor(per_layer, dtype=torch.float64, device=first.keys.device)
+            weights[weigh] = per_layer.repeat_interleave(len(first.keys))  # each layer's Hkv heads
     return Heads(list(captured), torch.cat(keys), torch.cat(values), ref, torch.cat(scalings).to(first.keys.device),
                  softcaps.pop(), first.keys.dtype, weights)
 
