@@ -80,8 +80,12 @@ def _param_help(field: str) -> str:
     """A method parameter's help, from the registry: what it is, which methods take it, its default."""
     owners = taking(field)
     p = owners[0].param(field)
-    default = owners[0].default(p)
-    shown = f" (default {default})" if default not in (None, 0) else ""
+    defaults = {m.name: m.default(m.param(field)) for m in owners}
+    if len(set(map(str, defaults.values()))) > 1:  # the methods differ: each one's
+        shown = " (default " + ", ".join(f"{name} {d}" for name, d in defaults.items()) + ")"
+    else:
+        default = defaults[owners[0].name]
+        shown = f" (default {default})" if default not in (None, 0) else ""
     return f"{' and '.join(m.name for m in owners)}: {p.help}{shown}."
 
 

@@ -195,6 +195,9 @@ def distill(student, names: list[str], targets_of: list[tuple[list[int], tuple[t
     work_dtype = torch.float32 if device.type == "cuda" else torch.float64
     work = {name: b.detach().to(work_dtype).clone().requires_grad_(True) for name, b in buffers.items()}
     optimiser = torch.optim.Adam(list(work.values()), lr=training.lr)
+    decay = (lambda done: 0.5 * (1 + math.cos(math.pi * done / training.steps))) if training.schedule == "cosine" \
+        else (lambda done: 1.0)  # of lr, after `done` steps
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimiser, decay)
     order = random.Random(training.seed).choices(range(len(targets_of)), k=training.steps)
     autocast = torch.autocast("cuda", torch.bfloat16) if device.type == "cuda" else nullcontext()
     checks = {round(training.steps * (c + 1) / CHECKS) for c in range(CHECKS)} if held_back else set()
@@ -236,6 +239,7 @@ def distill(student, names: list[str], targets_of: list[tuple[list[int], tuple[t
             for name, mask in (keep or {}).items():
                 work[name].grad[mask.to(work[name].device)] = 0
             optimiser.step()
+            scheduler.step()
             taken = step
             if progress is not None:
                 progress(step, training.steps, float(loss))

@@ -8,6 +8,9 @@ from dataclasses import dataclass
 from .errors import IclcaError
 
 SOURCES = ("spans", "lines", "samples", "turns")  # what training inputs are made of (distill.training_inputs)
+LORA_INPUTS = 128  # lora's count of inputs made from the prompt's text (docs/lora.md); the engine's: Training.inputs
+SAMPLED = ("samples", "turns")  # those the prompted model writes (a generation each), the others re-read the prompt
+SCHEDULES = ("constant", "cosine")  # the learning rate over the steps: as given, or decayed to 0 along a half cosine
 
 
 @dataclass(frozen=True)
@@ -25,6 +28,7 @@ class Training:
     sources: tuple[str, ...] = ("spans",)
     time_limit: float | None = None
     held_back: int = 0  # inputs (lines of the prompt) never trained on: the step where their KL is lowest is kept
+    schedule: str = "constant"
 
     def __post_init__(self):
         if self.steps < 1:
@@ -38,5 +42,8 @@ class Training:
             raise IclcaError(f"--time-limit {self.time_limit} is not a number of seconds", "pass 0 (none) or more")
         if self.held_back < 0:
             raise IclcaError(f"--held-back {self.held_back} is not a number of inputs", "pass 0 (none) or more")
+        if self.schedule not in SCHEDULES:
+            raise IclcaError(f"--schedule {self.schedule!r} is not one of {', '.join(SCHEDULES)}",
+                             "pass --schedule constant or --schedule cosine")
         if self.top_k < 1 or self.max_len < 2 or self.inputs < 1:
             raise IclcaError(f"cannot train with {self}", "train on at least one input of two tokens, top-k 1 or more")

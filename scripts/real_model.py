@@ -247,8 +247,9 @@ def cost(folder: Path, lengths=(256, 1024, 4096), repeats: int = 2, log=print) -
 
 
 def lora_cost(folder: Path, lengths=(128, 300, 1024), log=print) -> list[dict]:
-    """Seconds for a lora conversion with its defaults (its 100 training steps included) of a P-token prompt
-    (random ids), once each, against one plain forward over the prompt (best of 2), in the same run."""
+    """Seconds for a lora conversion with its defaults (its training steps included) of a P-token prompt (random ids,
+    so no lines: its inputs are spans of up to 64 tokens, longer than a prompt's lines), once each, against one plain
+    forward over the prompt (best of 2), in the same run."""
     model, _ = load_model(str(folder), "float32")
     fingerprint = model_fingerprint(model)
     rows = []
@@ -290,6 +291,7 @@ def main() -> None:
                     "scripts/results; pass another with --methods or --tasks, to keep the stage's report)")
     ap.add_argument("--folder", type=Path, default=DEFAULT_FOLDER, help="where the safetensors copy lives")
     ap.add_argument("--json", action="store_true", help="print one JSON object")
+    ap.add_argument("--lengths", type=int, nargs="+", default=None, help="lora-cost: the prompt lengths (default 128 300 1024)")
     args = ap.parse_args()
     if args.stage == "show":  # a saved run's table again
         result = json.loads(args.save.read_text())
@@ -322,7 +324,8 @@ def main() -> None:
     if args.stage in ("cost", "lora-cost"):
         t0 = time.perf_counter()
         measure = cost if args.stage == "cost" else lora_cost
-        rows = measure(smollm2_folder(args.folder), log=lambda m: print(m, file=sys.stderr))
+        lengths = {"lengths": tuple(args.lengths)} if args.lengths and args.stage == "lora-cost" else {}
+        rows = measure(smollm2_folder(args.folder), log=lambda m: print(m, file=sys.stderr), **lengths)
         result = {"stage": args.stage, "seconds": round(time.perf_counter() - t0), "rows": rows}
         RESULTS.mkdir(exist_ok=True)
         save_json(args.save or RESULTS / f"real_model_{args.stage.replace('-', '_')}.json", result)

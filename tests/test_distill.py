@@ -55,6 +55,28 @@ def test_training_is_deterministic_for_a_seed():
     assert any(not torch.equal(a[n], c[n]) for n in a)
 
 
+def test_a_cosine_schedule_decays_the_learning_rate():
+    """schedule cosine: the learning rate after k of N steps is lr * (1 + cos(pi k / N)) / 2. In two steps from the
+    same start, the first is constant's own step and the second (same gradient, same Adam state) exactly half of it."""
+    model = make_llama(seed=5)
+    prompt = random_ids(40, 97, 6)
+    teacher, _ = convert(model, prompt, "prefix")
+    inputs = prompt_inputs(prompt, 4, 16, 0)
+    targets = list(zip(inputs, teacher_targets(teacher, inputs, 20)))
+
+    def trained(steps, schedule):
+        student, patch = convert(model, prompt, "compressed", budget=4, split="uniform")
+        return distill(student, sorted(patch.tensors), targets, Training(steps=steps, lr=1e-2, schedule=schedule))[0]
+
+    first, constant, cosine = trained(1, "constant"), trained(2, "constant"), trained(2, "cosine")
+    assert trained(1, "cosine").keys() == first.keys()
+    for name in first:
+        assert torch.equal(trained(1, "cosine")[name], first[name])
+        second = constant[name].double() - first[name].double()
+        assert second.abs().max() > 0
+        torch.testing.assert_close(cosine[name].double() - first[name].double(), second / 2, rtol=1e-6, atol=1e-9)
+
+
 def test_the_top_k_loss_is_a_divergence():
     """KL over the teacher's top-k and the rest as one outcome: >= 0, at most the whole KL, the whole KL at k = V, 0
     where the student matches the teacher's top-k and rest; a student more confident in the teacher's top-k than the
@@ -146,7 +168,8 @@ def test_turn_inputs_are_user_turns_the_prompted_model_writes_and_answers(tmp_pa
 
 def test_training_settings_are_checked_with_the_flags_named():
     for bad, flag in ((dict(steps=0), "--steps"), (dict(lr=0), "--lr"), (dict(sources=("spans", "docs")), "--train-on"),
-                      (dict(time_limit=0), "--time-limit"), (dict(held_back=-1), "--held-back")):
+                      (dict(time_limit=0), "--time-limit"), (dict(held_back=-1), "--held-back"),
+                      (dict(schedule="linear"), "--schedule")):
         with pytest.raises(IclcaError, match=flag):
             Training(**bad)
 

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from ..errors import IclcaError, printable
-from ..training import Training
+from ..training import LORA_INPUTS, SAMPLED, SCHEDULES, Training
 
 if TYPE_CHECKING:
     import torch
@@ -141,9 +141,10 @@ class Method:
         return list(prompt_ids)
 
 
-def training_params(key_prefix: str) -> tuple[Param, ...]:
+def training_params(key_prefix: str, count_was: int = 0) -> tuple[Param, ...]:
     """The distillation engine's parameters (training.py), as every trained method takes them: the same fields and
-    flags (--steps, --lr, --seed, --train-on, --time-limit), metadata keys iclca.<key_prefix>_<...>."""
+    flags (--steps, --lr, --seed, --train-on, --train-count, --schedule, --time-limit, --held-back), metadata keys
+    iclca.<key_prefix>_<...>. count_was: the --train-count of patches made before it was recorded (0: as auto now)."""
     return (
         Param("steps", "--steps", f"{key_prefix}_steps", int, "training steps (compressed: with --refine)", minimum=1),
         Param("lr", "--lr", f"{key_prefix}_lr", float, "Adam's learning rate (compressed: with --refine)"),
@@ -153,6 +154,13 @@ def training_params(key_prefix: str) -> tuple[Param, ...]:
               "spans of the prompt re-read (spans), its lines from their start as queries look (lines), "
               "continuations the prompted model samples (samples), user turns it writes and answers after a --chat "
               "prompt (turns); auto: turns with --chat, spans without (compressed: with --refine)"),
+        Param("train_count", "--train-count", f"{key_prefix}_train_count", int, "how many training inputs are made "
+              f"(of --train-on's kinds), each step trains on one; 0: {Training.inputs} where the prompted model samples "
+              f"them (samples, turns: a generation each), else {Training.inputs} (compressed) or {LORA_INPUTS} (lora) "
+              "(compressed: with --refine)", minimum=0, was=count_was),
+        Param("schedule", "--schedule", f"{key_prefix}_schedule", str, "the learning rate over the steps: constant, "
+              "or cosine (decayed to 0 along a half cosine) (compressed: with --refine)", choices=SCHEDULES,
+              was="constant"),
         Param("time_limit", "--time-limit", f"{key_prefix}_time_limit", float, "stop training after this many "
               "seconds, 0: no limit; a patch stopped early records the steps it took and is not reproducible "
               "(compressed: with --refine)"),
@@ -171,12 +179,17 @@ class Trained(Method):
     """Base of a method trained by the distillation engine (distill.py): the engine's settings as fields (their
     flags and keys: training_params), with its defaults (training.py)."""
 
-    FIELDS: ClassVar[tuple[str, ...]] = ("steps", "lr", "seed", "train_on", "time_limit", "held_back")
+    FIELDS: ClassVar[tuple[str, ...]] = ("steps", "lr", "seed", "train_on", "train_count", "schedule", "time_limit",
+                                         "held_back")
+    auto_sources: ClassVar[tuple[str, ...]] = Training.sources  # what --train-on auto trains on without --chat
+    auto_count: ClassVar[int] = Training.inputs  # --train-count 0: how many inputs, where none is sampled
 
     steps: int = Training.steps
     lr: float = Training.lr
     seed: int = Training.seed
     train_on: str = AUTO
+    train_count: int = 0  # auto: auto_count, or Training.inputs of sampled inputs
+    schedule: str = Training.schedule
     time_limit: float = 0.0  # none
     held_back: int = Training.held_back
 
@@ -186,11 +199,13 @@ class Trained(Method):
 
     def training(self, chat: bool = False) -> Training:
         """The distillation engine's settings (Training checks them), for a prompt that is a chat conversation or
-        plain text: auto inputs are the user turns the prompted model writes after a chat prompt, else the engine's
-        default (spans)."""
-        sources = (("turns",) if chat else Training.sources) if self.train_on == AUTO else tuple(self.train_on.split("+"))
-        return Training(self.steps, self.lr, self.seed, sources=sources, time_limit=self.time_limit or None,
-                        held_back=self.held_back)
+        plain text: auto inputs are the user turns the prompted model writes after a chat prompt, else the method's
+        auto_sources; an auto count is the method's auto_count, or the engine's where some inputs are sampled."""
+        sources = (("turns",) if chat else self.auto_sources) if self.train_on == AUTO else tuple(self.train_on.split("+"))
+        count = self.train_count or (Training.inputs if set(sources) & set(SAMPLED) else self.auto_count)
+        return Training(self.steps, self.lr, self.seed, inputs=count,
+                        sources=sources, time_limit=self.time_limit or None, held_back=self.held_back,
+                        schedule=self.schedule)
 
 
 def _parse(p: Param, raw: str, where: str):

@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..families import CACHE_KINDS, LINEAR_KINDS, SOFTMAX_KINDS
+from ..training import LORA_INPUTS, Training
 from .base import Param, Trained, training_params
 
 ALL_TARGETS = "all-linear"  # every linear projection of the decoder layers (PEFT's name for it)
@@ -32,12 +33,16 @@ class Lora(Trained):
         Param("objective", "--objective", "lora_objective", str, "what lora trains on: the prompted model's "
               "predictions (kl: distillation), or the prompt's own next tokens (ce: fine-tuning on the text)",
               choices=("kl", "ce")),
-        *training_params("lora"),
+        *training_params("lora", count_was=Training.inputs),
     )
+    auto_sources = ("lines",)  # --train-on auto without --chat: the prompt's lines, as queries look (docs/lora.md)
+    auto_count = LORA_INPUTS
 
     rank: int = 8
     targets: str = ALL_TARGETS
-    objective: str = "kl"  # the training fields (Trained) keep the engine's defaults: chosen in docs/lora.md
+    objective: str = "kl"
+    steps: int = 400  # chosen on development tasks (docs/lora.md); the other training fields are the engine's
+    schedule: str = "cosine"
 
     def validate(self) -> None:
         super().validate()
