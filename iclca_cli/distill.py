@@ -42,9 +42,10 @@ def line_inputs(prompt_ids: list[int], count: int, max_len: int, seed: int, brea
                 salt: str = "lines") -> list[list[int]]:
     """`count` inputs shaped as queries are: from a line's start, one to three whole lines of the prompt (so the
     teacher's targets include each line's answer after its question), at most max_len tokens. Spans where the prompt
-    has no line breaks. `salt` draws another set for the same seed (held-back inputs)."""
+    is not made of such lines: no line breaks, or lines longer than max_len / 2 tokens on average (a document's
+    paragraphs, whose ends a line input would never reach). `salt` draws another set for the same seed (held back)."""
     starts = line_starts(prompt_ids, breaks)
-    if len(starts) < 2:
+    if len(starts) < 2 or len(prompt_ids) / len(starts) > max_len / 2:
         return prompt_inputs(prompt_ids, count, max_len, seed if salt == "lines" else f"{salt}-{seed}")
     ends = starts[1:] + [len(prompt_ids)]  # line i ends where line i + 1 starts
     rng = random.Random(f"{salt}-{seed}")

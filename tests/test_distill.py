@@ -112,7 +112,8 @@ def test_inputs_come_from_the_prompt():
 
 def test_line_inputs_start_where_lines_start_and_hold_whole_lines():
     """A prompt of lines `question answer NL`: each line input starts at a line's start and ends after a line break
-    (or at the prompt's end, or max_len), so the teacher's targets include the answers as a query reads them."""
+    (or at the prompt's end, or max_len), so the teacher's targets include the answers as a query reads them. A
+    prompt without breaks, or of lines longer than max_len / 2 on average (paragraphs), gets spans."""
     NL = 0
     prompt = [t for i in range(12) for t in (100 + i, 200 + i, NL)]
     assert line_starts(prompt, frozenset({NL}))[:3] == [0, 3, 6]
@@ -121,6 +122,9 @@ def test_line_inputs_start_where_lines_start_and_hold_whole_lines():
         assert start % 3 == 0 and prompt[start:start + len(ids)] == ids
         assert ids[-1] == NL or len(ids) == 7 or start + len(ids) == len(prompt)
     assert line_inputs(prompt, 5, 7, 3, frozenset()) == prompt_inputs(prompt, 5, 7, 3)  # no breaks: spans
+    paragraphs = [t for i in range(3) for t in (*range(100 + 40 * i, 139 + 40 * i), NL)]  # 3 lines of 40 tokens
+    assert line_inputs(paragraphs, 5, 64, 3, frozenset({NL})) == prompt_inputs(paragraphs, 5, 64, 3)  # spans
+    assert line_inputs(paragraphs, 5, 80, 3, frozenset({NL})) != prompt_inputs(paragraphs, 5, 80, 3)  # 40 <= 80 / 2
 
 
 def test_sampled_inputs_are_the_prompted_models_own_and_seeded():

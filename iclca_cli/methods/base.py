@@ -151,9 +151,11 @@ def training_params(key_prefix: str, count_was: int = 0) -> tuple[Param, ...]:
         Param("seed", "--seed", f"{key_prefix}_seed", int, "the training inputs', order's and initial values' seed "
               "(compressed: with --refine)"),
         Param("train_on", "--train-on", f"{key_prefix}_inputs", str, "what training inputs are made of, joined by +: "
-              "spans of the prompt re-read (spans), its lines from their start as queries look (lines), "
+              "spans of the prompt re-read (spans), its lines from their start as queries look (lines; spans where "
+              "its lines are long), "
               "continuations the prompted model samples (samples), user turns it writes and answers after a --chat "
-              "prompt (turns); auto: turns with --chat, spans without (compressed: with --refine)"),
+              "prompt (turns); auto: turns with --chat, else spans (compressed) or lines (lora) (compressed: with "
+              "--refine)"),
         Param("train_count", "--train-count", f"{key_prefix}_train_count", int, "how many training inputs are made "
               f"(of --train-on's kinds), each step trains on one; 0: {Training.inputs} where the prompted model samples "
               f"them (samples, turns: a generation each), else {Training.inputs} (compressed) or {LORA_INPUTS} (lora) "
