@@ -157,8 +157,8 @@ def training_params(key_prefix: str, count_was: int = 0) -> tuple[Param, ...]:
               "prompt (turns); auto: turns with --chat, else spans (compressed) or lines (lora) (compressed: with "
               "--refine)"),
         Param("train_count", "--train-count", f"{key_prefix}_train_count", int, "how many training inputs are made "
-              f"(of --train-on's kinds), each step trains on one; 0: {Training.inputs} where the prompted model samples "
-              f"them (samples, turns: a generation each), else {Training.inputs} (compressed) or {LORA_INPUTS} (lora) "
+              f"(of --train-on's kinds), each step trains on one; 0: {Training.inputs} where the prompted model "
+              f"samples them (samples, turns: a generation each), else {Training.inputs} (compressed) or {LORA_INPUTS} (lora) "
               "(compressed: with --refine)", minimum=0, was=count_was),
         Param("schedule", "--schedule", f"{key_prefix}_schedule", str, "the learning rate over the steps: constant, "
               "or cosine (decayed to 0 along a half cosine) (compressed: with --refine)", choices=SCHEDULES,
@@ -203,7 +203,8 @@ class Trained(Method):
         """The distillation engine's settings (Training checks them), for a prompt that is a chat conversation or
         plain text: auto inputs are the user turns the prompted model writes after a chat prompt, else the method's
         auto_sources; an auto count is the method's auto_count, or the engine's where some inputs are sampled."""
-        sources = (("turns",) if chat else self.auto_sources) if self.train_on == AUTO else tuple(self.train_on.split("+"))
+        auto = ("turns",) if chat else self.auto_sources
+        sources = auto if self.train_on == AUTO else tuple(self.train_on.split("+"))
         count = self.train_count or (Training.inputs if set(sources) & set(SAMPLED) else self.auto_count)
         return Training(self.steps, self.lr, self.seed, inputs=count,
                         sources=sources, time_limit=self.time_limit or None, held_back=self.held_back,

@@ -5,7 +5,7 @@ to show how training goes). Variants are method specs (`lora:steps=400:train_cou
 followed by `@` and settings that are not flags: the engine's (`@max_len=32`), or this probe's `@init=fit[:ridge=0.01]`
 (lora_fit.py's least-squares start instead of B = 0). None of it is part of iclca.
 
-    python scripts/research/lora_checks.py [--tasks words labels] [--prompts 1] [--variants lora lora:steps=400@init=fit]
+    python scripts/research/lora_checks.py [--tasks words labels] [--prompts 1] [--variants lora lora:steps=200@init=fit]
 
 Prints, per task and variant: the query KL / answers right at each check, and the prompted model's answers right.
 """

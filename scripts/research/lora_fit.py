@@ -6,10 +6,12 @@ signature of lora_layers.convert, so scripts/research/lora_checks.py puts it in 
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
 from iclca_cli.distill import prompt_inputs
-from iclca_cli.lora_layers import convert as plain_start  # B = 0 (bound here: the probe puts fitted_update in its place)
+from iclca_cli.lora_layers import convert as plain_start  # B = 0 (bound now: the probe puts fitted_update there)
 
 
 def reduced_rank_ridge(x: torch.Tensor, y: torch.Tensor, rank: int, ridge: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -24,7 +26,10 @@ def reduced_rank_ridge(x: torch.Tensor, y: torch.Tensor, rank: int, ridge: float
 
 
 @torch.no_grad()
-def fitted_update(model, family, prompt_ids, method, chunk_size=512, progress=None, ridge=1e-2, count=32, part="down_proj"):
+def fitted_update(model, family, prompt_ids, method, chunk_size=512, progress=None, ridge=1e-2, count=32,
+                  part="down_proj"):
+    """lora_layers.convert's tensors with each layer's `part` update fitted in turn (reduced_rank_ridge) on `count`
+    spans of the prompt: the student (earlier layers' fits in place) against the prompted model, layer by layer."""
     from iclca_cli.convert import default_method, describe_patch, fill_patch
     from iclca_cli.patch import patched_copy
 
@@ -37,7 +42,8 @@ def fitted_update(model, family, prompt_ids, method, chunk_size=512, progress=No
     def outputs(m, ids, part_of=None):  # each layer's output (T, d) and, for layer part_of, its part's input
         seen, hooks = {}, []
         for i, layer in enumerate(m.model.layers):
-            hooks.append(layer.register_forward_hook(lambda _m, _a, out, i=i: seen.__setitem__(i, (out[0] if isinstance(out, tuple) else out)[0].double())))
+            hooks.append(layer.register_forward_hook(lambda _m, _a, out, i=i: seen.__setitem__(
+                i, (out[0] if isinstance(out, tuple) else out)[0].double())))
         if part_of is not None:
             hooks.append(m.model.layers[part_of].mlp.get_submodule(part).register_forward_pre_hook(
                 lambda _m, args: seen.__setitem__("x", args[0][0].double())))
@@ -69,7 +75,6 @@ def student_with(model, tensors, method, prompt_ids):
     """The model with these lora tensors (a patched copy)."""
     from iclca_cli.convert import describe_patch
     from iclca_cli.patch import patched_copy
-    import dataclasses
 
     patch = describe_patch(model, prompt_ids, "0" * 64, method)
     return patched_copy(model, dataclasses.replace(patch, tensors=dict(tensors)))
