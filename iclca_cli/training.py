@@ -8,8 +8,8 @@ from dataclasses import dataclass
 from .errors import IclcaError
 
 SOURCES = ("spans", "lines", "samples", "turns")  # what training inputs are made of (distill.training_inputs)
-LORA_INPUTS = 128  # lora's count of inputs made from the prompt's text (docs/lora.md); the engine's: Training.inputs
 SAMPLED = ("samples", "turns")  # those the prompted model writes (a generation each), the others re-read the prompt
+SAMPLED_INPUTS = 32  # how many inputs by default where some are sampled (Training.inputs: where none is)
 SCHEDULES = ("constant", "cosine")  # the learning rate over the steps: as given, or decayed to 0 along a half cosine
 
 
@@ -20,16 +20,16 @@ class Training:
     None: the steps alone), how many inputs are held back to choose the step kept (0: the last), and the learning
     rate's schedule over the steps (SCHEDULES)."""
 
-    steps: int = 100  # the defaults of every trained method, chosen on development tasks (docs/smollm2.md)
+    steps: int = 100  # the defaults of every trained method, chosen on development tasks (docs/smollm2.md, lora.md)
     lr: float = 2e-3
     seed: int = 0
     top_k: int = 20
     max_len: int = 64
-    inputs: int = 32
-    sources: tuple[str, ...] = ("spans",)
+    inputs: int = 128
+    sources: tuple[str, ...] = ("lines",)
     time_limit: float | None = None
     held_back: int = 0  # inputs (lines of the prompt) never trained on: the step where their KL is lowest is kept
-    schedule: str = "constant"
+    schedule: str = "cosine"
 
     def __post_init__(self):
         if self.steps < 1:

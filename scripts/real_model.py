@@ -291,7 +291,8 @@ def main() -> None:
                     "scripts/results; pass another with --methods or --tasks, to keep the stage's report)")
     ap.add_argument("--folder", type=Path, default=DEFAULT_FOLDER, help="where the safetensors copy lives")
     ap.add_argument("--json", action="store_true", help="print one JSON object")
-    ap.add_argument("--lengths", type=int, nargs="+", default=None, help="lora-cost: the prompt lengths (default 128 300 1024)")
+    ap.add_argument("--lengths", type=int, nargs="+", default=None, help="cost, lora-cost: the prompt lengths "
+                    "(default 256 1024 4096; 128 300 1024)")
     args = ap.parse_args()
     if args.stage == "show":  # a saved run's table again
         result = json.loads(args.save.read_text())
@@ -324,7 +325,7 @@ def main() -> None:
     if args.stage in ("cost", "lora-cost"):
         t0 = time.perf_counter()
         measure = cost if args.stage == "cost" else lora_cost
-        lengths = {"lengths": tuple(args.lengths)} if args.lengths and args.stage == "lora-cost" else {}
+        lengths = {"lengths": tuple(args.lengths)} if args.lengths else {}
         rows = measure(smollm2_folder(args.folder), log=lambda m: print(m, file=sys.stderr), **lengths)
         result = {"stage": args.stage, "seconds": round(time.perf_counter() - t0), "rows": rows}
         RESULTS.mkdir(exist_ok=True)

@@ -161,12 +161,12 @@ def test_lora_takes_on_the_prompts_effect_deterministically(cli, tmp_path):
     assert report["kl_prompted_patched"] < 0.2 * report["kl_prompted_base"], report
 
 
-def test_loras_training_defaults_and_what_older_patches_were_made_with():
-    """lora trains 400 steps, its learning rate decayed along a cosine, on 128 of the prompt's own lines (chosen on
-    development prompts: docs/lora.md); with --chat on 32 user turns the prompted model writes (a generation each),
-    and on 32 inputs wherever some are sampled. compressed --refine keeps the engine's defaults. A patch written
-    before --train-count and --schedule were recorded reads as what made it (lora: 32 inputs, a constant rate), and
-    --help gives each method's default where they differ."""
+def test_training_defaults_and_what_older_patches_were_made_with():
+    """Trained methods train on 128 of the prompt's own lines, the learning rate decayed along a cosine (chosen on
+    development prompts: docs/lora.md, docs/smollm2.md); lora 400 steps, compressed --refine 100. With --chat on 32
+    user turns the prompted model writes (a generation each), and on 32 inputs wherever some are sampled. A patch
+    written before --train-count and --schedule were recorded reads as what made it (32 inputs, a constant rate),
+    and --help gives each method's default where they differ."""
     from iclca_cli.cli import _param_help
     from iclca_cli.training import Training
 
@@ -176,13 +176,13 @@ def test_loras_training_defaults_and_what_older_patches_were_made_with():
     assert build("lora", train_on="lines+samples").training().inputs == 32
     assert build("lora", train_count=7).training(chat=True).inputs == 7
     refine = build("compressed", budget=4, refine=True)
-    assert refine.training() == Training()
-    for method, key, was in ((lora, "lora", 32), (refine, "refine", 32)):
+    assert refine.training() == Training(steps=100, inputs=128, sources=("lines",), schedule="cosine") == Training()
+    for method, key in ((lora, "lora"), (refine, "refine")):
         meta = {k: v for k, v in method.metadata().items() if k not in (f"{key}_train_count", f"{key}_schedule")}
         old = type(method).from_metadata(meta, "old.st").training()
-        assert (old.inputs, old.schedule) == (was, "constant")
+        assert (old.inputs, old.schedule) == (32, "constant")
     assert "(default compressed 100, lora 400)" in _param_help("steps")
-    assert "(default compressed constant, lora cosine)" in _param_help("schedule")
+    assert "(default cosine)" in _param_help("schedule")
 
 
 def test_the_ce_objective_trains_on_the_text(cli, tmp_path):

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from ..errors import IclcaError, printable
-from ..training import LORA_INPUTS, SAMPLED, SCHEDULES, Training
+from ..training import SAMPLED, SAMPLED_INPUTS, SCHEDULES, Training
 
 if TYPE_CHECKING:
     import torch
@@ -141,10 +141,14 @@ class Method:
         return list(prompt_ids)
 
 
-def training_params(key_prefix: str, count_was: int = 0) -> tuple[Param, ...]:
+OLD_INPUTS = 32  # the count of inputs of patches made before --train-count was recorded (iclca 0.x: always 32)
+
+
+def training_params(key_prefix: str) -> tuple[Param, ...]:
     """The distillation engine's parameters (training.py), as every trained method takes them: the same fields and
     flags (--steps, --lr, --seed, --train-on, --train-count, --schedule, --time-limit, --held-back), metadata keys
-    iclca.<key_prefix>_<...>. count_was: the --train-count of patches made before it was recorded (0: as auto now)."""
+    iclca.<key_prefix>_<...>. A patch made before --train-count and --schedule were recorded reads as what made it
+    (OLD_INPUTS inputs, a constant rate)."""
     return (
         Param("steps", "--steps", f"{key_prefix}_steps", int, "training steps (compressed: with --refine)", minimum=1),
         Param("lr", "--lr", f"{key_prefix}_lr", float, "Adam's learning rate (compressed: with --refine)"),
@@ -154,12 +158,11 @@ def training_params(key_prefix: str, count_was: int = 0) -> tuple[Param, ...]:
               "spans of the prompt re-read (spans), its lines from their start as queries look (lines; spans where "
               "its lines are long), "
               "continuations the prompted model samples (samples), user turns it writes and answers after a --chat "
-              "prompt (turns); auto: turns with --chat, else spans (compressed) or lines (lora) (compressed: with "
-              "--refine)"),
+              "prompt (turns); auto: turns with --chat, else lines (compressed: with --refine)"),
         Param("train_count", "--train-count", f"{key_prefix}_train_count", int, "how many training inputs are made "
-              f"(of --train-on's kinds), each step trains on one; 0: {Training.inputs} where the prompted model "
-              f"samples them (samples, turns: a generation each), else {Training.inputs} (compressed) or {LORA_INPUTS} (lora) "
-              "(compressed: with --refine)", minimum=0, was=count_was),
+              f"(of --train-on's kinds), each step trains on one; 0: {SAMPLED_INPUTS} where the prompted model "
+              f"samples them (samples, turns: a generation each), else {Training.inputs} (compressed: with --refine)",
+              minimum=0, was=OLD_INPUTS),
         Param("schedule", "--schedule", f"{key_prefix}_schedule", str, "the learning rate over the steps: constant, "
               "or cosine (decayed to 0 along a half cosine) (compressed: with --refine)", choices=SCHEDULES,
               was="constant"),
@@ -183,14 +186,12 @@ class Trained(Method):
 
     FIELDS: ClassVar[tuple[str, ...]] = ("steps", "lr", "seed", "train_on", "train_count", "schedule", "time_limit",
                                          "held_back")
-    auto_sources: ClassVar[tuple[str, ...]] = Training.sources  # what --train-on auto trains on without --chat
-    auto_count: ClassVar[int] = Training.inputs  # --train-count 0: how many inputs, where none is sampled
 
     steps: int = Training.steps
     lr: float = Training.lr
     seed: int = Training.seed
     train_on: str = AUTO
-    train_count: int = 0  # auto: auto_count, or Training.inputs of sampled inputs
+    train_count: int = 0  # auto: Training.inputs, or SAMPLED_INPUTS where some inputs are sampled
     schedule: str = Training.schedule
     time_limit: float = 0.0  # none
     held_back: int = Training.held_back
@@ -201,11 +202,11 @@ class Trained(Method):
 
     def training(self, chat: bool = False) -> Training:
         """The distillation engine's settings (Training checks them), for a prompt that is a chat conversation or
-        plain text: auto inputs are the user turns the prompted model writes after a chat prompt, else the method's
-        auto_sources; an auto count is the method's auto_count, or the engine's where some inputs are sampled."""
-        auto = ("turns",) if chat else self.auto_sources
+        plain text: auto inputs are the user turns the prompted model writes after a chat prompt, else the engine's
+        (the prompt's lines); an auto count is the engine's, or SAMPLED_INPUTS where some inputs are sampled."""
+        auto = ("turns",) if chat else Training.sources
         sources = auto if self.train_on == AUTO else tuple(self.train_on.split("+"))
-        count = self.train_count or (Training.inputs if set(sources) & set(SAMPLED) else self.auto_count)
+        count = self.train_count or (SAMPLED_INPUTS if set(sources) & set(SAMPLED) else Training.inputs)
         return Training(self.steps, self.lr, self.seed, inputs=count,
                         sources=sources, time_limit=self.time_limit or None, held_back=self.held_back,
                         schedule=self.schedule)

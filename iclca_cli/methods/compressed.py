@@ -68,6 +68,14 @@ class Compressed(Trained):
                 meta.pop(key)
         return meta
 
+    @classmethod
+    def from_metadata(cls, extra: dict[str, str], where: str) -> Compressed:
+        """An unrefined patch records no training parameters: they read as the defaults (not, as a refined patch's
+        missing keys do, as what older refined patches were made with)."""
+        if extra.get("refine") != "True":
+            extra = {**{cls.param(f).key: str(cls.default(cls.param(f))) for f in cls.TRAINING}, **extra}
+        return super().from_metadata(extra, where)
+
     def trained(self, model, patch, tensors, prompt_ids, progress=None, tokenizer=None, messages=None):
         if not self.refine:
             return tensors

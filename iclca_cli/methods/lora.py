@@ -10,7 +10,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..families import CACHE_KINDS, LINEAR_KINDS, SOFTMAX_KINDS
-from ..training import LORA_INPUTS, Training
 from .base import Param, Trained, training_params
 
 ALL_TARGETS = "all-linear"  # every linear projection of the decoder layers (PEFT's name for it)
@@ -33,16 +32,13 @@ class Lora(Trained):
         Param("objective", "--objective", "lora_objective", str, "what lora trains on: the prompted model's "
               "predictions (kl: distillation), or the prompt's own next tokens (ce: fine-tuning on the text)",
               choices=("kl", "ce")),
-        *training_params("lora", count_was=Training.inputs),
+        *training_params("lora"),
     )
-    auto_sources = ("lines",)  # --train-on auto without --chat: the prompt's lines, as queries look (docs/lora.md)
-    auto_count = LORA_INPUTS
 
     rank: int = 8
     targets: str = ALL_TARGETS
     objective: str = "kl"
     steps: int = 400  # chosen on development tasks (docs/lora.md); the other training fields are the engine's
-    schedule: str = "cosine"
 
     def validate(self) -> None:
         super().validate()

@@ -1,0 +1,89 @@
+"""Where a training-free `compressed` conversion spends its time (a probe): the pass over prompt + repeat and a plain
+forward over the prompt, then the fits from that one capture, timed by function (best of `--repeats` each).
+
+    python scripts/research/compressed_cost.py --length 1024 --budgets 256 341
+
+Run it on a quiet machine: with another job on the two cores, small batched LAPACK calls (Cholesky of a dozen
+132 x 132 systems) took a second each instead of milliseconds, and a profile taken then points at the wrong place.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import functools
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from real_model import DEFAULT_FOLDER, random_prompt, smollm2_folder  # noqa: E402
+
+from iclca_cli import summaries  # noqa: E402
+from iclca_cli.families import family_of  # noqa: E402
+from iclca_cli.loading import load_model  # noqa: E402
+from iclca_cli.methods.compressed import Compressed  # noqa: E402
+from iclca_cli.ops import compress  # noqa: E402
+from iclca_cli.softmax_layers import capture  # noqa: E402
+
+TIMED = [(compress, n) for n in ("reference", "fit_ranked", "nnls", "spd_solve", "largest_eigenvalue", "mass_system",
+                                 "ranked_errors")] + [(summaries, "captured_heads")]
+
+
+def timed(seconds: collections.Counter):
+    """Wrap TIMED functions in place so that each call adds its seconds to `seconds` (nested calls count in both)."""
+    for module, name in TIMED:
+        fn = getattr(module, name)
+
+        @functools.wraps(fn)
+        def wrapper(*a, _fn=fn, _name=name, **k):
+            start = time.perf_counter()
+            try:
+                return _fn(*a, **k)
+            finally:
+                seconds[_name] += time.perf_counter() - start
+
+        setattr(module, name, wrapper)
+
+
+def best(fn, repeats: int) -> float:
+    out = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        out.append(time.perf_counter() - start)
+    return min(out)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--length", type=int, default=1024)
+    ap.add_argument("--budgets", type=int, nargs="+", default=[256, 341])
+    ap.add_argument("--repeats", type=int, default=2)
+    args = ap.parse_args()
+    torch.manual_seed(0)
+    model, _ = load_model(str(smollm2_folder(DEFAULT_FOLDER)), "float32")
+    ids, forward = random_prompt(model, args.length, args.repeats)
+    method = Compressed(budget=args.budgets[0])
+    with torch.no_grad():
+        pass_seconds = best(lambda: capture(model, family_of(model), ids, method), args.repeats)
+        captured = capture(model, family_of(model), ids, method)
+    print(f"P = {args.length}: a plain forward {forward:.2f} s; the pass over prompt + repeat {pass_seconds:.2f} s "
+          f"({pass_seconds / forward:.2f} forwards)")
+    seconds: collections.Counter = collections.Counter()
+    timed(seconds)
+    for budget in args.budgets:
+        fits = []
+        for _ in range(args.repeats):
+            seconds.clear()
+            fits.append(best(lambda: summaries.compressed_tensors(captured, args.length, budget), 1))
+        print(f"R = {budget}: the fits {min(fits):.2f} s ({min(fits) / forward:.2f} forwards); by function (the last "
+              "repeat; nested calls count in both):")
+        for name, s in seconds.most_common():
+            print(f"  {name:20s} {s:.2f} s")
+
+
+if __name__ == "__main__":
+    main()
