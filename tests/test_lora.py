@@ -181,6 +181,8 @@ def test_training_defaults_and_what_older_patches_were_made_with():
         meta = {k: v for k, v in method.metadata().items() if k not in (f"{key}_train_count", f"{key}_schedule")}
         old = type(method).from_metadata(meta, "old.st").training()
         assert (old.inputs, old.schedule) == (32, "constant")
+    fitted = build("compressed", budget=4)  # an unrefined patch records no training keys: they read as the defaults
+    assert type(fitted).from_metadata(fitted.metadata(), "fitted.st") == fitted
     assert "(default compressed 100, lora 400)" in _param_help("steps")
     assert "(default cosine)" in _param_help("schedule")
 
