@@ -141,7 +141,7 @@ class Method:
         return list(prompt_ids)
 
 
-OLD_INPUTS = 32  # the count of inputs of patches made before --train-count was recorded (iclca 0.x: always 32)
+OLD_INPUTS = 32  # the count of inputs of patches made before --train-count was recorded (32 then, every method)
 
 
 def training_params(key_prefix: str) -> tuple[Param, ...]:

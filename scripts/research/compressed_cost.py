@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from common import best_of  # noqa: E402
 from real_model import DEFAULT_FOLDER, random_prompt, smollm2_folder  # noqa: E402
 
 from iclca_cli import summaries  # noqa: E402
@@ -48,15 +49,6 @@ def timed(seconds: collections.Counter):
         setattr(module, name, wrapper)
 
 
-def best(fn, repeats: int) -> float:
-    out = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        out.append(time.perf_counter() - start)
-    return min(out)
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--length", type=int, default=1024)
@@ -67,9 +59,8 @@ def main() -> None:
     model, _ = load_model(str(smollm2_folder(DEFAULT_FOLDER)), "float32")
     ids, forward = random_prompt(model, args.length, args.repeats)
     method = Compressed(budget=args.budgets[0])
-    with torch.no_grad():
-        pass_seconds = best(lambda: capture(model, family_of(model), ids, method), args.repeats)
-        captured = capture(model, family_of(model), ids, method)
+    pass_seconds = best_of({"pass": lambda: capture(model, family_of(model), ids, method)}, args.repeats)["pass"]
+    captured = capture(model, family_of(model), ids, method)
     print(f"P = {args.length}: a plain forward {forward:.2f} s; the pass over prompt + repeat {pass_seconds:.2f} s "
           f"({pass_seconds / forward:.2f} forwards)")
     seconds: collections.Counter = collections.Counter()
@@ -78,7 +69,9 @@ def main() -> None:
         fits = []
         for _ in range(args.repeats):
             seconds.clear()
-            fits.append(best(lambda: summaries.compressed_tensors(captured, args.length, budget), 1))
+            start = time.perf_counter()
+            summaries.compressed_tensors(captured, args.length, budget)
+            fits.append(time.perf_counter() - start)
         print(f"R = {budget}: the fits {min(fits):.2f} s ({min(fits) / forward:.2f} forwards); by function (the last "
               "repeat; nested calls count in both):")
         for name, s in seconds.most_common():
