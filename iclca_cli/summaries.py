@@ -38,6 +38,7 @@ class Heads:
     dtype: torch.dtype  # the model's: what the patch stores
     weights: dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)  # {weigh: (B,) each head's layer's
     # Captured.weights[weigh]}; a weigh missing: unknown (all heads alike)
+    ranked_at: list[int] = dataclasses.field(default_factory=list)  # the budgets of ref.ranked
 
     @property
     def kv_heads(self) -> int:
@@ -61,8 +62,10 @@ class Heads:
         return out
 
     def ranked_errors(self, budgets: list[int]) -> torch.Tensor:
-        """(B, len(budgets)) evict's output error of every head at each budget (compress.ranked_errors), in batches
-        as summarise."""
+        """(B, len(budgets)) evict's output error of every head at each budget: ref.ranked where the reference was
+        given these budgets (captured_heads), or compress.ranked_errors, in batches as summarise."""
+        if budgets == self.ranked_at:
+            return self.ref.ranked
         return torch.cat([compress.ranked_errors(k, v, ref, budgets, scaling, self.softcap)
                           for _, (k, v, ref, scaling) in self.batches(min(max(budgets), self.keys.shape[1]))])
 
@@ -78,8 +81,9 @@ class Heads:
 FIT_ELEMENTS = 1 << 25  # reference queries x entries per fitting step (a few hundred MB at most)
 
 
-def captured_heads(captured: dict, prompt_tokens: int) -> Heads:
-    """The captured full-attention layers' prompt keys, values and reference queries, in float32 at least."""
+def captured_heads(captured: dict, prompt_tokens: int, ranked_at: list[int] = ()) -> Heads:
+    """The captured full-attention layers' prompt keys, values and reference queries, in float32 at least; evict's
+    error at each budget of `ranked_at` from the same pass (Heads.ranked_errors)."""
     keys, values, refs, scalings = [], [], [], []
     softcaps = {c.softcap for c in captured.values()}
     if len(softcaps) > 1:
@@ -91,7 +95,7 @@ def captured_heads(captured: dict, prompt_tokens: int) -> Heads:
         Hkv, G = k.shape[0], q.shape[0] // k.shape[0]
         pooled = q.reshape(Hkv, G * q.shape[1], q.shape[-1])  # (Hkv, G*T, D): a group's query heads pooled
         keys.append(k), values.append(v), scalings.append(torch.full((Hkv, 1, 1), c.scaling, dtype=k.dtype))
-        refs.append(compress.reference(k, v, pooled, c.scaling, c.softcap))
+        refs.append(compress.reference(k, v, pooled, c.scaling, c.softcap, list(ranked_at)))
     ref = compress.Reference(*(torch.cat([getattr(r, f.name) for r in refs]) for f in dataclasses.fields(refs[0])))
     first = next(iter(captured.values()))
     weights = {}  # {weigh: (B,)}, where every layer's weight is known
@@ -101,7 +105,7 @@ def captured_heads(captured: dict, prompt_tokens: int) -> Heads:
             per_layer = torch.tensor(per_layer, dtype=torch.float64, device=first.keys.device)
             weights[weigh] = per_layer.repeat_interleave(len(first.keys))  # each layer's Hkv heads
     return Heads(list(captured), torch.cat(keys), torch.cat(values), ref, torch.cat(scalings).to(first.keys.device),
-                 softcaps.pop(), first.keys.dtype, weights)
+                 softcaps.pop(), first.keys.dtype, weights, list(ranked_at))
 
 
 def layer_tensors(summaries: list[compress.Summary], dtype) -> dict[str, torch.Tensor]:
@@ -136,11 +140,27 @@ def compressed_tensors(captured: dict, prompt_tokens: int, budget: int, keys: st
                        ) -> dict[str, dict[str, torch.Tensor]]:
     """{full-attention layer: {buffer: tensor}} of a `compressed` patch of `budget` entries per layer and key/value
     head (on average, with a split by layers or heads), keys chosen by `keys`. captured: the layers' Captured."""
-    heads = captured_heads(captured, prompt_tokens)
+    heads = captured_heads(captured, prompt_tokens, ranked_grid(budget, prompt_tokens, split, search))
     Hkv = heads.kv_heads
     per_head, fits = head_budgets(heads, budget, keys, split, search, weigh)
     return {name: layer_tensors([fits[per_head[i * Hkv + h]][i * Hkv + h] for h in range(Hkv)], heads.dtype)
             for i, name in enumerate(heads.names)}
+
+
+def search_grids(budget: int, prompt_tokens: int, split: str, search: str) -> tuple[list[int], list[int]]:
+    """(the budgets a split by layers or heads chooses from (compress.budget_grid), those every head is fitted at:
+    all of them (search fitted), or those up to half the budget or CHEAP_FIT entries (ranked))."""
+    grid = compress.budget_grid(budget, prompt_tokens, free=split == "free")
+    return grid, grid if search == "fitted" else [b for b in grid if b <= max(compress.CHEAP_FIT, budget // 2)]
+
+
+def ranked_grid(budget: int, prompt_tokens: int, split: str, search: str) -> list[int]:
+    """The budgets whose evict error a split weighs (head_budgets): the last one fitted and those above it; none for a
+    uniform split, a budget of the whole prompt, or a grid fitted in full."""
+    if split == "uniform" or budget >= prompt_tokens:
+        return []
+    grid, fitted = search_grids(budget, prompt_tokens, split, search)
+    return grid[len(fitted) - 1:] if len(fitted) < len(grid) else []
 
 
 def head_budgets(heads: Heads, budget: int, keys: str = "attention", split: str = "heads", search: str = "ranked",
@@ -150,23 +170,21 @@ def head_budgets(heads: Heads, budget: int, keys: str = "attention", split: str 
     x the budget: compress.budget_grid) or free (each head anything from its sink alone to its whole prompt as it is,
     exact: a retrieval head kept whole). search: the error the split weighs, each head's fitted error at every budget
     of the grid (fitted), or (ranked) the fitted error up to half the budget or CHEAP_FIT entries and above it evict's
-    error (one pass: compress.ranked_errors), scaled to meet the fitted error at the last budget fitted; then only
-    the budgets the heads take are fitted. weigh: leaving or residual, each head's error x its weight
-    (Heads.weights[weigh]: an error in layer 0 moves the model more than one in a late layer, whose residual stream is
-    larger; measured on the stream leaving the layer or entering it); none, as it is."""
+    error (from the reference pass: Heads.ranked_errors), scaled to meet the fitted error at the last budget fitted;
+    then only the budgets the heads take are fitted (search_grids). weigh: leaving or residual, each head's error x
+    its weight (Heads.weights[weigh]: an error in layer 0 moves the model more than one in a late layer, whose residual
+    stream is larger; measured on the stream leaving the layer or entering it); none, as it is."""
     P, L, Hkv = heads.keys.shape[1], len(heads.names), heads.kv_heads
     if split == "uniform" or budget >= P:
         per_head = [min(budget, P)] * len(heads.keys)
         return per_head, heads.summarise(per_head[:1], keys)
-    grid = compress.budget_grid(budget, P, free=split == "free")
-    fitted = grid if search == "fitted" else [b for b in grid if b <= max(compress.CHEAP_FIT, budget // 2)]
+    grid, fitted = search_grids(budget, P, split, search)
     fits = heads.summarise(fitted, keys)
     errors = torch.stack([torch.cat([fits[b][h].error for h in range(len(heads.keys))]) for b in fitted], -1)  # (B, G)
     if len(fitted) < len(grid):  # ranked: evict's error above, scaled to meet the fitted error at the last fitted budget
-        ranked = heads.ranked_errors(grid)  # (B, grid)
-        at = len(fitted) - 1
-        scale = torch.where(ranked[:, at] > 0, errors[:, at] / ranked[:, at].clamp_min(1e-30), 1.0)  # (B,)
-        errors = torch.cat([errors, ranked[:, at + 1:] * scale[:, None]], -1)
+        ranked = heads.ranked_errors(ranked_grid(budget, P, split, search))  # (B, 1 + the budgets above)
+        scale = torch.where(ranked[:, 0] > 0, errors[:, -1] / ranked[:, 0].clamp_min(1e-30), 1.0)  # (B,)
+        errors = torch.cat([errors, ranked[:, 1:] * scale[:, None]], -1)
     if weigh in heads.weights:
         errors = errors * heads.weights[weigh][:, None].to(errors.dtype)
     if split == "layers":  # whole layers: Hkv heads move together

@@ -223,22 +223,26 @@ COST_SPECS = ("compressed-32", "compressed-32:search=fitted", "evict-32", "compr
               "compressed-P/3", "compressed-P/3:search=fitted")
 
 
-def cost(folder: Path, lengths=(256, 1024, 4096), repeats: int = 2, log=print) -> list[dict]:
-    """Seconds to convert a P-token prompt (random ids) against one plain forward over it, in the same run (best of
-    `repeats` each), for compressed (default options, and the full search) and evict at R = 32, P/4 and P/3."""
+def cost(folder: Path, lengths=(256, 1024, 4096), repeats: int = 3, log=print) -> list[dict]:
+    """Seconds to convert a P-token prompt (random ids) against one plain forward over it, for compressed (default
+    options, and the full search) and evict at R = 32, P/4 and P/3: best of `repeats` each, the forward timed
+    interleaved with each conversion (this shared machine's speed drifts within a run)."""
     from iclca_cli.methods import from_spec
 
     model, _ = load_model(str(folder), "float32")
     fingerprint = model_fingerprint(model)
     rows = []
-    best = lambda fn: best_of({"fn": fn}, repeats)["fn"]  # noqa: E731
     for P in lengths:
-        ids, forward = random_prompt(model, P, repeats)
+        ids, _ = random_prompt(model, P, 1)
+        plain = torch.tensor([ids])
         for spec in COST_SPECS:
             method = from_spec(spec, P)
             if P > 1024 and method.budget > 32:
                 continue  # P/3 of a 4k prompt: a grid of large fits, minutes on this CPU (see docs/smollm2.md)
-            seconds = best(lambda: convert_by(model, ids, spec, fingerprint=fingerprint))
+            with torch.no_grad():
+                best = best_of({"forward": lambda: model.model(input_ids=plain, use_cache=False),
+                                "convert": lambda: convert_by(model, ids, spec, fingerprint=fingerprint)}, repeats)
+            seconds, forward = best["convert"], best["forward"]
             name = spec.split("-")[0] + (" (fitted search)" if "fitted" in spec else "")
             rows.append({"prompt_tokens": P, "method": name, "budget": method.budget, "forward_seconds": forward,
                          "convert_seconds": seconds, "ratio": seconds / forward})

@@ -72,15 +72,23 @@ def test_a_fit_over_every_key_is_the_prompt_itself():
     assert s.error.max() < 1e-3 * (ref.outputs**2).sum(-1).mean()
 
 
-def test_reference_is_attention_over_the_prompt_and_its_chunks_do_not_matter(monkeypatch):
-    k, v, q = heads()
-    ref = compress.reference(k, v, q, S, 30.0)
+def test_reference_is_attention_over_the_prompt_and_its_steps_do_not_matter(monkeypatch):
+    """The outputs, masses and received attention are the definition's, whether the outputs are summed at once or in
+    rank order, budget by budget (with budgets), and whatever the heads per step."""
+    k, v, q = heads(n=3)
     w = torch.softmax(torch.tanh(q @ k.transpose(-1, -2) * S / 30) * 30, -1)  # (B, N, P), soft-capped
-    torch.testing.assert_close(ref.outputs, w @ v)
-    torch.testing.assert_close(ref.received, w.amax(1))
-    monkeypatch.setattr(compress, "CHUNK_TOKENS", 7)
-    chunked = compress.reference(k, v, q, S, 30.0)
-    torch.testing.assert_close(chunked.outputs, ref.outputs, rtol=0, atol=1e-12)
+    scores = torch.tanh(q @ k.transpose(-1, -2) * S / 30) * 30
+    for budgets in ([], [3, 9, 40, 50]):
+        ref = compress.reference(k, v, q, S, 30.0, budgets)
+        torch.testing.assert_close(ref.outputs, w @ v, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(ref.received, w.amax(1))
+        torch.testing.assert_close(ref.log_mass, scores.logsumexp(-1))
+        assert ref.ranked.shape == (3, len(budgets))
+        monkeypatch.setattr(compress, "REFERENCE_ELEMENTS", 1)  # one head a step
+        one_by_one = compress.reference(k, v, q, torch.full((3, 1, 1), S, dtype=k.dtype), 30.0, budgets)
+        monkeypatch.undo()
+        for name in ("outputs", "log_mass", "received", "ranked"):
+            torch.testing.assert_close(getattr(one_by_one, name), getattr(ref, name), rtol=0, atol=1e-12)
 
 
 def test_matching_beats_eviction_and_both_keep_the_sink():
@@ -170,6 +178,38 @@ def test_ranked_errors_are_evict_s_at_each_budget():
     for i, r in enumerate(grid[:-1]):
         torch.testing.assert_close(errors[:, i], compress.evict(k, v, ref, r, S, 20.0).error, rtol=1e-9, atol=1e-12)
     assert (errors[:, -1] == 0).all() and (errors[:, 0] > errors[:, -2]).all()
+    torch.testing.assert_close(compress.reference(k, v, q, S, 20.0, grid).ranked, errors, rtol=0, atol=0)
+
+
+def test_a_conversion_takes_evict_s_errors_from_the_reference_pass(monkeypatch):
+    """compressed_tensors hands captured_heads the grid its split weighs, so that evict's errors come with the
+    reference (no second pass over the prompt): the patch equals the one whose errors come from a second pass."""
+    from iclca_cli import summaries
+    from iclca_cli.families import family_of
+    from iclca_cli.methods.compressed import Compressed
+    from iclca_cli.softmax_layers import capture
+
+    monkeypatch.setattr(compress, "CHEAP_FIT", 4)
+    model = make_llama()
+    prompt = torch.randint(0, 97, (60,), generator=torch.Generator().manual_seed(2)).tolist()
+    captured = capture(model, family_of(model), prompt, Compressed(budget=10))
+    second_pass, plain = summaries.Heads.ranked_errors, summaries.captured_heads
+    calls = []
+    monkeypatch.setattr(compress, "ranked_errors", lambda *a: calls.append(a) or pytest.fail("a second pass"))
+    for split in ("heads", "free"):
+        fused = summaries.compressed_tensors(captured, 60, 10, split=split)
+        with monkeypatch.context() as m:
+            m.setattr(summaries, "captured_heads", lambda c, p, ranked_at: plain(c, p))  # a reference without budgets
+            m.setattr(compress, "ranked_errors", lambda k, v, ref, b, sc, cap: compress.reference(
+                k, v, ref.queries, sc, cap, b).ranked)
+            m.setattr(summaries.Heads, "ranked_errors", lambda self, b: calls.append(b) or second_pass(self, b))
+            again = summaries.compressed_tensors(captured, 60, 10, split=split)
+        grid = compress.budget_grid(10, 60, free=split == "free")
+        assert calls.pop() == grid[grid.index(4):] and not calls  # the last fitted budget (CHEAP_FIT) and above
+        assert fused.keys() == again.keys()
+        for name in fused:
+            for buffer in fused[name]:
+                torch.testing.assert_close(fused[name][buffer], again[name][buffer], rtol=0, atol=1e-6)
 
 
 @pytest.mark.parametrize("split", ["heads", "free"])

@@ -133,8 +133,8 @@ def test_patched_copy_shares_weights_and_leaves_the_base_as_it_was(family):
 
 @pytest.mark.parametrize("method,params", [("taylor", {}), ("compressed", {"budget": 8}), ("prefix", {})])
 def test_conversion_in_chunks_equals_one_pass(monkeypatch, method, params):
-    """Taylor memories and the compressed fit run over the prompt in chunks of CHUNK_TOKENS (memory
-    bounded for long prompts): the patch equals the one-chunk patch."""
+    """Taylor memories run over the prompt in chunks of CHUNK_TOKENS, the compressed reference a few heads at a time
+    (REFERENCE_ELEMENTS; memory bounded for long prompts): the patch equals the one-step patch."""
     from iclca_cli.families import family_of
     from iclca_cli.ops import compress
     from iclca_cli.softmax_layers import convert
@@ -142,6 +142,7 @@ def test_conversion_in_chunks_equals_one_pass(monkeypatch, method, params):
     model, prompt = make_llama(), torch.randint(0, 97, (40,)).tolist()
     one = convert(model, family_of(model), prompt, build(method, **params))
     monkeypatch.setattr(compress, "CHUNK_TOKENS", 7)
+    monkeypatch.setattr(compress, "REFERENCE_ELEMENTS", 1)
     chunked = convert(model, family_of(model), prompt, build(method, **params))
     assert one.keys() == chunked.keys()
     for name in one:

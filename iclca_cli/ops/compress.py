@@ -19,6 +19,7 @@ under the same total as a uniform budget.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -26,7 +27,8 @@ import torch
 
 from .softmax_attention import soft_cap
 
-CHUNK_TOKENS = 4096  # reference queries per step against the whole prompt: memory bounded in P
+CHUNK_TOKENS = 4096  # prompt tokens per step of a Taylor memory (methods/taylor.py): memory bounded in P
+REFERENCE_ELEMENTS = 1 << 26  # reference queries x prompt tokens per step of `reference` (heads at a time)
 MAX_QUERIES = 2048  # reference queries per key/value head
 MIN_WEIGHT = math.exp(-7)  # the smallest mass weight an entry keeps (a bias of -7)
 PAD_BIAS = -1e4  # another head's entry in a layer's shared list (summaries.layer_tensors): exp(-1e4) = 0
@@ -50,6 +52,7 @@ class Reference:
     outputs: torch.Tensor  # (B, N, D): attention outputs over the prompt
     log_mass: torch.Tensor  # (B, N): logsumexp of the scores over the prompt
     received: torch.Tensor  # (B, P): the most attention each prompt key receives from any reference query
+    ranked: torch.Tensor  # (B, G): evict's output error at each budget `reference` was given (G = 0: none)
 
 
 @dataclass
@@ -60,29 +63,60 @@ class Summary:
     error: torch.Tensor  # (B,): mean squared attention-output error over the reference queries
 
 
-def reference(k: torch.Tensor, v: torch.Tensor, q: torch.Tensor, scaling: float, softcap: float | None) -> Reference:
-    """k, v (B, P, D); q (B, N, D) reference queries, thinned to MAX_QUERIES."""
+def reference(k: torch.Tensor, v: torch.Tensor, q: torch.Tensor, scaling: float, softcap: float | None,
+              budgets: list[int] = ()) -> Reference:
+    """k, v (B, P, D); q (B, N, D) reference queries, thinned to MAX_QUERIES. With budgets, also evict's output error
+    at each (ranked): attention over the prompt entries that receive the most attention, as they are, against
+    attention over the whole prompt; 0 at budgets >= P. The outputs are summed in rank order, budget by budget, so
+    the errors come from the same score matrix: no second pass over the prompt. A few heads at a time, whose (N, P)
+    scores stay under REFERENCE_ELEMENTS."""
     if q.shape[1] > MAX_QUERIES:
         q = q[:, torch.linspace(0, q.shape[1] - 1, MAX_QUERIES, device=q.device).round().long()]
-    outputs, masses = [], []
-    received = k.new_zeros(k.shape[:2])  # (B, P)
-    for c in q.split(CHUNK_TOKENS, dim=1):
-        scores = soft_cap(c @ k.transpose(-1, -2) * scaling, softcap)  # (B, C, P): never (B, N, P)
-        top = scores.amax(-1, keepdim=True)  # (B, C, 1)
-        weights = scores.sub_(top).exp_()  # in place: one (B, C, P) buffer
-        total = weights.sum(-1, keepdim=True)
-        weights.div_(total)
-        outputs.append(weights @ v)
-        masses.append((top + total.log())[..., 0])  # (B, C): logsumexp of the scores
-        received = torch.maximum(received, weights.amax(1))
-    return Reference(q, torch.cat(outputs, 1), torch.cat(masses, 1), received)
+    step = max(1, REFERENCE_ELEMENTS // (q.shape[1] * k.shape[1]))
+    per_head = torch.is_tensor(scaling) and scaling.dim() > 0  # (B, 1, 1), or one for all heads
+    parts = [_reference(k[i:i + step], v[i:i + step], q[i:i + step], scaling[i:i + step] if per_head else scaling,
+                        softcap, budgets) for i in range(0, len(k), step)]
+    return Reference(*(torch.cat([getattr(r, f.name) for r in parts]) for f in dataclasses.fields(Reference)))
+
+
+def _reference(k, v, q, scaling, softcap: float | None, budgets: list[int]) -> Reference:
+    """reference for a few heads, q already thinned."""
+    P = k.shape[1]
+    scores = soft_cap(q @ k.transpose(-1, -2) * scaling, softcap)  # (B, N, P)
+    top = scores.amax(-1, keepdim=True)  # (B, N, 1)
+    share = scores.sub_(top).exp_()  # in place: one (B, N, P) buffer
+    total = share.sum(-1, keepdim=True)
+    share.div_(total)  # each key's share of the query's attention
+    received = share.amax(1)  # (B, P)
+    cuts = sorted({b for b in budgets if b < P})
+    if cuts:  # the keys in rank order, so that each budget's entries are the first columns
+        rank = _order(received)  # (B, P)
+        share, v = share.gather(-1, rank[:, None, :].expand_as(share)), gather(v, rank)
+    numerator = torch.zeros(*q.shape[:2], v.shape[-1], dtype=v.dtype, device=v.device)  # (B, N, D)
+    mass = q.new_zeros(q.shape[:2])  # (B, N)
+    partial, start = [], 0  # (numerator, mass) over each budget's entries
+    for r in [*cuts, P]:
+        numerator = numerator + share[..., start:r] @ v[:, start:r]
+        mass = mass + share[..., start:r].sum(-1)
+        partial.append((numerator, mass))
+        start = r
+    outputs = numerator  # the shares sum to one
+    errors = {r: ((n / m[..., None] - outputs) ** 2).sum(-1).mean(-1) for r, (n, m) in zip(cuts, partial)}
+    ranked = [errors.get(r, q.new_zeros(len(q))) for r in budgets]  # 0 at budgets >= P
+    return Reference(q, outputs, (top + total.log())[..., 0], received,
+                     torch.stack(ranked, -1) if ranked else q.new_zeros(len(q), 0))
+
+
+def _order(received: torch.Tensor) -> torch.Tensor:
+    """(B, P) prompt positions by the attention they receive (B, P), most first; the first token always first."""
+    received = received.clone()
+    received[:, 0] = math.inf
+    return torch.sort(received, dim=-1, descending=True, stable=True).indices
 
 
 def ranking(ref: Reference) -> torch.Tensor:
     """(B, P) prompt positions by the attention they receive, most first; the first token always first."""
-    received = ref.received.clone()
-    received[:, 0] = math.inf
-    return torch.sort(received, dim=-1, descending=True, stable=True).indices
+    return _order(ref.received)
 
 
 def gather(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
@@ -211,26 +245,9 @@ def fit_ranked(k: torch.Tensor, ref: Reference, budgets: list[int], scaling, sof
 
 def ranked_errors(k: torch.Tensor, v: torch.Tensor, ref: Reference, budgets: list[int], scaling,
                   softcap: float | None) -> torch.Tensor:
-    """(B, len(budgets)) evict's output error at each budget: attention over the prompt entries that receive the
-    most attention, as they are, against attention over the whole prompt; 0 at budgets >= P. One pass over the
-    ranked keys: each budget adds its entries' exp-scores and exp-score-weighted values to running sums (B, N, D)."""
-    P = k.shape[1]
-    rank = ranking(ref)[:, :min(max(budgets), P)]  # (B, top)
-    out = k.new_zeros(len(k), len(budgets))
-    numerator = torch.zeros_like(ref.outputs)  # (B, N, D)
-    mass = ref.outputs.new_zeros(ref.outputs.shape[:2])  # (B, N)
-    start = 0
-    for i, r in enumerate(sorted(budgets)):
-        if r >= P:
-            break
-        index = rank[:, start:r]  # (B, r - start): the entries this budget adds
-        scores = soft_cap(ref.queries @ gather(k, index).transpose(-1, -2) * scaling, softcap)  # (B, N, r - start)
-        share = torch.exp(scores - ref.log_mass[..., None])  # each entry's share of the query's whole mass
-        numerator += share @ gather(v, index)
-        mass += share.sum(-1)
-        out[:, budgets.index(r)] = ((numerator / mass[..., None] - ref.outputs) ** 2).sum(-1).mean(-1)
-        start = r
-    return out
+    """(B, len(budgets)) evict's output error at each budget (Reference.ranked, for budgets the reference was not
+    given): a second pass over the prompt."""
+    return reference(k, v, ref.queries, scaling, softcap, budgets).ranked
 
 
 def kmeans_keys(k: torch.Tensor, v: torch.Tensor, budget: int, iters: int = 20) -> torch.Tensor:

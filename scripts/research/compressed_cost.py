@@ -2,6 +2,7 @@
 forward over the prompt, then the fits from that one capture, timed by function (best of `--repeats` each).
 
     python scripts/research/compressed_cost.py --length 1024 --budgets 256 341
+    python scripts/research/compressed_cost.py --against 2c3599d   # the fits against another commit's, interleaved
 
 Run it on a quiet machine: with another job on the two cores, small batched LAPACK calls (Cholesky of a dozen
 132 x 132 systems) took a second each instead of milliseconds, and a profile taken then points at the wrong place.
@@ -12,7 +13,12 @@ from __future__ import annotations
 import argparse
 import collections
 import functools
+import importlib
+import io
+import subprocess
 import sys
+import tarfile
+import tempfile
 import time
 from pathlib import Path
 
@@ -30,7 +36,7 @@ from iclca_cli.ops import compress  # noqa: E402
 from iclca_cli.softmax_layers import capture  # noqa: E402
 
 TIMED = [(compress, n) for n in ("reference", "fit_ranked", "nnls", "spd_solve", "largest_eigenvalue", "mass_system",
-                                 "ranked_errors")] + [(summaries, "captured_heads")]
+                                 )] + [(summaries, "captured_heads")]
 
 
 def timed(seconds: collections.Counter):
@@ -49,11 +55,24 @@ def timed(seconds: collections.Counter):
         setattr(module, name, wrapper)
 
 
+def summaries_at(rev: str):
+    """The summaries module of iclca_cli as it was at git revision `rev`, imported as another package."""
+    root = Path(__file__).resolve().parents[2]
+    archive = subprocess.run(["git", "archive", rev, "iclca_cli"], cwd=root, capture_output=True, check=True).stdout
+    folder = Path(tempfile.mkdtemp())
+    with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
+        tar.extractall(folder, filter="data")
+    (folder / "iclca_cli").rename(folder / "iclca_at_rev")
+    sys.path.insert(0, str(folder))
+    return importlib.import_module("iclca_at_rev.summaries")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--length", type=int, default=1024)
     ap.add_argument("--budgets", type=int, nargs="+", default=[256, 341])
     ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--against", default=None, help="a git revision: time its fits and this tree's, interleaved")
     args = ap.parse_args()
     torch.manual_seed(0)
     model, _ = load_model(str(smollm2_folder(DEFAULT_FOLDER)), "float32")
@@ -63,6 +82,19 @@ def main() -> None:
     captured = capture(model, family_of(model), ids, method)
     print(f"P = {args.length}: a plain forward {forward:.2f} s; the pass over prompt + repeat {pass_seconds:.2f} s "
           f"({pass_seconds / forward:.2f} forwards)")
+    if args.against:
+        then = summaries_at(args.against)
+        for budget in args.budgets:
+            fit = lambda module, budget=budget: module.compressed_tensors(captured, args.length, budget)  # noqa: E731
+            best = dict.fromkeys(("here", "then"), float("inf"))
+            for i in range(2 * args.repeats):  # in turn, first one and then the other first
+                for name in ("here", "then")[::1 if i % 2 else -1]:
+                    start = time.perf_counter()
+                    fit(summaries if name == "here" else then)
+                    best[name] = min(best[name], time.perf_counter() - start)
+            print(f"R = {budget}: the fits {best['here']:.2f} s here, {best['then']:.2f} s at {args.against} "
+                  f"({best['here'] / best['then']:.2f}x; {best['here'] / forward:.2f} against "
+                  f"{best['then'] / forward:.2f} forwards)")
     seconds: collections.Counter = collections.Counter()
     timed(seconds)
     for budget in args.budgets:
