@@ -78,10 +78,14 @@ def main() -> None:
     model, _ = load_model(str(smollm2_folder(DEFAULT_FOLDER)), "float32")
     ids, forward = random_prompt(model, args.length, args.repeats)
     method = Compressed(budget=args.budgets[0])
-    pass_seconds = best_of({"pass": lambda: capture(model, family_of(model), ids, method)}, args.repeats)["pass"]
+    both = torch.tensor([method.capture_ids(ids, None)])
+    with torch.no_grad():
+        best = best_of({"pass": lambda: capture(model, family_of(model), ids, method),
+                        "plain": lambda: model.model(input_ids=both, use_cache=False)}, args.repeats)
     captured = capture(model, family_of(model), ids, method)
-    print(f"P = {args.length}: a plain forward {forward:.2f} s; the pass over prompt + repeat {pass_seconds:.2f} s "
-          f"({pass_seconds / forward:.2f} forwards)")
+    print(f"P = {args.length}: a plain forward {forward:.2f} s; the pass over prompt + repeat {best['pass']:.2f} s "
+          f"({best['pass'] / forward:.2f} forwards; a plain forward over the same {both.shape[1]} tokens: "
+          f"{best['plain'] / forward:.2f})")
     if args.against:
         then = summaries_at(args.against)
         for budget in args.budgets:
@@ -102,9 +106,12 @@ def main() -> None:
         for _ in range(args.repeats):
             seconds.clear()
             start = time.perf_counter()
-            summaries.compressed_tensors(captured, args.length, budget)
+            tensors = summaries.compressed_tensors(captured, args.length, budget)
             fits.append(time.perf_counter() - start)
-        print(f"R = {budget}: the fits {min(fits):.2f} s ({min(fits) / forward:.2f} forwards); by function (the last "
+        held = collections.Counter(n for heads in summaries.head_entries(
+            {f"{layer}.{name}": t for layer, bufs in tensors.items() for name, t in bufs.items()}).values() for n in heads)
+        print(f"R = {budget}: the fits {min(fits):.2f} s ({min(fits) / forward:.2f} forwards); heads by the entries "
+              f"they hold, the largest: {dict(sorted(held.items(), reverse=True)[:4])}; by function (the last "
               "repeat; nested calls count in both):")
         for name, s in seconds.most_common():
             print(f"  {name:20s} {s:.2f} s")
