@@ -169,9 +169,11 @@ def training_params(key_prefix: str) -> tuple[Param, ...]:
         Param("time_limit", "--time-limit", f"{key_prefix}_time_limit", float, "stop training after this many "
               "seconds, 0: no limit; a patch stopped early records the steps it took and is not reproducible "
               "(compressed: with --refine)"),
-        Param("held_back", "--held-back", f"{key_prefix}_held_back", int, "inputs held back from training (lines of "
-              "the prompt, as queries look): the tensors are kept as they were before training or after the quarter "
-              "of the steps where the KL on them is lowest; 0: after the last step (compressed: with --refine)",
+        Param("held_back", "--held-back", f"{key_prefix}_held_back", int, "inputs held back from training, made from "
+              "the prompt's lines as the training inputs are but drawn apart (on a prompt of few lines they share "
+              "lines with the training inputs): the tensors are kept as they were before training or after the "
+              "quarter of the steps where the KL on them is lowest; 0: after the last step (compressed: with "
+              "--refine)",
               minimum=0, was=0),
     )
 
