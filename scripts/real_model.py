@@ -233,7 +233,7 @@ def cost(folder: Path, lengths=(256, 1024, 4096), repeats: int = 3, log=print) -
     fingerprint = model_fingerprint(model)
     rows = []
     for P in lengths:
-        ids, _ = random_prompt(model, P, 1)
+        ids, _ = random_prompt(model, P, 1)  # its forward: a warm-up
         plain = torch.tensor([ids])
         for spec in COST_SPECS:
             method = from_spec(spec, P)

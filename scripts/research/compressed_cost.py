@@ -35,8 +35,8 @@ from iclca_cli.methods.compressed import Compressed  # noqa: E402
 from iclca_cli.ops import compress  # noqa: E402
 from iclca_cli.softmax_layers import capture  # noqa: E402
 
-TIMED = [(compress, n) for n in ("reference", "fit_ranked", "nnls", "spd_solve", "largest_eigenvalue", "mass_system",
-                                 )] + [(summaries, "captured_heads")]
+TIMED = [(compress, n) for n in ("reference", "fit_ranked", "nnls", "spd_solve", "largest_eigenvalue", "mass_system")
+         ] + [(summaries, "captured_heads")]
 
 
 def timed(seconds: collections.Counter):
