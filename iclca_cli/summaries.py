@@ -63,11 +63,10 @@ class Heads:
 
     def ranked_errors(self, budgets: list[int]) -> torch.Tensor:
         """(B, len(budgets)) evict's output error of every head at each budget: ref.ranked where the reference was
-        given these budgets (captured_heads), or compress.ranked_errors, in batches as summarise."""
+        given these budgets (captured_heads), or compress.ranked_errors (a few heads at a time, as the reference)."""
         if budgets == self.ranked_at:
             return self.ref.ranked
-        return torch.cat([compress.ranked_errors(k, v, ref, budgets, scaling, self.softcap)
-                          for _, (k, v, ref, scaling) in self.batches(min(max(budgets), self.keys.shape[1]))])
+        return compress.ranked_errors(self.keys, self.values, self.ref, budgets, self.scaling, self.softcap)
 
     def batches(self, width: int, heads: list[int] | None = None):
         """(a batch of these heads (default: all), its rows) in batches whose (N, width) scores stay under

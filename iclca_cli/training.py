@@ -28,7 +28,8 @@ class Training:
     inputs: int = 128
     sources: tuple[str, ...] = ("lines",)
     time_limit: float | None = None
-    held_back: int = 0  # inputs (lines of the prompt) never trained on: the step where their KL is lowest is kept
+    held_back: int = 0  # inputs made from the prompt's lines, drawn apart, never trained on: the step where their
+    # KL is lowest is kept
     schedule: str = "cosine"
 
     def __post_init__(self):
