@@ -83,12 +83,24 @@ def test_reference_is_attention_over_the_prompt_and_its_steps_do_not_matter(monk
         torch.testing.assert_close(ref.outputs, w @ v, rtol=1e-12, atol=1e-12)
         torch.testing.assert_close(ref.received, w.amax(1))
         torch.testing.assert_close(ref.log_mass, scores.logsumexp(-1))
+        torch.testing.assert_close(ref.power, ((w @ v) ** 2).sum((1, 2)), rtol=1e-12, atol=0)
         assert ref.ranked.shape == (3, len(budgets))
         monkeypatch.setattr(compress, "REFERENCE_ELEMENTS", 1)  # one head a step
         one_by_one = compress.reference(k, v, q, torch.full((3, 1, 1), S, dtype=k.dtype), 30.0, budgets)
         monkeypatch.undo()
-        for name in ("outputs", "log_mass", "received", "ranked"):
+        for name in ("outputs", "log_mass", "received", "ranked", "power"):
             torch.testing.assert_close(getattr(one_by_one, name), getattr(ref, name), rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("R", [5, compress.SYMMETRIC_FROM - 1, compress.SYMMETRIC_FROM, 301])
+def test_gram_is_x_transposed_x_by_blocks_or_at_once(R):
+    """From SYMMETRIC_FROM entries only the blocks on and above the diagonal are multiplied; the rest mirrored."""
+    x = torch.randn(2, 70, R, dtype=torch.float64, generator=torch.Generator().manual_seed(R))
+    got = compress.gram(x)
+    torch.testing.assert_close(got, x.transpose(-1, -2) @ x, rtol=1e-12, atol=1e-12)
+    if R >= compress.SYMMETRIC_FROM:  # below the first block row: its mirror
+        edge = R // 3
+        assert torch.equal(got[:, edge:, :edge], got[:, :edge, edge:].transpose(-1, -2))
 
 
 def test_matching_beats_eviction_and_both_keep_the_sink():

@@ -36,6 +36,7 @@ RIDGE = 1e-3  # relative ridge of the value fit (conditioning; the fit has many 
 NNLS_STEPS = 100
 CACHE_BYTES = 8 << 20  # the systems one round of FISTA iterations holds (the processor's cache)
 GRID_TOP = 4  # a head takes at most GRID_TOP x the budget in a split (but `free`: up to the whole prompt)
+SYMMETRIC_FROM = 192  # gram: entries from which multiplying only half of x^T x pays
 CHEAP_FIT = 64  # the ranked search fits every grid budget up to this many entries (a fraction of a forward at P = 1k)
 
 
@@ -53,6 +54,7 @@ class Reference:
     log_mass: torch.Tensor  # (B, N): logsumexp of the scores over the prompt
     received: torch.Tensor  # (B, P): the most attention each prompt key receives from any reference query
     ranked: torch.Tensor  # (B, G): evict's output error at each budget `reference` was given (G = 0: none)
+    power: torch.Tensor  # (B,) float64: sum over the queries of |output|^2 (fit_scored's error)
 
 
 @dataclass
@@ -82,7 +84,7 @@ def reference(k: torch.Tensor, v: torch.Tensor, q: torch.Tensor, scaling: float,
 def _reference(k, v, q, scaling, softcap: float | None, budgets: list[int]) -> Reference:
     """reference for a few heads, q already thinned."""
     P = k.shape[1]
-    scores = soft_cap(q @ k.transpose(-1, -2) * scaling, softcap)  # (B, N, P)
+    scores = scored(q, k, scaling, softcap)  # (B, N, P)
     top = scores.amax(-1, keepdim=True)  # (B, N, 1)
     share = scores.sub_(top).exp_()  # in place: one (B, N, P) buffer
     total = share.sum(-1, keepdim=True)
@@ -104,7 +106,13 @@ def _reference(k, v, q, scaling, softcap: float | None, budgets: list[int]) -> R
     errors = {r: ((n / m[..., None] - outputs) ** 2).sum(-1).mean(-1) for r, (n, m) in zip(cuts, partial)}
     ranked = [errors.get(r, q.new_zeros(len(q))) for r in budgets]  # 0 at budgets >= P
     return Reference(q, outputs, (top + total.log())[..., 0], received,
-                     torch.stack(ranked, -1) if ranked else q.new_zeros(len(q), 0))
+                     torch.stack(ranked, -1) if ranked else q.new_zeros(len(q), 0), outputs.double().square().sum((1, 2)))
+
+
+def scored(q: torch.Tensor, keys: torch.Tensor, scaling, softcap: float | None) -> torch.Tensor:
+    """(B, N, R) attention scores of queries q (B, N, D) on keys (B, R, D), scaled (a float or (B, 1, 1)) and soft
+    capped: the scaling on the queries, not on the (N, R) scores."""
+    return soft_cap(q * scaling @ keys.transpose(-1, -2), softcap)
 
 
 def _order(received: torch.Tensor) -> torch.Tensor:
@@ -152,11 +160,12 @@ def nnls(A: torch.Tensor, b: torch.Tensor, steps: int = NNLS_STEPS) -> torch.Ten
     for i in range(0, len(A), heads):
         a, rhs, w = A[i:i + heads], b[i:i + heads], w0[i:i + heads]
         step = 1 / largest_eigenvalue(a).clamp_min(1e-30)[:, None]  # (b, 1): 1 / Lipschitz constant
-        z, t = w, 1.0
-        for _ in range(steps):
-            w_next = (z - step * ((z[:, None] @ a)[:, 0] - rhs)).clamp_min(0)  # z.A = A z: A is symmetric
+        z, t, minus_rhs = w, 1.0, -rhs[:, None]  # (b, 1, r)
+        for _ in range(steps):  # four fused operations a step: the small systems' time is in the calls
+            gradient = torch.baddbmm(minus_rhs, z[:, None], a)[:, 0]  # z.A - b (z.A = A z: A is symmetric)
+            w_next = torch.addcmul(z, step, gradient, value=-1).clamp_min_(0)
             t_next = (1 + math.sqrt(1 + 4 * t * t)) / 2
-            z, w, t = w_next + (t - 1) / t_next * (w_next - w), w_next, t_next
+            z, w, t = torch.lerp(w, w_next, 1 + (t - 1) / t_next), w_next, t_next  # w_next + (t-1)/t_next (w_next - w)
         out.append(w)
     return torch.cat(out)
 
@@ -188,40 +197,50 @@ def largest_eigenvalue(A: torch.Tensor, tol: float = 1e-13, steps: int = 200) ->
 
 def output_error(ref: Reference, keys, values, bias, scaling, softcap) -> torch.Tensor:
     """(B,) mean squared error of attention over the entries against attention over the prompt."""
-    scores = soft_cap(ref.queries @ keys.transpose(-1, -2) * scaling, softcap)  # (B, N, R)
+    scores = scored(ref.queries, keys, scaling, softcap)  # (B, N, R)
     weights = torch.softmax(scores if bias is None else scores + bias[:, None, :], -1)
     return ((weights @ values - ref.outputs) ** 2).sum(-1).mean(-1)
 
 
 def fit(ref: Reference, keys: torch.Tensor, scaling, softcap: float | None) -> Summary:
     """Bias and values for entries with these keys (B, R, D), fitted to the reference (module docstring, 3-4)."""
-    scores = soft_cap(ref.queries @ keys.transpose(-1, -2) * scaling, softcap)  # (B, N, R)
-    return fit_scored(ref, keys, scores, *mass_system(ref, scores), output_power(ref))
+    scores = scored(ref.queries, keys, scaling, softcap)  # (B, N, R)
+    return fit_scored(ref, keys, scores, *mass_system(ref, scores))
 
 
 def mass_system(ref: Reference, scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(A (B, R, R), b (B, R)) in float64 of min_w |share w - 1|^2, share (B, N, R) each entry's share of a reference
     query's mass: the whole mass, for every query. The system of a subset of entries is A's and b's subset."""
-    share = torch.exp(scores - ref.log_mass[..., None])  # (B, N, R)
-    return (share.transpose(-1, -2) @ share).double(), share.sum(1).double()
+    share = (scores - ref.log_mass[..., None]).exp_()  # (B, N, R)
+    return gram(share).double(), share.sum(1).double()
 
 
-def output_power(ref: Reference) -> torch.Tensor:
-    """(B,) sum over the reference queries of |output|^2, in float64 (fit_scored's error)."""
-    return ref.outputs.double().square().sum((1, 2))
+def gram(x: torch.Tensor, blocks: int = 3) -> torch.Tensor:
+    """x (B, N, R) -> x^T x (B, R, R). From SYMMETRIC_FROM entries, only the blocks on and above the diagonal are
+    multiplied (a third fewer products with three blocks a side), and mirrored below."""
+    R, xt = x.shape[-1], x.transpose(-1, -2)
+    if R < SYMMETRIC_FROM:
+        return xt @ x
+    out = x.new_empty(x.shape[0], R, R)
+    edges = [i * R // blocks for i in range(blocks + 1)]
+    for a, b in zip(edges, edges[1:]):
+        out[:, a:b, a:] = xt[:, a:b] @ x[..., a:]  # a block row, from its diagonal block on
+        out[:, b:, a:b] = out[:, a:b, b:].transpose(-1, -2)
+    return out
 
 
-def fit_scored(ref: Reference, keys: torch.Tensor, scores: torch.Tensor, A: torch.Tensor, b: torch.Tensor,
-               power: torch.Tensor) -> Summary:
-    """fit, given the entries' scores (B, N, R), their mass_system and the output_power."""
+def fit_scored(ref: Reference, keys: torch.Tensor, scores: torch.Tensor, A: torch.Tensor, b: torch.Tensor) -> Summary:
+    """fit, given the entries' scores (B, N, R) and their mass_system."""
     work = torch.float64  # the (R, R) systems are small: solve them in double precision
     bias = nnls(A, b).clamp_min(MIN_WEIGHT).log().to(keys.dtype)  # (B, R)
-    weights = torch.softmax(scores + bias[:, None, :], -1)  # (B, N, R): attention over the entries
-    gram = (weights.transpose(-1, -2) @ weights).to(work)  # (B, R, R)
+    weights = scores + bias[:, None, :]  # (B, N, R): attention over the entries (a softmax in place)
+    weights = weights.sub_(weights.amax(-1, keepdim=True)).exp_()
+    weights = weights.div_(weights.sum(-1, keepdim=True))
+    products = gram(weights).to(work)  # (B, R, R)
     cross = (weights.transpose(-1, -2) @ ref.outputs).to(work)  # (B, R, D)
-    values = spd_solve(gram, cross, RIDGE)
+    values = spd_solve(products, cross, RIDGE)
     # mean |weights values - outputs|^2 over the queries, from the normal equations: no (B, N, D) product
-    error = ((values * (gram @ values - 2 * cross)).sum((1, 2)) + power) / scores.shape[1]
+    error = ((values * (products @ values - 2 * cross)).sum((1, 2)) + ref.power) / scores.shape[1]
     error = error.clamp_min(0).to(keys.dtype)
     return Summary(keys, values.to(keys.dtype), bias, error)
 
@@ -232,12 +251,11 @@ def fit_ranked(k: torch.Tensor, ref: Reference, budgets: list[int], scaling, sof
     one per budget. Entries in prompt order."""
     rank = ranking(ref)[:, :max(budgets)]  # (B, top)
     keys = gather(k, rank)  # (B, top, D), most attended first
-    scores = soft_cap(ref.queries @ keys.transpose(-1, -2) * scaling, softcap)  # (B, N, top)
+    scores = scored(ref.queries, keys, scaling, softcap)  # (B, N, top)
     A, b = mass_system(ref, scores)
-    power = output_power(ref)
     out = {}
     for r in budgets:
-        s = fit_scored(ref, keys[:, :r], scores[..., :r], A[:, :r, :r], b[:, :r], power)
+        s = fit_scored(ref, keys[:, :r], scores[..., :r], A[:, :r, :r], b[:, :r])
         order = rank[:, :r].argsort(-1)  # (B, r): the entries in prompt order
         out[r] = Summary(gather(s.keys, order), gather(s.values, order), s.bias.gather(1, order), s.error)
     return out
