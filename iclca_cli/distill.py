@@ -182,8 +182,8 @@ def distill(student, names: list[str], targets_of: list[tuple[list[int], tuple[t
             progress: Callable[[int, int, float], None] | None = None, head: list[int] = (),
             held_back: list[tuple[list[int], tuple[torch.Tensor, torch.Tensor]]] = (),
             checked: Callable[[int, float], None] | None = None) -> tuple[dict[str, torch.Tensor], int, int]:
-    """Train the student's buffers `names` (its patch tensors, in place) with Adam, one (input, teacher targets) pair
-    per step in a seeded order; entries where keep[name] is True do not move (a summary's sink). The student reads
+    """Train the student's buffers `names` (its patch tensors, in place) with Adam, training.batch (input, teacher
+    targets) pairs per step (their losses averaged) in a seeded order; entries where keep[name] is True do not move (a summary's sink). The student reads
     `head` before each input (a chat template's own start, where a weight patch stands for a chat prompt), the loss
     is on the input's positions. On CUDA the forward runs under bfloat16 autocast; the trained tensors are kept in
     float64 (float32 on CUDA) between steps. With `held_back` pairs (never trained on), their mean loss is measured
@@ -199,7 +199,7 @@ def distill(student, names: list[str], targets_of: list[tuple[list[int], tuple[t
     decay = (lambda done: 0.5 * (1 + math.cos(math.pi * done / training.steps))) if training.schedule == "cosine" \
         else (lambda done: 1.0)  # of lr, after `done` steps
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimiser, decay)
-    order = random.Random(training.seed).choices(range(len(targets_of)), k=training.steps)
+    order = random.Random(training.seed).choices(range(len(targets_of)), k=training.steps * training.batch)
     autocast = torch.autocast("cuda", torch.bfloat16) if device.type == "cuda" else nullcontext()
     checks = {round(training.steps * (c + 1) / CHECKS) for c in range(CHECKS)} if held_back else set()
 
@@ -229,14 +229,17 @@ def distill(student, names: list[str], targets_of: list[tuple[list[int], tuple[t
     with _frozen(student):
         if held_back:
             check(0)
-        for step, i in enumerate(order, start=1):
+        for step in range(1, training.steps + 1):
             if training.time_limit is not None and time.monotonic() - start > training.time_limit:
                 break
-            load()
-            ids, (logp, top) = targets_of[i]
-            loss = loss_of(ids, logp, top)
             optimiser.zero_grad()
-            loss.backward()
+            loss = 0.0
+            for i in order[(step - 1) * training.batch:step * training.batch]:  # gradients summed over the batch
+                load()
+                ids, (logp, top) = targets_of[i]
+                part = loss_of(ids, logp, top) / training.batch
+                part.backward()
+                loss += float(part.detach())
             for name, mask in (keep or {}).items():
                 work[name].grad[mask.to(work[name].device)] = 0
             optimiser.step()

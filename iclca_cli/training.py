@@ -15,7 +15,7 @@ SCHEDULES = ("constant", "cosine")  # the learning rate over the steps: as given
 
 @dataclass(frozen=True)
 class Training:
-    """Adam steps (one input each), learning rate, seed, the teacher's top-k, the longest input (tokens), how many
+    """Adam steps (`batch` inputs each, their losses averaged), learning rate, seed, the teacher's top-k, the longest input (tokens), how many
     inputs, what they are made of (SOURCES, shared out evenly), a time limit in seconds (training stops there;
     None: the steps alone), how many inputs are held back to choose the step kept (0: the last), and the learning
     rate's schedule over the steps (SCHEDULES)."""
@@ -31,6 +31,7 @@ class Training:
     held_back: int = 0  # inputs made from the prompt's lines, drawn apart, never trained on: the step where their
     # KL is lowest is kept
     schedule: str = "cosine"
+    batch: int = 1
 
     def __post_init__(self):
         if self.steps < 1:
@@ -47,5 +48,7 @@ class Training:
         if self.schedule not in SCHEDULES:
             raise IclcaError(f"--schedule {self.schedule!r} is not one of {', '.join(SCHEDULES)}",
                              "pass --schedule constant or --schedule cosine")
+        if self.batch < 1:
+            raise IclcaError(f"--batch {self.batch} trains on nothing", "pass --batch 1 or more")
         if self.top_k < 1 or self.max_len < 2 or self.inputs < 1:
             raise IclcaError(f"cannot train with {self}", "train on at least one input of two tokens, top-k 1 or more")

@@ -173,7 +173,7 @@ def test_turn_inputs_are_user_turns_the_prompted_model_writes_and_answers(tmp_pa
 def test_training_settings_are_checked_with_the_flags_named():
     for bad, flag in ((dict(steps=0), "--steps"), (dict(lr=0), "--lr"), (dict(sources=("spans", "docs")), "--train-on"),
                       (dict(time_limit=0), "--time-limit"), (dict(held_back=-1), "--held-back"),
-                      (dict(schedule="linear"), "--schedule")):
+                      (dict(schedule="linear"), "--schedule"), (dict(batch=0), "--batch")):
         with pytest.raises(IclcaError, match=flag):
             Training(**bad)
 
@@ -187,6 +187,32 @@ def test_a_time_limit_stops_training_and_says_how_far_it_got():
     targets = list(zip(inputs, teacher_targets(teacher, inputs, 20)))
     _, taken, _ = distill(student, sorted(patch.tensors), targets, Training(steps=10_000, time_limit=0.5))
     assert 1 <= taken < 10_000
+
+
+def test_a_batch_averages_its_inputs_losses():
+    """--batch B: each step trains on B inputs, their losses averaged. Two copies of one input are that input alone
+    (halves summed: the same tensors, bit for bit, and the same reported loss); different inputs train otherwise,
+    deterministically."""
+    model = make_llama(seed=5)
+    prompt = random_ids(40, 97, 6)
+    teacher, _ = convert(model, prompt, "prefix")
+    inputs = prompt_inputs(prompt, 4, 16, 0)
+    targets = list(zip(inputs, teacher_targets(teacher, inputs, 20)))
+
+    def trained(pairs, batch):
+        student, patch = convert(model, prompt, "compressed", budget=4, split="uniform")
+        losses = []
+        tensors, taken, _ = distill(student, sorted(patch.tensors), pairs, Training(steps=3, lr=5e-2, batch=batch),
+                                    progress=lambda step, steps, loss: losses.append(loss))
+        assert taken == 3 and len(losses) == 3
+        return tensors, losses
+
+    one, one_losses = trained(targets[:1], 1)
+    two, two_losses = trained(targets[:1], 2)
+    assert all(torch.equal(one[n], two[n]) for n in one) and one_losses == two_losses
+    mixed, again = trained(targets, 3), trained(targets, 3)
+    assert all(torch.equal(mixed[0][n], again[0][n]) for n in one)
+    assert any(not torch.equal(mixed[0][n], trained(targets, 1)[0][n]) for n in one)
 
 
 @pytest.mark.parametrize("lr", [5e-2, 50.0])
@@ -237,6 +263,8 @@ def test_refine_held_back_is_recorded_with_the_step_kept():
     plain = convert_prompt(model, prompt, "0" * 64, build("compressed", budget=6, refine=True, steps=8),
                            tokenizer=tokenizer).metadata()
     assert plain["iclca.refine_held_back"] == "0" and "iclca.refine_step_kept" not in plain
+    assert plain["iclca.refine_batch"] == "1"
+
 
 
 def test_refine_through_the_command_line_is_deterministic_and_recorded(cli, tmp_path):

@@ -146,7 +146,7 @@ OLD_INPUTS = 32  # the count of inputs of patches made before --train-count was 
 
 def training_params(key_prefix: str) -> tuple[Param, ...]:
     """The distillation engine's parameters (training.py), as every trained method takes them: the same fields and
-    flags (--steps, --lr, --seed, --train-on, --train-count, --schedule, --time-limit, --held-back), metadata keys
+    flags (--steps, --lr, --seed, --train-on, --train-count, --schedule, --time-limit, --held-back, --batch), metadata keys
     iclca.<key_prefix>_<...>. A patch made before --train-count and --schedule were recorded reads as what made it
     (OLD_INPUTS inputs, a constant rate)."""
     return (
@@ -175,6 +175,8 @@ def training_params(key_prefix: str) -> tuple[Param, ...]:
               "quarter of the steps where the KL on them is lowest; 0: after the last step (compressed: with "
               "--refine)",
               minimum=0, was=0),
+        Param("batch", "--batch", f"{key_prefix}_batch", int, "training inputs per step, their losses averaged "
+              "(compressed: with --refine)", minimum=1, was=1),
     )
 
 
@@ -187,7 +189,7 @@ class Trained(Method):
     flags and keys: training_params), with its defaults (training.py)."""
 
     FIELDS: ClassVar[tuple[str, ...]] = ("steps", "lr", "seed", "train_on", "train_count", "schedule", "time_limit",
-                                         "held_back")
+                                         "held_back", "batch")
 
     steps: int = Training.steps
     lr: float = Training.lr
@@ -197,6 +199,7 @@ class Trained(Method):
     schedule: str = Training.schedule
     time_limit: float = 0.0  # none
     held_back: int = Training.held_back
+    batch: int = Training.batch
 
     def validate(self) -> None:
         super().validate()
@@ -211,7 +214,7 @@ class Trained(Method):
         count = self.train_count or (SAMPLED_INPUTS if set(sources) & set(SAMPLED) else Training.inputs)
         return Training(self.steps, self.lr, self.seed, inputs=count,
                         sources=sources, time_limit=self.time_limit or None, held_back=self.held_back,
-                        schedule=self.schedule)
+                        schedule=self.schedule, batch=self.batch)
 
 
 def _parse(p: Param, raw: str, where: str):
