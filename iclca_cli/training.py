@@ -15,10 +15,10 @@ SCHEDULES = ("constant", "cosine")  # the learning rate over the steps: as given
 
 @dataclass(frozen=True)
 class Training:
-    """Adam steps (`batch` inputs each, their losses averaged), learning rate, seed, the teacher's top-k, the longest input (tokens), how many
-    inputs, what they are made of (SOURCES, shared out evenly), a time limit in seconds (training stops there;
-    None: the steps alone), how many inputs are held back to choose the step kept (0: the last), and the learning
-    rate's schedule over the steps (SCHEDULES)."""
+    """Adam steps (`batch` inputs each, their losses averaged), learning rate, seed, the teacher's top-k, the
+    longest input (tokens), how many inputs, what they are made of (SOURCES, shared out evenly), a time limit in
+    seconds (training stops there; None: the steps alone), how many inputs are held back to choose the step kept (0:
+    the last), and the learning rate's schedule over the steps (SCHEDULES)."""
 
     steps: int = 100  # the defaults of every trained method, chosen on development tasks (docs/smollm2.md, lora.md)
     lr: float = 2e-3

@@ -106,7 +106,8 @@ def _reference(k, v, q, scaling, softcap: float | None, budgets: list[int]) -> R
     errors = {r: ((n / m[..., None] - outputs) ** 2).sum(-1).mean(-1) for r, (n, m) in zip(cuts, partial)}
     ranked = [errors.get(r, q.new_zeros(len(q))) for r in budgets]  # 0 at budgets >= P
     return Reference(q, outputs, (top + total.log())[..., 0], received,
-                     torch.stack(ranked, -1) if ranked else q.new_zeros(len(q), 0), outputs.double().square().sum((1, 2)))
+                     torch.stack(ranked, -1) if ranked else q.new_zeros(len(q), 0),
+                     outputs.double().square().sum((1, 2)))
 
 
 def scored(q: torch.Tensor, keys: torch.Tensor, scaling, softcap: float | None) -> torch.Tensor:
