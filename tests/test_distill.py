@@ -55,14 +55,19 @@ def test_training_is_deterministic_for_a_seed():
     assert any(not torch.equal(a[n], c[n]) for n in a)
 
 
-def test_a_cosine_schedule_decays_the_learning_rate():
-    """schedule cosine: the learning rate after k of N steps is lr * (1 + cos(pi k / N)) / 2. In two steps from the
-    same start, the first is constant's own step and the second (same gradient, same Adam state) exactly half of it."""
+def four_inputs():
+    """A tiny Llama, a 40-token prompt, and four spans of it with the prompted model's (prefix) targets."""
     model = make_llama(seed=5)
     prompt = random_ids(40, 97, 6)
     teacher, _ = convert(model, prompt, "prefix")
     inputs = prompt_inputs(prompt, 4, 16, 0)
-    targets = list(zip(inputs, teacher_targets(teacher, inputs, 20)))
+    return model, prompt, list(zip(inputs, teacher_targets(teacher, inputs, 20)))
+
+
+def test_a_cosine_schedule_decays_the_learning_rate():
+    """schedule cosine: the learning rate after k of N steps is lr * (1 + cos(pi k / N)) / 2. In two steps from the
+    same start, the first is constant's own step and the second (same gradient, same Adam state) exactly half of it."""
+    model, prompt, targets = four_inputs()
 
     def trained(steps, schedule):
         student, patch = convert(model, prompt, "compressed", budget=4, split="uniform")
@@ -179,12 +184,8 @@ def test_training_settings_are_checked_with_the_flags_named():
 
 
 def test_a_time_limit_stops_training_and_says_how_far_it_got():
-    model = make_llama(seed=5)
-    prompt = random_ids(40, 97, 6)
+    model, prompt, targets = four_inputs()
     student, patch = convert(model, prompt, "compressed", budget=4, split="uniform")
-    teacher, _ = convert(model, prompt, "prefix")
-    inputs = prompt_inputs(prompt, 4, 16, 0)
-    targets = list(zip(inputs, teacher_targets(teacher, inputs, 20)))
     _, taken, _ = distill(student, sorted(patch.tensors), targets, Training(steps=10_000, time_limit=0.5))
     assert 1 <= taken < 10_000
 
@@ -193,11 +194,7 @@ def test_a_batch_averages_its_inputs_losses():
     """--batch B: each step trains on B inputs, their losses averaged. Two copies of one input are that input alone
     (halves summed: the same tensors, bit for bit, and the same reported loss); different inputs train otherwise,
     deterministically."""
-    model = make_llama(seed=5)
-    prompt = random_ids(40, 97, 6)
-    teacher, _ = convert(model, prompt, "prefix")
-    inputs = prompt_inputs(prompt, 4, 16, 0)
-    targets = list(zip(inputs, teacher_targets(teacher, inputs, 20)))
+    model, prompt, targets = four_inputs()
 
     def trained(pairs, batch):
         student, patch = convert(model, prompt, "compressed", budget=4, split="uniform")
