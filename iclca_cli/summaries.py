@@ -95,7 +95,7 @@ def captured_heads(captured: dict, prompt_tokens: int, ranked_at: list[int] = ()
         pooled = q.reshape(Hkv, G * q.shape[1], q.shape[-1])  # (Hkv, G*T, D): a group's query heads pooled
         keys.append(k), values.append(v), scalings.append(torch.full((Hkv, 1, 1), c.scaling, dtype=k.dtype))
         refs.append(compress.reference(k, v, pooled, c.scaling, c.softcap, list(ranked_at)))
-    ref = compress.Reference(*(torch.cat([getattr(r, f.name) for r in refs]) for f in dataclasses.fields(refs[0])))
+    ref = compress.Reference.joined(refs)
     first = next(iter(captured.values()))
     weights = {}  # {weigh: (B,)}, where every layer's weight is known
     for weigh in first.weights:

@@ -263,7 +263,6 @@ def test_refine_held_back_is_recorded_with_the_step_kept():
     assert plain["iclca.refine_batch"] == "1"
 
 
-
 def test_refine_through_the_command_line_is_deterministic_and_recorded(cli, tmp_path):
     from helpers import EXAMPLE_PROMPT, assert_one_line_error
     from iclca_cli.patch import load_patch

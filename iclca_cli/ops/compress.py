@@ -56,6 +56,11 @@ class Reference:
     ranked: torch.Tensor  # (B, G): evict's output error at each budget `reference` was given (G = 0: none)
     power: torch.Tensor  # (B,) float64: sum over the queries of |output|^2 (fit_scored's error)
 
+    @classmethod
+    def joined(cls, parts: list[Reference]) -> Reference:
+        """The references of consecutive batches of heads as one (their fields concatenated along B)."""
+        return cls(*(torch.cat([getattr(r, f.name) for r in parts]) for f in dataclasses.fields(cls)))
+
 
 @dataclass
 class Summary:
@@ -78,7 +83,7 @@ def reference(k: torch.Tensor, v: torch.Tensor, q: torch.Tensor, scaling: float,
     per_head = torch.is_tensor(scaling) and scaling.dim() > 0  # (B, 1, 1), or one for all heads
     parts = [_reference(k[i:i + step], v[i:i + step], q[i:i + step], scaling[i:i + step] if per_head else scaling,
                         softcap, budgets) for i in range(0, len(k), step)]
-    return Reference(*(torch.cat([getattr(r, f.name) for r in parts]) for f in dataclasses.fields(Reference)))
+    return Reference.joined(parts)
 
 
 def _reference(k, v, q, scaling, softcap: float | None, budgets: list[int]) -> Reference:
