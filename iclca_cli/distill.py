@@ -185,13 +185,13 @@ def distill(student, names: list[str], targets_of: list[tuple[list[int], tuple[t
     """Train the student's buffers `names` (its patch tensors, in place) with Adam, training.batch (input, teacher
     targets) pairs per step (their losses averaged) in a seeded order; entries where keep[name] is True do not move
     (a summary's sink). The student reads `head` before each input (a chat template's own start, where a weight
-    patch stands for a chat prompt), the loss is on the input's positions. On CUDA the forward runs under bfloat16
-    autocast; the trained tensors are kept in float64 (float32 on CUDA) between steps. With `held_back` pairs (never
-    trained on), their mean loss is measured before the first step and after each of CHECKS equal parts of the steps
-    (checked(step, loss) each time), and the tensors where it was lowest are kept: step 0, the tensors as given,
-    where training only made it worse. Returns (the tensors kept, detached, in the buffers' dtypes; the steps taken:
-    fewer than training.steps where training.time_limit ran out; the step whose tensors were kept). progress(step,
-    steps, loss)."""
+    patch stands for a chat prompt), the loss is on the input's positions from training.loss_from on (the last at
+    least). On CUDA the forward runs under bfloat16 autocast; the trained tensors are kept in float64 (float32 on
+    CUDA) between steps. With `held_back` pairs (never trained on), their mean loss is measured before the first step
+    and after each of CHECKS equal parts of the steps (checked(step, loss) each time), and the tensors where it was
+    lowest are kept: step 0, the tensors as given, where training only made it worse. Returns (the tensors kept,
+    detached, in the buffers' dtypes; the steps taken: fewer than training.steps where training.time_limit ran out;
+    the step whose tensors were kept). progress(step, steps, loss)."""
     buffers = {name: student.get_buffer(name) for name in names}
     device = input_device(student)
     work_dtype = torch.float32 if device.type == "cuda" else torch.float64
@@ -212,7 +212,9 @@ def distill(student, names: list[str], targets_of: list[tuple[list[int], tuple[t
     def loss_of(ids, logp, top):
         with autocast:
             logits = student(input_ids=torch.tensor([[*head, *ids]], device=device)).logits[0, len(head):]
-        return top_k_kl(logp.to(logits.device), top.to(logits.device), logits[:len(logp)])  # ce: T - 1 targets
+        first = min(training.loss_from, len(logp) - 1)
+        logp, top = logp[first:].to(logits.device), top[first:].to(logits.device)
+        return top_k_kl(logp, top, logits[first:first + len(logp)])  # ce: T - 1 targets
 
     best = None  # (held-back loss, step, tensors)
 

@@ -18,7 +18,8 @@ class Training:
     """Adam steps (`batch` inputs each, their losses averaged), learning rate, seed, the teacher's top-k, the
     longest input (tokens), how many inputs, what they are made of (SOURCES, shared out evenly), a time limit in
     seconds (training stops there; None: the steps alone), how many inputs are held back to choose the step kept (0:
-    the last), and the learning rate's schedule over the steps (SCHEDULES)."""
+    the last), the learning rate's schedule over the steps (SCHEDULES), inputs per step, and the first position of
+    each input the loss counts."""
 
     steps: int = 100  # the defaults of every trained method, chosen on development tasks (docs/smollm2.md, lora.md)
     lr: float = 2e-3
@@ -32,6 +33,7 @@ class Training:
     # KL is lowest is kept
     schedule: str = "cosine"
     batch: int = 1
+    loss_from: int = 0  # the first position of each input the loss is taken at (the last is always taken)
 
     def __post_init__(self):
         if self.steps < 1:
@@ -48,6 +50,8 @@ class Training:
         if self.schedule not in SCHEDULES:
             raise IclcaError(f"--schedule {self.schedule!r} is not one of {', '.join(SCHEDULES)}",
                              "pass --schedule constant or --schedule cosine")
+        if self.loss_from < 0:
+            raise IclcaError(f"--loss-from {self.loss_from} is not a position", "pass 0 (every position) or more")
         if self.batch < 1:
             raise IclcaError(f"--batch {self.batch} trains on nothing", "pass --batch 1 or more")
         if self.top_k < 1 or self.max_len < 2 or self.inputs < 1:

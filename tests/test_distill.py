@@ -178,7 +178,8 @@ def test_turn_inputs_are_user_turns_the_prompted_model_writes_and_answers(tmp_pa
 def test_training_settings_are_checked_with_the_flags_named():
     for bad, flag in ((dict(steps=0), "--steps"), (dict(lr=0), "--lr"), (dict(sources=("spans", "docs")), "--train-on"),
                       (dict(time_limit=0), "--time-limit"), (dict(held_back=-1), "--held-back"),
-                      (dict(schedule="linear"), "--schedule"), (dict(batch=0), "--batch")):
+                      (dict(schedule="linear"), "--schedule"), (dict(batch=0), "--batch"),
+                      (dict(loss_from=-1), "--loss-from")):
         with pytest.raises(IclcaError, match=flag):
             Training(**bad)
 
@@ -210,6 +211,30 @@ def test_a_batch_averages_its_inputs_losses():
     mixed, again = trained(targets, 3), trained(targets, 3)
     assert all(torch.equal(mixed[0][n], again[0][n]) for n in one)
     assert any(not torch.equal(mixed[0][n], trained(targets, 1)[0][n]) for n in one)
+
+
+def test_the_loss_is_taken_from_loss_from_on():
+    """--loss-from 1 (lora's default: its student reads an input from position 0): the prompted model's targets at
+    each input's first position move nothing; with 0 they do. An input of two tokens keeps its last position."""
+    model, prompt, targets = four_inputs()
+    spoiled = []  # another teacher at the first position: its top-k tokens in reverse order
+    for ids, (logp, top) in targets:
+        top = top.clone()
+        top[0] = top[0].flip(0)
+        spoiled.append((ids, (logp, top)))
+
+    def trained(pairs, loss_from):
+        student, patch = convert(model, prompt, "compressed", budget=4, split="uniform")
+        return distill(student, sorted(patch.tensors), pairs, Training(steps=3, lr=5e-2, loss_from=loss_from))[0]
+
+    kept, spoilt = trained(targets, 1), trained(spoiled, 1)
+    assert all(torch.equal(kept[n], spoilt[n]) for n in kept)
+    kept, spoilt = trained(targets, 0), trained(spoiled, 0)
+    assert any(not torch.equal(kept[n], spoilt[n]) for n in kept)
+    ids, (logp, top) = targets[0]
+    two = [(ids[:2], (logp[:2], top[:2]))]
+    untouched = convert(model, prompt, "compressed", budget=4, split="uniform")[1].tensors
+    assert any(not torch.equal(trained(two, 5)[n], untouched[n]) for n in untouched)  # its last position trains
 
 
 @pytest.mark.parametrize("lr", [5e-2, 50.0])
@@ -260,7 +285,8 @@ def test_refine_held_back_is_recorded_with_the_step_kept():
     plain = convert_prompt(model, prompt, "0" * 64, build("compressed", budget=6, refine=True, steps=8),
                            tokenizer=tokenizer).metadata()
     assert plain["iclca.refine_held_back"] == "0" and "iclca.refine_step_kept" not in plain
-    assert plain["iclca.refine_batch"] == "1"
+    assert plain["iclca.refine_batch"] == "1" and plain["iclca.refine_top_k"] == "20"
+    assert plain["iclca.refine_loss_from"] == "0"
 
 
 def test_refine_through_the_command_line_is_deterministic_and_recorded(cli, tmp_path):

@@ -146,7 +146,8 @@ OLD_INPUTS = 32  # the count of inputs of patches made before --train-count was 
 
 def training_params(key_prefix: str) -> tuple[Param, ...]:
     """The distillation engine's parameters (training.py), as every trained method takes them: the same fields and
-    flags (--steps, --lr, --seed, --train-on, --train-count, --schedule, --time-limit, --held-back, --batch),
+    flags (--steps, --lr, --seed, --train-on, --train-count, --schedule, --time-limit, --held-back, --batch,
+    --top-k, --loss-from),
     metadata keys iclca.<key_prefix>_<...>. A patch made before --train-count and --schedule were recorded reads as
     what made it (OLD_INPUTS inputs, a constant rate)."""
     return (
@@ -177,6 +178,12 @@ def training_params(key_prefix: str) -> tuple[Param, ...]:
               minimum=0, was=0),
         Param("batch", "--batch", f"{key_prefix}_batch", int, "training inputs per step, their losses averaged "
               "(compressed: with --refine)", minimum=1, was=1),
+        Param("top_k", "--top-k", f"{key_prefix}_top_k", int, "the prompted model's most likely next tokens the KL is "
+              "taken on, the rest of the vocabulary as one more outcome (compressed: with --refine)", minimum=1,
+              was=Training.top_k),
+        Param("loss_from", "--loss-from", f"{key_prefix}_loss_from", int, "the first position of each training input "
+              "the loss is taken at (0: every position; a weight patch's student reads an input from position 0, "
+              "where a model sees one token: 1 leaves that out) (compressed: with --refine)", minimum=0, was=0),
     )
 
 
@@ -189,7 +196,7 @@ class Trained(Method):
     flags and keys: training_params), with its defaults (training.py)."""
 
     FIELDS: ClassVar[tuple[str, ...]] = ("steps", "lr", "seed", "train_on", "train_count", "schedule", "time_limit",
-                                         "held_back", "batch")
+                                         "held_back", "batch", "top_k", "loss_from")
 
     steps: int = Training.steps
     lr: float = Training.lr
@@ -200,6 +207,8 @@ class Trained(Method):
     time_limit: float = 0.0  # none
     held_back: int = Training.held_back
     batch: int = Training.batch
+    top_k: int = Training.top_k
+    loss_from: int = Training.loss_from
 
     def validate(self) -> None:
         super().validate()
@@ -214,7 +223,8 @@ class Trained(Method):
         count = self.train_count or (SAMPLED_INPUTS if set(sources) & set(SAMPLED) else Training.inputs)
         return Training(self.steps, self.lr, self.seed, inputs=count,
                         sources=sources, time_limit=self.time_limit or None, held_back=self.held_back,
-                        schedule=self.schedule, batch=self.batch)
+                        schedule=self.schedule, batch=self.batch, top_k=self.top_k,
+                        loss_from=self.loss_from)
 
 
 def _parse(p: Param, raw: str, where: str):

@@ -38,7 +38,10 @@ class Lora(Trained):
     rank: int = 8
     targets: str = ALL_TARGETS
     objective: str = "kl"
-    steps: int = 400  # chosen on development tasks (docs/lora.md); the other training fields are the engine's
+    # chosen on development tasks (docs/lora.md); the other training fields are the engine's
+    steps: int = 400
+    top_k: int = 1000
+    loss_from: int = 1
 
     def validate(self) -> None:
         super().validate()
