@@ -147,9 +147,8 @@ OLD_INPUTS = 32  # the count of inputs of patches made before --train-count was 
 def training_params(key_prefix: str) -> tuple[Param, ...]:
     """The distillation engine's parameters (training.py), as every trained method takes them: the same fields and
     flags (--steps, --lr, --seed, --train-on, --train-count, --schedule, --time-limit, --held-back, --batch,
-    --top-k, --loss-from),
-    metadata keys iclca.<key_prefix>_<...>. A patch made before --train-count and --schedule were recorded reads as
-    what made it (OLD_INPUTS inputs, a constant rate)."""
+    --top-k, --loss-from), metadata keys iclca.<key_prefix>_<...>. A patch made before --train-count and --schedule
+    were recorded reads as what made it (OLD_INPUTS inputs, a constant rate)."""
     return (
         Param("steps", "--steps", f"{key_prefix}_steps", int, "training steps (compressed: with --refine)", minimum=1),
         Param("lr", "--lr", f"{key_prefix}_lr", float, "Adam's learning rate (compressed: with --refine)"),
